@@ -1,0 +1,41 @@
+"""Exception types raised by compressed_comm.
+
+Every error names what was wrong and what was expected. All derive from
+:class:`CompressedCommError`; each also derives from the built-in exception a caller
+would naturally catch (``ValueError`` or ``TypeError``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CompressedCommError",
+    "WireFormatError",
+    "StreamMismatchError",
+    "StreamOrderError",
+    "NonFiniteError",
+    "UnsupportedDtypeError",
+]
+
+
+class CompressedCommError(Exception):
+    """Base class of all compressed_comm errors."""
+
+
+class WireFormatError(CompressedCommError, ValueError):
+    """A payload is malformed, truncated, of another version, or for another codec/stream."""
+
+
+class StreamMismatchError(CompressedCommError, ValueError):
+    """A stream was fed a tensor (or payload) of another shape, dtype, device or role."""
+
+
+class StreamOrderError(CompressedCommError, ValueError):
+    """A stream payload arrived out of order (a message was missed or repeated)."""
+
+
+class NonFiniteError(CompressedCommError, ValueError):
+    """An input to be compressed contains NaN or Inf."""
+
+
+class UnsupportedDtypeError(CompressedCommError, TypeError):
+    """A tensor's dtype is not one of float16, bfloat16, float32."""

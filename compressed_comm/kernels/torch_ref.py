@@ -1,0 +1,249 @@
+"""Torch reference kernels: the specification every fast path is tested against.
+
+Conventions shared by all kernels (and by any fast implementation):
+
+* ``x``, ``pred`` and ``out``/``ref_out`` are contiguous 2-D ``(N, C)`` tensors of one
+  floating dtype (float16, bfloat16 or float32); ``pred is None`` means a zero prediction.
+* The residual is ``d = float32(x) - float32(pred)``. Encoders write their sections into
+  preallocated tensors (views into the payload body), then -- if ``ref_out`` is given --
+  write the reconstruction ``float32(pred) + dhat``, saturated to the finite range of
+  ``ref_out.dtype`` and rounded to it (:func:`write_reconstruction`), computed
+  from the *written* sections exactly as the decoder computes it, so that sender and
+  receiver references are bit-identical.
+* ``ref_out`` may alias ``pred`` (in-place reference update).
+* Packed codes are little-endian within a byte: with ``bits``-bit codes, element ``i`` of
+  the flattened ``(N, C)`` array occupies bits ``[(i % p) * bits, (i % p + 1) * bits)`` of
+  byte ``i // p``, ``p = 8 // bits``; the last byte is zero-padded. Example (bits=2):
+  codes ``[1, 2, 3, 0, 1]`` pack to bytes ``[0x39, 0x01]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "torch_pack_bits",
+    "torch_unpack_bits",
+    "torch_pack_uint",
+    "torch_unpack_uint",
+    "torch_binary_encode",
+    "torch_binary_decode",
+    "torch_minmax_encode",
+    "torch_minmax_decode",
+    "torch_absmax_encode",
+    "torch_absmax_decode",
+]
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes needed to pack ``numel`` codes of ``bits`` bits each."""
+    return (numel * bits + 7) // 8
+
+
+# --------------------------------------------------------------------------- bit packing
+
+
+def torch_pack_bits(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    """Pack 1-D uint8 ``codes`` (each < 2**bits, bits in 1, 2, 4, 8) into ``out``."""
+    if bits == 8:
+        out.copy_(codes)
+        return
+    per = 8 // bits
+    m = codes.numel()
+    nbytes = out.numel()
+    padded = torch.zeros(nbytes * per, dtype=torch.uint8, device=codes.device)
+    padded[:m] = codes
+    grid = padded.view(nbytes, per)
+    acc = grid[:, 0].clone()
+    for j in range(1, per):
+        acc |= grid[:, j] << (j * bits)
+    out.copy_(acc)
+
+
+def torch_unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`torch_pack_bits`: the first ``numel`` codes as 1-D uint8."""
+    if bits == 8:
+        return packed[:numel]
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed[:, None] >> shifts) & mask
+    return codes.reshape(-1)[:numel]
+
+
+def torch_pack_uint(values: torch.Tensor, width: int, out: torch.Tensor) -> None:
+    """Pack 1-D non-negative int64 ``values`` (each < 2**width) as ``width``-bit fields.
+
+    Field ``i`` occupies bits ``[i * width, (i + 1) * width)`` of the little-endian bit
+    stream in ``out`` (``packed_nbytes(len(values), width)`` bytes).
+    """
+    shifts = torch.arange(width, dtype=torch.int64, device=values.device)
+    bitplane = ((values[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)
+    torch_pack_bits(bitplane, 1, out)
+
+
+def torch_unpack_uint(packed: torch.Tensor, width: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`torch_pack_uint`: ``numel`` int64 values."""
+    bitplane = torch_unpack_bits(packed, 1, numel * width).view(numel, width).to(torch.int64)
+    shifts = torch.arange(width, dtype=torch.int64, device=packed.device)
+    return (bitplane << shifts).sum(1)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def residual(x: torch.Tensor, pred: torch.Tensor | None) -> torch.Tensor:
+    """``float32(x) - float32(pred)``, or ``float32(x)`` for a zero prediction."""
+    return x.float() if pred is None else x.to(torch.float32, copy=True).sub_(pred)
+
+
+def write_reconstruction(out: torch.Tensor, pred: torch.Tensor | None, dhat: torch.Tensor) -> None:
+    """``out = float32(pred) + dhat`` (``dhat`` for a zero prediction), saturated to the
+    largest finite value of ``out.dtype`` and rounded to it.
+
+    Saturation keeps references finite when a rank-1 or low-rank magnitude estimate
+    overshoots near the top of the float16 range; NaN stays NaN. ``dhat`` is a float32
+    temporary owned by the caller; it is overwritten.
+    """
+    big = torch.finfo(out.dtype).max
+    if pred is not None:
+        dhat.add_(pred)
+    out.copy_(dhat.clamp_(-big, big))
+
+
+# --------------------------------------------------------------------------- binary
+
+
+def torch_binary_encode(
+    x: torch.Tensor,
+    pred: torch.Tensor | None,
+    ref_out: torch.Tensor | None,
+    bits: torch.Tensor,
+    row: torch.Tensor,
+    col: torch.Tensor,
+) -> None:
+    """1-bit sign code with a rank-1 magnitude: ``dhat[n, c] = sign(d) * row[n] * col[c]``.
+
+    ``row[n] = mean_c |d[n, c]|`` and ``col[c] = mean_n |d[n, c]| / mean |d|`` (0 if
+    ``d == 0``), both float32, accumulated in float64 so that constant inputs are exact.
+    Zero maps to ``+``.
+    """
+    d = residual(x, pred)
+    n, c = d.shape
+    a = d.abs()
+    row_sum = a.sum(1, dtype=torch.float64)
+    col_sum = a.sum(0, dtype=torch.float64)
+    mean = row_sum.sum() / max(n * c, 1)
+    row.copy_(row_sum / max(c, 1))
+    col.copy_(torch.where(mean > 0, (col_sum / max(n, 1)) / mean, torch.zeros_like(col_sum)))
+    torch_pack_bits((d >= 0).to(torch.uint8).view(-1), 1, bits)
+    if ref_out is not None:
+        torch_binary_decode(bits, row, col, pred, ref_out)
+
+
+def torch_binary_decode(
+    bits: torch.Tensor,
+    row: torch.Tensor,
+    col: torch.Tensor,
+    pred: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """Write ``pred + sign * row[n] * col[c]`` into ``out``."""
+    n, c = out.shape
+    positive = torch_unpack_bits(bits, 1, n * c).view(n, c).bool()
+    scale = row[:, None] * col[None, :]
+    write_reconstruction(out, pred, torch.where(positive, scale, -scale))
+
+
+# --------------------------------------------------------------------------- min-max int-k
+
+
+def torch_minmax_encode(
+    x: torch.Tensor,
+    pred: torch.Tensor | None,
+    ref_out: torch.Tensor | None,
+    codes: torch.Tensor,
+    lo: torch.Tensor,
+    span: torch.Tensor,
+    bits: int,
+) -> None:
+    """Asymmetric per-channel ``bits``-bit quantisation of the residual.
+
+    Per channel ``c``: ``lo = min_n d``, ``span = max_n d - lo`` (float32), code
+    ``q = round((d - lo) / span * (2**bits - 1))`` (half to even), and
+    ``dhat = lo + (q / (2**bits - 1)) * span``. A constant channel has ``span = 0`` and is
+    reproduced exactly. Error bound: ``|d - dhat| <= span / (2 * (2**bits - 1))`` plus rounding.
+    """
+    d = residual(x, pred)
+    qmax = (1 << bits) - 1
+    if d.shape[0] == 0:
+        lo.zero_()
+        span.zero_()
+    else:
+        lo.copy_(d.amin(0))
+        span.copy_(d.amax(0) - lo)
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    q = torch.where(span > 0, ((d - lo) / safe * qmax).round(), torch.zeros_like(d))
+    torch_pack_bits(q.clamp_(0, qmax).to(torch.uint8).view(-1), bits, codes)
+    if ref_out is not None:
+        torch_minmax_decode(codes, lo, span, bits, pred, ref_out)
+
+
+def torch_minmax_decode(
+    codes: torch.Tensor,
+    lo: torch.Tensor,
+    span: torch.Tensor,
+    bits: int,
+    pred: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """Write ``pred + lo[c] + (q / qmax) * span[c]`` into ``out``."""
+    n, c = out.shape
+    qmax = (1 << bits) - 1
+    q = torch_unpack_bits(codes, bits, n * c).view(n, c).float()
+    write_reconstruction(out, pred, lo + (q / qmax) * span)
+
+
+# --------------------------------------------------------------------------- abs-max int-k
+
+
+def torch_absmax_encode(
+    x: torch.Tensor,
+    pred: torch.Tensor | None,
+    ref_out: torch.Tensor | None,
+    codes: torch.Tensor,
+    amax: torch.Tensor,
+    bits: int,
+) -> None:
+    """Symmetric per-channel ``bits``-bit quantisation of the residual.
+
+    Per channel ``c``: ``amax = max_n |d|`` (float32), ``q = round(d / amax * qmax)`` with
+    ``qmax = 2**(bits-1) - 1`` (half to even) stored as ``q + qmax``, and
+    ``dhat = (q / qmax) * amax``. Zero maps to zero exactly. Error bound:
+    ``|d - dhat| <= amax / (2 * qmax)`` plus rounding.
+    """
+    d = residual(x, pred)
+    qmax = (1 << (bits - 1)) - 1
+    if d.shape[0] == 0:
+        amax.zero_()
+    else:
+        amax.copy_(d.abs().amax(0))
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    q = (d / safe * qmax).round_().clamp_(-qmax, qmax) + qmax
+    torch_pack_bits(q.to(torch.uint8).view(-1), bits, codes)
+    if ref_out is not None:
+        torch_absmax_decode(codes, amax, bits, pred, ref_out)
+
+
+def torch_absmax_decode(
+    codes: torch.Tensor,
+    amax: torch.Tensor,
+    bits: int,
+    pred: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """Write ``pred + ((code - qmax) / qmax) * amax[c]`` into ``out``."""
+    n, c = out.shape
+    qmax = (1 << (bits - 1)) - 1
+    q = torch_unpack_bits(codes, bits, n * c).view(n, c).float() - qmax
+    write_reconstruction(out, pred, (q / qmax) * amax)
