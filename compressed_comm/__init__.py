@@ -1,0 +1,50 @@
+"""compressed_comm: residual compression of torch.distributed traffic for diffusion serving.
+
+Diffusion models run the same network for tens of steps and the activations that parallel
+inference exchanges change little between steps. compressed_comm sends a compressed
+residual against what the receiver already holds, keeping sender and receiver references
+bit-identical (closed loop), so quantisation error is fed back instead of accumulating.
+
+Core API:
+
+* :func:`get_codec` / :func:`available_codecs` -- stateless codecs (tensor <-> payload);
+* :class:`StreamEncoder` / :class:`StreamDecoder` -- one closed-loop residual stream;
+* :class:`Session` -- the streams of one request, with statistics;
+* :class:`CompressionConfig` -- every knob in one frozen dataclass.
+"""
+
+from .codecs import Codec, available_codecs, get_codec
+from .config import CompressionConfig
+from .errors import (
+    CompressedCommError,
+    NonFiniteError,
+    StreamMismatchError,
+    StreamOrderError,
+    UnsupportedDtypeError,
+    WireFormatError,
+)
+from .session import Session, SessionStats
+from .stream import StreamDecoder, StreamEncoder, StreamStats
+from .wire import Header, read_header
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Codec",
+    "get_codec",
+    "available_codecs",
+    "CompressionConfig",
+    "StreamEncoder",
+    "StreamDecoder",
+    "StreamStats",
+    "Session",
+    "SessionStats",
+    "Header",
+    "read_header",
+    "CompressedCommError",
+    "WireFormatError",
+    "StreamMismatchError",
+    "StreamOrderError",
+    "NonFiniteError",
+    "UnsupportedDtypeError",
+]

@@ -1,0 +1,74 @@
+"""CompressionConfig: every knob of residual compression in one frozen dataclass."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from .codecs import get_codec
+from .kernels import resolve_impl
+
+__all__ = ["CompressionConfig"]
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How activations are compressed. Tuning guide:
+
+    1. ``codec`` -- a spec for :func:`compressed_comm.get_codec`. ``"binary"`` (1 bit per
+       element, ~16x vs fp16) is the default; ``"int2"``/``"int4"`` trade bytes for accuracy;
+       ``"lowrank:R"`` is smallest when residuals are low-rank.
+    2. ``residual_order`` -- 0 compresses the tensor itself, 1 (default) the change since the
+       last reconstruction, 2 the change against a linear extrapolation
+       ``ref + decay * (ref - previous ref)``.
+    3. ``decay`` -- damping of the extrapolated step for order 2, in ``[0, 1]``.
+    4. ``warmup_steps`` -- the first steps of each stream are sent in full (lossless), so
+       references start exact; 1 is enough for order 1, use 2 or more for order 2.
+    5. ``keyframe_period`` -- if > 0, every ``keyframe_period``-th step is also sent in full,
+       resetting accumulated error (and recovering from any NaN that was let through).
+    6. ``min_bytes`` -- tensors smaller than this are always sent raw; compression of tiny
+       messages costs more in kernel launches than it saves in bytes.
+    7. ``skip`` -- ``fnmatch`` patterns of stream names that are always sent raw.
+    8. ``closed_loop`` -- True (default): the sender keeps the receiver's reconstruction, so
+       quantisation error is fed back into the next residual. False is open loop (the sender
+       keeps the true tensor, receivers drift): for ablations only.
+    9. ``check_finite`` -- raise :class:`~compressed_comm.NonFiniteError` on NaN/Inf inputs
+       (default). If False, NaN/Inf propagate into both references identically and persist
+       until the next keyframe. On CUDA the check synchronises with the host.
+    10. ``kernels`` -- pin the kernel implementation (``"torch"``, ...); None follows
+        ``$COMPRESSED_COMM_KERNELS``, else the best available.
+    11. ``track_error`` -- senders record the relative L2 error of each reconstruction
+        (one extra pass over the tensor).
+    """
+
+    codec: str = "binary"
+    residual_order: int = 1
+    decay: float = 0.5
+    warmup_steps: int = 1
+    keyframe_period: int = 0
+    min_bytes: int = 0
+    skip: tuple[str, ...] = field(default_factory=tuple)
+    closed_loop: bool = True
+    check_finite: bool = True
+    kernels: str | None = None
+    track_error: bool = True
+
+    def __post_init__(self) -> None:
+        get_codec(self.codec)  # raises ValueError naming the valid specs
+        if self.residual_order not in (0, 1, 2):
+            raise ValueError(f"residual_order must be 0, 1 or 2; got {self.residual_order!r}")
+        if not 0.0 <= float(self.decay) <= 1.0:
+            raise ValueError(f"decay must be in [0, 1]; got {self.decay!r}")
+        for name in ("warmup_steps", "keyframe_period", "min_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
+        if isinstance(self.skip, str):
+            raise ValueError(f"skip must be a sequence of name patterns, not the string {self.skip!r}")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        if self.kernels is not None:
+            resolve_impl(self.kernels)
+
+    def skips(self, stream_name: str) -> bool:
+        """Whether ``stream_name`` matches one of the :attr:`skip` patterns."""
+        return any(fnmatch.fnmatchcase(stream_name, pat) for pat in self.skip)

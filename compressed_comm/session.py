@@ -1,0 +1,123 @@
+"""Session: the table of residual streams of one request (one generation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .codecs import Codec, IdentityCodec, get_codec
+from .config import CompressionConfig
+from .errors import StreamMismatchError
+from .stream import StreamDecoder, StreamEncoder, StreamStats
+
+__all__ = ["Session", "SessionStats"]
+
+_Stream = StreamEncoder | StreamDecoder
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    """Per-stream statistics and their totals."""
+
+    streams: tuple[StreamStats, ...]
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(s.raw_bytes for s in self.streams)
+
+    @property
+    def wire_bytes(self) -> int:
+        return sum(s.wire_bytes for s in self.streams)
+
+    @property
+    def reference_bytes(self) -> int:
+        return sum(s.reference_bytes for s in self.streams)
+
+    @property
+    def ratio(self) -> float:
+        """raw bytes / wire bytes over all streams (inf before any traffic)."""
+        return self.raw_bytes / self.wire_bytes if self.wire_bytes else float("inf")
+
+
+class Session:
+    """The residual streams of one request on one rank, keyed by ``(name, origin)``.
+
+    ``encoder(name, x)`` is the stream this rank sends (origin = ``rank``);
+    ``decoder(name, origin, like)`` the one it receives from ``origin``. Streams are created
+    on first use with the shape, dtype and device of the tensor given, and later calls must
+    agree. Call :meth:`reset` between requests: sessions never share state, so two
+    concurrent requests simply use two sessions.
+
+    Which codec a stream gets: raw (identity) if its name matches ``config.skip`` or the
+    tensor is smaller than ``config.min_bytes``; otherwise ``config.codec``.
+    """
+
+    def __init__(self, config: CompressionConfig | None = None, *, rank: int = 0) -> None:
+        self.config = config or CompressionConfig()
+        self.rank = int(rank)
+        self._codec = get_codec(self.config.codec, kernels=self.config.kernels)
+        self._raw = IdentityCodec("identity")
+        self._streams: dict[tuple[str, int], _Stream] = {}
+
+    def __repr__(self) -> str:
+        return (f"Session(rank={self.rank}, codec={self.config.codec!r}, "
+                f"streams={len(self._streams)})")
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def __iter__(self) -> Iterator[_Stream]:
+        return iter(self._streams.values())
+
+    def codec_for(self, name: str, nbytes: int) -> Codec:
+        """The codec a stream called ``name`` carrying ``nbytes`` per message uses."""
+        if self.config.skips(name) or nbytes < self.config.min_bytes:
+            return self._raw
+        return self._codec
+
+    def encoder(self, name: str, like: torch.Tensor) -> StreamEncoder:
+        """The stream this rank sends under ``name`` (created to match ``like`` on first use)."""
+        return self._get(StreamEncoder, name, self.rank, like)  # type: ignore[return-value]
+
+    def decoder(self, name: str, origin: int, like: torch.Tensor) -> StreamDecoder:
+        """The stream this rank receives from ``origin`` under ``name``."""
+        return self._get(StreamDecoder, name, int(origin), like)  # type: ignore[return-value]
+
+    def _get(self, cls: type, name: str, origin: int, like: torch.Tensor) -> _Stream:
+        key = (name, origin)
+        stream = self._streams.get(key)
+        if stream is None:
+            if not isinstance(like, torch.Tensor):
+                raise TypeError(f"stream {name!r}: like must be a tensor, got {type(like).__name__}")
+            codec = self.codec_for(name, like.nbytes)
+            stream = cls(name, like, self.config, origin=origin, codec=codec)
+            self._streams[key] = stream
+            return stream
+        if not isinstance(stream, cls):
+            raise StreamMismatchError(
+                f"{stream.what} is already this rank's {stream.role}; it cannot also be its "
+                f"{cls.role}"
+            )
+        if (tuple(like.shape), like.dtype, like.device) != (stream.shape, stream.dtype,
+                                                          stream.device):
+            raise StreamMismatchError(
+                f"{stream.what} was created for shape {stream.shape}, dtype {stream.dtype} on "
+                f"{stream.device}; got shape {tuple(like.shape)}, dtype {like.dtype} on "
+                f"{like.device} (use another stream name, or reset() between requests)"
+            )
+        return stream
+
+    def reset(self) -> None:
+        """Drop every stream (and its references): the next request starts from scratch."""
+        self._streams.clear()
+
+    def stats(self) -> SessionStats:
+        """Traffic, accuracy and memory of every stream."""
+        return SessionStats(tuple(s.stats() for s in self._streams.values()))
+
+    @property
+    def reference_bytes(self) -> int:
+        """Memory held by all streams' references."""
+        return sum(s.reference_bytes for s in self._streams.values())

@@ -1,0 +1,266 @@
+"""Closed-loop residual streams: the sender and receiver halves of one flow of activations.
+
+A stream carries one logical tensor (say, layer 7's keys from rank 2) across denoising
+steps. At step ``t`` both sides hold the same *reference* ``ref`` (the last
+reconstruction). The sender predicts ``p`` from it, sends ``C(x - p)`` and both sides set
+``ref = p + decode(C(x - p))`` with the same arithmetic, so the references stay
+bit-identical and each step's quantisation error ``x - ref`` is carried into the next
+residual (error feedback).
+
+Predictions by ``residual_order``: 0 -> zero (plain compression), 1 -> ``ref``,
+2 -> ``ref + decay * (ref - previous ref)``. Steps ``t < warmup_steps`` and, if
+``keyframe_period > 0``, steps with ``t % keyframe_period == 0`` are keyframes: the tensor
+itself, lossless. The schedule depends only on ``t``, so both sides know every payload
+size in advance (:meth:`payload_nbytes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .codecs import Codec, IdentityCodec, get_codec
+from .codecs.base import as_2d, check_finite
+from .config import CompressionConfig
+from .errors import StreamMismatchError, StreamOrderError, WireFormatError
+from .wire import FLAG_KEYFRAME, Header, check_dtype, read_header, stream_tag
+
+__all__ = ["StreamEncoder", "StreamDecoder", "StreamStats"]
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """Traffic and accuracy of one stream so far."""
+
+    name: str
+    origin: int
+    role: str
+    codec: str
+    steps: int
+    raw_bytes: int
+    wire_bytes: int
+    reference_bytes: int
+    last_rel_error: float | None
+
+    @property
+    def ratio(self) -> float:
+        """raw bytes / wire bytes (inf before the first message)."""
+        return self.raw_bytes / self.wire_bytes if self.wire_bytes else float("inf")
+
+
+class _Stream:
+    """State shared by both roles: the schedule, the references and the statistics."""
+
+    role = "stream"
+
+    def __init__(
+        self,
+        name: str,
+        like: torch.Tensor,
+        config: CompressionConfig | None = None,
+        *,
+        origin: int = 0,
+        codec: Codec | None = None,
+    ) -> None:
+        config = config or CompressionConfig()
+        if not isinstance(like, torch.Tensor):
+            raise TypeError(f"stream {name!r}: like must be a tensor, got {type(like).__name__}")
+        check_dtype(like.dtype, f"stream {name!r}")
+        # identity
+        self.name = name
+        self.origin = int(origin)
+        self.shape = tuple(like.shape)
+        self.dtype = like.dtype
+        self.device = like.device
+        self.tag = stream_tag(name, self.origin)
+        # what is sent
+        self.codec = codec if codec is not None else get_codec(config.codec, kernels=config.kernels)
+        self.order = 0 if self.codec.lossless else config.residual_order
+        self.decay = float(config.decay)
+        self.warmup_steps = 0 if self.codec.lossless else config.warmup_steps
+        self.keyframe_period = 0 if self.codec.lossless else config.keyframe_period
+        self.check_finite = config.check_finite
+        self._keyframe_codec = IdentityCodec("identity")
+        # state: reference (and the previous one for order 2), codec state, step counter
+        self._ref = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        self._prev = torch.zeros_like(self._ref) if self.order == 2 else None
+        self._codec_state: Any = self.codec.new_state()
+        self._step = 0
+        # statistics
+        self._raw_bytes = 0
+        self._wire_bytes = 0
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, origin={self.origin}, "
+                f"shape={self.shape}, dtype={self.dtype}, codec={self.codec.spec!r}, "
+                f"order={self.order}, step={self._step})")
+
+    @property
+    def what(self) -> str:
+        return f"stream {self.name!r} (origin {self.origin})"
+
+    @property
+    def step(self) -> int:
+        """Number of messages this stream has processed (the next message's sequence number)."""
+        return self._step
+
+    @property
+    def reference(self) -> torch.Tensor:
+        """The current reconstruction, shared bit for bit by sender and receivers.
+
+        Updated in place by the next message: clone it to keep it.
+        """
+        return self._ref
+
+    def is_keyframe(self, step: int) -> bool:
+        """Whether message ``step`` is sent in full."""
+        if step < self.warmup_steps:
+            return True
+        return self.keyframe_period > 0 and step % self.keyframe_period == 0
+
+    def header(self, step: int | None = None) -> Header:
+        """The header of message ``step`` (default: the next one)."""
+        step = self._step if step is None else step
+        codec = self._keyframe_codec if self.is_keyframe(step) else self.codec
+        flags = FLAG_KEYFRAME if self.is_keyframe(step) else 0
+        return codec.header(self.shape, self.dtype, seq=step & 0xFFFFFFFF, tag=self.tag,
+                            flags=flags)
+
+    def payload_nbytes(self, step: int | None = None) -> int:
+        """Size of the payload of message ``step`` (default: the next one)."""
+        return self.header(step).nbytes + self.header(step).body_nbytes
+
+    @property
+    def reference_bytes(self) -> int:
+        """Device memory held by this stream's references."""
+        total = self._ref.nbytes + (self._prev.nbytes if self._prev is not None else 0)
+        basis = getattr(self._codec_state, "basis", None)
+        return total + (basis.nbytes if basis is not None else 0)
+
+    def stats(self) -> StreamStats:
+        return StreamStats(name=self.name, origin=self.origin, role=self.role,
+                           codec=self.codec.spec, steps=self._step, raw_bytes=self._raw_bytes,
+                           wire_bytes=self._wire_bytes, reference_bytes=self.reference_bytes,
+                           last_rel_error=self._last_error())
+
+    def _last_error(self) -> float | None:
+        return None
+
+    # ------------------------------------------------------------------ the update
+
+    def _begin(self) -> tuple[torch.Tensor | None, torch.Tensor, Codec]:
+        """Prediction, output buffer and codec for the next message."""
+        keyframe = self.is_keyframe(self._step)
+        codec = self._keyframe_codec if keyframe else self.codec
+        if self.order == 2:
+            target = self._prev
+            if not keyframe:
+                # prev <- ref + decay * (ref - prev), elementwise in place
+                target.copy_(self._ref.float() + self.decay * (self._ref.float() - target.float()))
+            return (None if keyframe else target), target, codec
+        if keyframe or self.order == 0:
+            return None, self._ref, codec
+        return self._ref, self._ref, codec
+
+    def _finish(self) -> None:
+        if self.order == 2:
+            self._ref, self._prev = self._prev, self._ref
+            if self._step == 0:
+                self._prev.copy_(self._ref)  # no history yet: the last delta is zero
+        self._step += 1
+        self._raw_bytes += self._ref.nbytes
+
+
+class StreamEncoder(_Stream):
+    """The sending half of a residual stream.
+
+    ``StreamEncoder(name, like, config, origin=rank)``: ``like`` fixes shape, dtype and
+    device. Every :meth:`encode` returns the next payload and updates :attr:`reference` to
+    what the receivers will reconstruct.
+    """
+
+    role = "encoder"
+
+    def __init__(self, name: str, like: torch.Tensor, config: CompressionConfig | None = None,
+                 *, origin: int = 0, codec: Codec | None = None) -> None:
+        super().__init__(name, like, config, origin=origin, codec=codec)
+        config = config or CompressionConfig()
+        self.closed_loop = config.closed_loop
+        self.track_error = config.track_error
+        self._err: torch.Tensor | None = None
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Compress the next value of this stream into a payload."""
+        self._check_input(x)
+        header = self.header()
+        pred, target, codec = self._begin()
+        payload = codec.emit(as_2d(x), self.shape, None if pred is None else as_2d(pred),
+                             as_2d(target), header, self._codec_state)
+        if self.track_error:
+            xf = x.float()
+            tiny = torch.finfo(torch.float32).tiny
+            self._err = (torch.linalg.vector_norm(xf - target.float())
+                         / torch.linalg.vector_norm(xf).clamp_min(tiny))
+        if not self.closed_loop:
+            target.copy_(x)
+        self._wire_bytes += payload.numel()
+        self._finish()
+        return payload
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self.what}: encode expects a tensor, got {type(x).__name__}")
+        if tuple(x.shape) != self.shape or x.dtype != self.dtype or x.device != self.device:
+            raise StreamMismatchError(
+                f"{self.what} was created for shape {self.shape}, dtype {self.dtype} on "
+                f"{self.device}; got shape {tuple(x.shape)}, dtype {x.dtype} on {x.device}"
+            )
+        if self.check_finite:
+            check_finite(x, f"{self.what}: input at step {self._step}")
+
+    def _last_error(self) -> float | None:
+        return None if self._err is None else float(self._err)
+
+
+class StreamDecoder(_Stream):
+    """The receiving half of a residual stream.
+
+    ``StreamDecoder(name, like, config, origin=sender_rank)`` with the same name, origin,
+    shape, dtype and config as the sender's :class:`StreamEncoder`. Every :meth:`decode`
+    takes the next payload (in order) and returns the updated :attr:`reference`.
+    """
+
+    role = "decoder"
+
+    def decode(self, payload: torch.Tensor) -> torch.Tensor:
+        """Apply the next payload; returns :attr:`reference` (updated in place)."""
+        if isinstance(payload, torch.Tensor) and payload.device != self.device:
+            raise StreamMismatchError(
+                f"{self.what}: payload is on {payload.device}; the stream lives on {self.device}"
+            )
+        try:
+            header = read_header(payload)
+        except WireFormatError as e:
+            raise WireFormatError(f"{self.what}: {e}") from None
+        expected = self.header()
+        if header.tag != expected.tag:
+            raise WireFormatError(
+                f"{self.what}: payload belongs to another stream (tag {header.tag:#010x}, "
+                f"expected {expected.tag:#010x})"
+            )
+        if header.seq != expected.seq:
+            kind = "missed" if header.seq > expected.seq else "repeated or stale"
+            raise StreamOrderError(
+                f"{self.what}: expected the payload of step {expected.seq}, got step "
+                f"{header.seq} (a {kind} message)"
+            )
+        bad = header.mismatches(expected)
+        if bad:
+            raise WireFormatError(f"{self.what}: payload does not match the stream: {', '.join(bad)}")
+        pred, target, codec = self._begin()
+        codec.absorb(payload, header, pred, target)
+        self._wire_bytes += payload.numel()
+        self._finish()
+        return self._ref
