@@ -130,7 +130,7 @@ class _Stream:
 
     def payload_nbytes(self, step: int | None = None) -> int:
         """Size of the payload of message ``step`` (default: the next one)."""
-        return self.header(step).nbytes + self.header(step).body_nbytes
+        return self.header(step).payload_nbytes
 
     @property
     def reference_bytes(self) -> int:

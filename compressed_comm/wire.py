@@ -102,6 +102,11 @@ class Header:
         return header_nbytes(len(self.shape))
 
     @property
+    def payload_nbytes(self) -> int:
+        """Size in bytes of the whole payload (header + body)."""
+        return self.nbytes + self.body_nbytes
+
+    @property
     def keyframe(self) -> bool:
         return bool(self.flags & FLAG_KEYFRAME)
 

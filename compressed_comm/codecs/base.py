@@ -164,7 +164,7 @@ class Codec(ABC):
     ) -> torch.Tensor:
         """Allocate a payload, write ``header`` and the encoded body of 2-D ``x2``."""
         layout = self.layout(x2.shape[0], x2.shape[1], x2.dtype)
-        payload = torch.empty(header.nbytes + layout.nbytes, dtype=torch.uint8, device=x2.device)
+        payload = torch.empty(header.payload_nbytes, dtype=torch.uint8, device=x2.device)
         header.write(payload)
         body = payload[header.nbytes:]
         if x2.numel() == 0:
