@@ -14,6 +14,8 @@ __all__ = [
     "StreamOrderError",
     "NonFiniteError",
     "UnsupportedDtypeError",
+    "CommError",
+    "CommTimeoutError",
 ]
 
 
@@ -39,3 +41,11 @@ class NonFiniteError(CompressedCommError, ValueError):
 
 class UnsupportedDtypeError(CompressedCommError, TypeError):
     """A tensor's dtype is not one of float16, bfloat16, float32."""
+
+
+class CommError(CompressedCommError, RuntimeError):
+    """A transfer failed: the peer is gone, or the transport reported an error."""
+
+
+class CommTimeoutError(CommError, TimeoutError):
+    """A transfer did not complete within its timeout (a peer that never sends)."""

@@ -23,6 +23,12 @@ class SessionStats:
 
     streams: tuple[StreamStats, ...]
 
+    def select(self, role: str) -> SessionStats:
+        """Only the streams of ``role``: ``"encoder"`` (sent) or ``"decoder"`` (received)."""
+        if role not in ("encoder", "decoder"):
+            raise ValueError(f"role must be 'encoder' or 'decoder', got {role!r}")
+        return SessionStats(tuple(s for s in self.streams if s.role == role))
+
     @property
     def raw_bytes(self) -> int:
         return sum(s.raw_bytes for s in self.streams)
