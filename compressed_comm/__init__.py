@@ -10,12 +10,17 @@ Core API:
 * :func:`get_codec` / :func:`available_codecs` -- stateless codecs (tensor <-> payload);
 * :class:`StreamEncoder` / :class:`StreamDecoder` -- one closed-loop residual stream;
 * :class:`Session` -- the streams of one request, with statistics;
-* :class:`CompressionConfig` -- every knob in one frozen dataclass.
+* :class:`CompressionConfig` -- every knob in one frozen dataclass;
+* :class:`CompressedGroup` -- compressed send/recv, all-gather, ring pass and all-to-all
+  over a :class:`Transport` (:class:`TorchDistTransport` for torch.distributed);
+* :func:`wrap_process_group` -- a drop-in process group for plain ``torch.distributed`` code.
 """
 
 from .codecs import Codec, available_codecs, get_codec
 from .config import CompressionConfig
 from .errors import (
+    CommError,
+    CommTimeoutError,
     CompressedCommError,
     NonFiniteError,
     StreamMismatchError,
@@ -23,8 +28,11 @@ from .errors import (
     UnsupportedDtypeError,
     WireFormatError,
 )
+from .group import CompressedGroup, Handle
+from .process_group import CompressedProcessGroup, wrap_process_group
 from .session import Session, SessionStats
 from .stream import StreamDecoder, StreamEncoder, StreamStats
+from .transport import P2POp, TorchDistTransport, Transport, Work
 from .wire import Header, read_header
 
 __version__ = "0.1.0"
@@ -41,10 +49,20 @@ __all__ = [
     "SessionStats",
     "Header",
     "read_header",
+    "Transport",
+    "TorchDistTransport",
+    "Work",
+    "P2POp",
+    "CompressedGroup",
+    "Handle",
+    "wrap_process_group",
+    "CompressedProcessGroup",
     "CompressedCommError",
     "WireFormatError",
     "StreamMismatchError",
     "StreamOrderError",
     "NonFiniteError",
     "UnsupportedDtypeError",
+    "CommError",
+    "CommTimeoutError",
 ]

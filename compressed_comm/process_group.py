@@ -1,0 +1,226 @@
+"""A drop-in process group: plain ``torch.distributed`` calls, compressed traffic.
+
+``wrapped = wrap_process_group(pg, config)`` returns a process group that existing code
+passes as ``group=`` to ``dist.all_gather``, ``dist.all_gather_into_tensor``,
+``dist.send``/``recv``/``isend``/``irecv``, ``dist.batch_isend_irecv`` and
+``dist.all_to_all_single``. Floating-point tensors (float16, bfloat16, float32) go through
+a :class:`~compressed_comm.CompressedGroup`; everything else (other dtypes, all-reduce,
+broadcast, barrier, ...) passes through to ``pg`` untouched.
+
+Streams are keyed by (operation, peers, shape, dtype, call order within the step), so the
+same sequence of calls in every denoising step maps to the same residual streams. Call
+``wrapped.step()`` at the end of each denoising step and ``wrapped.new_session()`` at the
+start of each request, on every rank.
+
+How it plugs in: a Python subclass of ``torch.distributed.ProcessGroup``, created through a
+registered backend (``dist.new_group(backend="compressed_comm")``) so that torch knows its
+ranks -- which ``dist.send``/``recv`` require. Consequently ``wrap_process_group`` is a
+collective over the default group, like ``dist.new_group``: every process must call it.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.futures import Future
+
+from .config import CompressionConfig
+from .group import DEFAULT_TIMEOUT, CompressedGroup
+from .session import SessionStats
+from .transport import TorchDistTransport
+from .wire import SUPPORTED_DTYPES
+
+__all__ = ["wrap_process_group", "CompressedProcessGroup", "BACKEND_NAME"]
+
+BACKEND_NAME = "compressed_comm"
+
+#: Operations forwarded unchanged to the wrapped group.
+PASSTHROUGH = ("allreduce", "allreduce_coalesced", "broadcast", "barrier", "monitored_barrier",
+               "reduce", "reduce_scatter", "_reduce_scatter_base", "reduce_scatter_single",
+               "gather", "scatter", "alltoall", "allgather_coalesced",
+               "allgather_into_tensor_coalesced", "reduce_scatter_tensor_coalesced")
+
+
+@dataclass(frozen=True)
+class _Options:
+    inner: dist.ProcessGroup
+    config: CompressionConfig
+    timeout: float
+
+
+class _Work(dist.Work):
+    """A work handle completed by ``finish()`` on the first wait."""
+
+    def __init__(self, finish: Callable[[], Any]) -> None:
+        super().__init__()
+        self._finish: Callable[[], Any] | None = finish
+
+    def _complete(self) -> None:
+        if self._finish is not None:
+            finish, self._finish = self._finish, None
+            finish()
+
+    def wait(self, timeout: datetime.timedelta = datetime.timedelta(0)) -> bool:
+        self._complete()
+        return True
+
+    def is_completed(self) -> bool:
+        return self._finish is None
+
+    def get_future(self) -> Future:
+        self._complete()
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+
+def _compressible(t: torch.Tensor) -> bool:
+    return t.dtype in SUPPORTED_DTYPES
+
+
+class CompressedProcessGroup(dist.ProcessGroup):
+    """A process group whose p2p, all-gather and all-to-all traffic is residual-compressed.
+
+    Create it with :func:`wrap_process_group`. ``compressed`` is the underlying
+    :class:`~compressed_comm.CompressedGroup` and ``inner`` the wrapped group.
+    """
+
+    def __init__(self, inner: dist.ProcessGroup, config: CompressionConfig | None = None, *,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        super().__init__(inner.rank(), inner.size())
+        self.inner = inner
+        self.compressed = CompressedGroup(TorchDistTransport(inner), config, timeout=timeout)
+        self._calls: dict[tuple[Any, ...], int] = {}
+
+    def getBackendName(self) -> str:  # noqa: N802 - torch's name
+        return BACKEND_NAME
+
+    # ------------------------------------------------------------------ steps and sessions
+
+    def step(self) -> None:
+        """Mark the end of a denoising step (every rank)."""
+        self._calls.clear()
+        self.compressed.step()
+
+    def new_session(self) -> None:
+        """Start a new request: drop all residual state (every rank)."""
+        self._calls.clear()
+        self.compressed.new_session()
+
+    def stats(self) -> SessionStats:
+        """Traffic and accuracy of every stream of the current session."""
+        return self.compressed.stats()
+
+    def _stream(self, *parts: Any) -> str:
+        n = self._calls.get(parts, 0)
+        self._calls[parts] = n + 1
+        return "/".join(str(p) for p in (*parts, n))
+
+    # ------------------------------------------------------------------ compressed ops
+
+    def allgather(self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor],
+                  opts: Any = None) -> dist.Work:
+        x = input_tensors[0]
+        outs = output_tensors[0]
+        if len(input_tensors) != 1 or not _compressible(x) or any(o.dtype != x.dtype for o in outs):
+            return self.inner.allgather(output_tensors, input_tensors, *_opts(opts))
+        shapes = [tuple(o.shape) for o in outs]
+        handle = self.compressed.all_gather_async(
+            x, stream=self._stream("all_gather", tuple(x.shape), x.dtype), shapes=shapes)
+        return _Work(lambda: [o.copy_(r) for o, r in zip(outs, handle.wait())])
+
+    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor,
+                          opts: Any = None) -> dist.Work:
+        if not _compressible(input) or output.dtype != input.dtype:
+            return _inner_method(self.inner, "all_gather_single", "_allgather_base")(
+                output, input, *_opts(opts))
+        outs = list(output.chunk(self.size(), dim=0))
+        return self.allgather([outs], [input], opts)
+
+    _allgather_base = all_gather_single  # torch < 2.13
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> dist.Work:
+        x = tensors[0]
+        if len(tensors) != 1 or not _compressible(x):
+            return self.inner.send(tensors, dst, tag)
+        handle = self.compressed.isend(
+            x, dst, stream=self._stream("p2p", self.rank(), dst, tag, tuple(x.shape), x.dtype))
+        return _Work(handle.wait)
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> dist.Work:
+        out = tensors[0]
+        if len(tensors) != 1 or not _compressible(out):
+            return self.inner.recv(tensors, src, tag)
+        handle = self.compressed.irecv(
+            out, src, stream=self._stream("p2p", src, self.rank(), tag, tuple(out.shape), out.dtype))
+        return _Work(lambda: out.copy_(handle.wait()))
+
+    def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> dist.Work:
+        if all(not _compressible(t) for t in tensors):
+            return self.inner.recv_anysource(tensors, tag)
+        raise ValueError("the compressed process group cannot receive a floating-point tensor "
+                         "from any source: residual streams are per sender; pass src")
+
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor,
+                          output_split_sizes: list[int], input_split_sizes: list[int],
+                          opts: Any = None) -> dist.Work:
+        if not _compressible(input) or output.dtype != input.dtype:
+            return _inner_method(self.inner, "all_to_all_single", "alltoall_base")(
+                output, input, output_split_sizes, input_split_sizes, *_opts(opts))
+        world = self.size()
+        in_sizes = list(input_split_sizes) or [input.shape[0] // world] * world
+        out_sizes = list(output_split_sizes) or [output.shape[0] // world] * world
+        handle = self.compressed.all_to_all_async(
+            input, stream=self._stream("all_to_all", tuple(input.shape), input.dtype),
+            input_split_sizes=in_sizes, output_split_sizes=out_sizes)
+        return _Work(lambda: output.copy_(handle.wait()))
+
+    alltoall_base = all_to_all_single  # torch < 2.13
+
+
+def _opts(opts: Any) -> tuple[Any, ...]:
+    return () if opts is None else (opts,)
+
+
+def _inner_method(inner: dist.ProcessGroup, name: str, old_name: str) -> Callable[..., dist.Work]:
+    return getattr(inner, name, None) or getattr(inner, old_name)
+
+
+def _delegate(name: str) -> Callable[..., dist.Work]:
+    def method(self: CompressedProcessGroup, *args: Any, **kwargs: Any) -> dist.Work:
+        return getattr(self.inner, name)(*args, **kwargs)
+    method.__name__ = name
+    method.__doc__ = f"``{name}`` of the wrapped group, uncompressed."
+    return method
+
+
+for _name in PASSTHROUGH:
+    setattr(CompressedProcessGroup, _name, _delegate(_name))
+del _name
+
+
+def _create(backend_options: Any, options: _Options) -> CompressedProcessGroup:
+    return CompressedProcessGroup(options.inner, options.config, timeout=options.timeout)
+
+
+def wrap_process_group(pg: dist.ProcessGroup | None = None,
+                       config: CompressionConfig | None = None, *,
+                       timeout: float = DEFAULT_TIMEOUT) -> CompressedProcessGroup:
+    """A process group over ``pg``'s ranks (default: the world) that compresses its traffic.
+
+    A collective over the default group, like ``dist.new_group``: every process calls it
+    (processes outside ``pg`` get ``GroupMember.NON_GROUP_MEMBER``). ``timeout`` (seconds)
+    bounds every compressed wait.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("wrap_process_group needs torch.distributed to be initialised "
+                           "(dist.init_process_group) first")
+    inner = pg if pg is not None else dist.group.WORLD
+    dist.Backend.register_backend(BACKEND_NAME, _create, extended_api=True,
+                                  devices=["cpu", "cuda"])
+    return dist.new_group(ranks=dist.get_process_group_ranks(inner), backend=BACKEND_NAME,
+                          pg_options=_Options(inner, config or CompressionConfig(), timeout))
