@@ -1,0 +1,155 @@
+"""Worker processes for the multi-process gloo tests (spawned by test_gloo.py).
+
+They live in an importable module because ``torch.multiprocessing.spawn`` pickles the
+worker function by reference. Each worker checks its results against the uncompressed
+``torch.distributed`` collective on the same data and saves a summary for the parent.
+"""
+
+import datetime
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from compressed_comm import (
+    CommError,
+    CompressedGroup,
+    CompressionConfig,
+    wrap_process_group,
+)
+
+STEPS = 6
+BOUND = {"identity": 0.0, "binary": 0.3}
+
+
+def _init(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def _raw_all_gather(x):
+    outs = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(outs, x)
+    return outs
+
+
+def _raw_all_to_all(x):
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x)
+    return out
+
+
+def _check(errors, name, got, want, codec):
+    err = _rel(got, want)
+    errors.setdefault(name, []).append(err)
+    if codec == "identity":
+        assert torch.equal(got, want), f"{name}: identity codec must be exact (error {err})"
+    else:
+        assert err < BOUND[codec], f"{name}: error {err} above {BOUND[codec]}"
+
+
+def _lock_step(group, stream):
+    """Receivers' references for each origin equal the origin's own (raw all-gather of them)."""
+    enc = {s.name: s for s in group.session if s.role == "encoder"}[stream]
+    mine = _raw_all_gather(enc.reference.contiguous())
+    for s in group.session:
+        if s.role == "decoder" and s.name == stream:
+            assert torch.equal(s.reference, mine[s.origin]), f"{stream}: origin {s.origin}"
+
+
+def collectives_worker(rank, world, init_file, out_dir):
+    _init(rank, world, init_file)
+    summary = {}
+    try:
+        for codec in ("identity", "binary"):
+            cfg = CompressionConfig(codec=codec)
+            group = CompressedGroup(None, cfg, timeout=30)
+            wrapped = wrap_process_group(config=cfg, timeout=30)
+            assert dist.get_backend(wrapped) == "compressed_comm"
+            gen = torch.Generator().manual_seed(rank)
+            x = torch.randn(8, 6, generator=gen)
+            y = torch.randn(3 * world, 6, generator=gen).half()
+            errors = {}
+            for _ in range(STEPS):
+                x = x + 0.05 * torch.randn(8, 6, generator=gen)
+                y = (y.float() + 0.05 * torch.randn(3 * world, 6, generator=gen)).half()
+                nxt, prv = (rank + 1) % world, (rank - 1) % world
+                raw_x, raw_y = _raw_all_gather(x), _raw_all_to_all(y)
+                raw_prev = raw_x[prv]
+
+                # CompressedGroup over the default group
+                for o, t in enumerate(group.all_gather(x, stream="kv")):
+                    _check(errors, "group.all_gather", t, raw_x[o], codec)
+                for o, t in enumerate(group.ring_pass(x, stream="kv")):
+                    _check(errors, "group.ring_pass", t, raw_x[o], codec)
+                _check(errors, "group.all_to_all", group.all_to_all(y, stream="heads"), raw_y,
+                       codec)
+                h = group.isend(x, nxt, stream="patch")
+                _check(errors, "group.recv", group.recv(x, prv, stream="patch"), raw_prev, codec)
+                h.wait()
+                group.step()
+
+                # the drop-in wrapper through plain torch.distributed calls
+                outs = [torch.empty_like(x) for _ in range(world)]
+                dist.all_gather(outs, x, group=wrapped)
+                for o, t in enumerate(outs):
+                    _check(errors, "dist.all_gather", t, raw_x[o], codec)
+                flat = torch.empty(world * 8, 6)
+                dist.all_gather_into_tensor(flat, x, group=wrapped)
+                for o, t in enumerate(flat.chunk(world)):
+                    _check(errors, "dist.all_gather_into_tensor", t, raw_x[o], codec)
+                a2a = torch.empty_like(y)
+                dist.all_to_all_single(a2a, y, group=wrapped)
+                _check(errors, "dist.all_to_all_single", a2a, raw_y, codec)
+                recv = torch.empty_like(x)
+                reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, x, nxt, wrapped),
+                                               dist.P2POp(dist.irecv, recv, prv, wrapped)])
+                for req in reqs:
+                    req.wait()
+                _check(errors, "dist.batch_isend_irecv", recv, raw_prev, codec)
+                if rank == 0:
+                    dist.send(x, 1, group=wrapped)
+                elif rank == 1:
+                    got = torch.empty_like(x)
+                    dist.recv(got, 0, group=wrapped)
+                    _check(errors, "dist.send/recv", got, raw_x[0], codec)
+                # passthrough: all-reduce and an int64 broadcast, untouched
+                total = torch.full((3,), float(rank))
+                dist.all_reduce(total, group=wrapped)
+                assert torch.equal(total, torch.full((3,), float(sum(range(world)))))
+                ints = torch.arange(4) if rank == 0 else torch.zeros(4, dtype=torch.int64)
+                dist.broadcast(ints, 0, group=wrapped)
+                assert torch.equal(ints, torch.arange(4))
+                wrapped.step()
+            _lock_step(group, "all_gather:kv")
+            sent = wrapped.stats().select("encoder")
+            summary[codec] = dict(max_errors={k: max(v) for k, v in errors.items()},
+                                  wrapper_ratio=sent.ratio, group_ratio=group.stats().ratio)
+        torch.save(summary, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def dead_peer_worker(rank, world, init_file, out_dir):
+    """Rank 1 never sends on one stream, then dies; rank 0 must get errors, not hang."""
+    _init(rank, world, init_file)
+    group = CompressedGroup(None, CompressionConfig(), timeout=2.0)
+    if rank == 1:
+        time.sleep(4.0)
+        os._exit(0)  # die without a word
+    outcomes = []
+    for stream in ("never-sent", "after-death"):
+        t0 = time.monotonic()
+        try:
+            group.recv(torch.zeros(4, 4), 1, stream=stream)
+            outcomes.append(("no error", "", time.monotonic() - t0))
+        except CommError as e:
+            outcomes.append((type(e).__name__, str(e), time.monotonic() - t0))
+        time.sleep(3.0)
+    torch.save(outcomes, os.path.join(out_dir, "rank0.pt"))
+    os._exit(0)  # the peer is gone: skip the collective teardown

@@ -1,0 +1,270 @@
+"""CompressedGroup on N virtual ranks (in-process transport): every collective, every codec."""
+
+import pytest
+import torch
+
+from compressed_comm import (
+    CommTimeoutError,
+    CompressedCommError,
+    CompressedGroup,
+    CompressionConfig,
+    StreamMismatchError,
+    WireFormatError,
+    get_codec,
+)
+from simulator.inprocess import Fabric, run_ranks
+
+CODECS = ["identity", "fp8", "int8", "int4", "int2", "binary", "lowrank:4", "lowrankq:4",
+          "lowrank:3:warm", "topk:0.05"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+C = 6
+
+
+def rows(rank):
+    """Uneven patches: rank r holds 3 + r rows."""
+    return 3 + rank
+
+
+def group(transport, codec="binary", timeout=20.0, **cfg):
+    return CompressedGroup(transport, CompressionConfig(codec=codec, **cfg), timeout=timeout)
+
+
+def walk(rank, shape, dtype, steps, seed=0, speed=0.05):
+    gen = torch.Generator().manual_seed(1000 * seed + rank)
+    x = torch.randn(shape, generator=gen)
+    for _ in range(steps):
+        yield x.to(dtype)
+        x = x + speed * torch.randn(shape, generator=gen)
+
+
+def references(g):
+    """Every stream's reference on this rank, keyed by (name, origin, role)."""
+    return {(s.name, s.origin, s.role): s.reference.clone() for s in g.session}
+
+
+def check_lock_step(results):
+    """Each receiver's reference for an origin equals the origin's own, bit for bit."""
+    refs = [r["refs"] for r in results]
+    checked = 0
+    for rank_refs in refs:
+        for (name, origin, role), ref in rank_refs.items():
+            if role == "decoder":
+                assert torch.equal(ref, refs[origin][(name, origin, "encoder")]), (name, origin)
+                checked += 1
+    assert checked > 0
+
+
+def all_collectives(t, codec, dtype, steps):
+    """20 steps of all_gather, ring pass, all_to_all and a ring of send/recv."""
+    g = group(t, codec)
+    world, me = t.world_size, t.rank
+    shapes = [(rows(r), C) for r in range(world)]
+    a2a_in = [rows(d) for d in range(world)]               # rank me sends rows(d) rows to d
+    a2a_out = [rows(me)] * world                            # and receives rows(me) from each
+    xs, gathers, rings, a2as, p2ps = [], [], [], [], []
+    inputs = zip(walk(me, shapes[me], dtype, steps),
+                 walk(me, (sum(a2a_in), C), dtype, steps, seed=1),
+                 walk(me, (2, C), dtype, steps, seed=2))
+    for x, y, z in inputs:
+        xs.append((x, y, z))
+        gathers.append([a.clone() for a in g.all_gather(x, stream="kv", shapes=shapes)])
+        rings.append([a.clone() for a in g.ring_pass(x, stream="kv", shapes=shapes)])
+        a2as.append(g.all_to_all(y, stream="heads", input_split_sizes=a2a_in,
+                                 output_split_sizes=a2a_out))
+        send = g.isend(z, (me + 1) % world, stream="patch")
+        p2ps.append(g.recv(z, (me - 1) % world, stream="patch").clone())
+        send.wait()
+        g.step()
+    return dict(xs=xs, gathers=gathers, rings=rings, a2as=a2as, p2ps=p2ps, refs=references(g),
+                stats=g.stats())
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_collective_every_codec(world, codec, dtype):
+    steps = 20
+    res = run_ranks(world, all_collectives, codec, dtype, steps)
+    check_lock_step(res)
+    a2a_in = [rows(d) for d in range(world)]
+    for me in range(world):
+        r = res[me]
+        for step in range(steps):
+            gathered, ringed = r["gathers"][step], r["rings"][step]
+            # ring pass gives exactly what the all-gather gives; own slot is the exact input
+            assert all(torch.equal(a, b) for a, b in zip(gathered, ringed))
+            assert gathered[me] is not None and torch.equal(gathered[me], r["xs"][step][0])
+            truth = [res[o]["xs"][step][0] for o in range(world)]
+            a2a_truth = torch.cat([res[s]["xs"][step][1].split(a2a_in)[me] for s in range(world)])
+            p2p_truth = res[(me - 1) % world]["xs"][step][2]
+            outs = [*gathered, r["a2as"][step], r["p2ps"][step]]
+            wants = [*truth, a2a_truth, p2p_truth]
+            for out, want in zip(outs, wants):
+                assert out.shape == want.shape and out.dtype == want.dtype
+                if codec == "identity" or step == 0:  # identity, and the warmup keyframe: exact
+                    assert torch.equal(out, want)
+            # own a2a chunk is always exact
+            mine = r["a2as"][step].split(rows(me))[me]
+            assert torch.equal(mine, r["xs"][step][1].split(a2a_in)[me])
+
+
+@pytest.mark.parametrize("codec, bound", [("binary", 0.3), ("int4", 0.05), ("int8", 0.01)])
+def test_lossy_codecs_stay_within_their_bound(codec, bound):
+    res = run_ranks(3, all_collectives, codec, torch.float32, 20)
+    for me in range(3):
+        for step in range(1, 20):
+            for o in range(3):
+                out, want = res[me]["gathers"][step][o], res[o]["xs"][step][0]
+                assert float((out - want).norm() / want.norm()) < bound
+
+
+def test_wire_bytes_are_counted_per_link():
+    """All-gather traffic equals the closed-form payload sizes on every link."""
+    world, steps, shape = 3, 6, (64, 48)
+
+    def body(t):
+        g = group(t, "binary", warmup_steps=1)
+        for x in walk(t.rank, shape, torch.float16, steps):
+            g.all_gather(x, stream="k")
+            g.step()
+        return g.stats()
+
+    fabric = Fabric(world)
+    stats = run_ranks(world, body, fabric=fabric)
+    key = get_codec("identity").payload_nbytes(shape, torch.float16)
+    step = get_codec("binary").payload_nbytes(shape, torch.float16)
+    per_link = key + (steps - 1) * step
+    links = fabric.link_bytes()
+    assert set(links) == {(s, d) for s in range(world) for d in range(world) if s != d}
+    assert all(v == per_link for v in links.values())
+    sent = stats[0].select("encoder")
+    assert sent.wire_bytes == per_link and sent.raw_bytes == steps * 64 * 48 * 2
+
+
+def test_world_size_one_works_without_traffic():
+    def body(t):
+        g = group(t, "int2")
+        x = torch.randn(4, 5)
+        out = (g.all_gather(x, stream="a"), g.ring_pass(x, stream="b"),
+               g.all_to_all(x, stream="c"))
+        return x, out
+    fabric = Fabric(1)
+    [(x, (gathered, ringed, a2a))] = run_ranks(1, body, fabric=fabric)
+    assert gathered == [x] and ringed == [x] and a2a is x
+    assert fabric.total_bytes() == 0
+
+
+def test_non_contiguous_inputs_are_handled():
+    def body(t, transpose):
+        g = group(t, "int4")
+        outs = []
+        for x in walk(t.rank, (6, 5), torch.float32, 4):
+            src = x.t().contiguous().t() if transpose else x
+            outs.append([a.clone() for a in g.all_gather(src, stream="k")])
+        return outs
+    strided = run_ranks(2, body, True)
+    dense = run_ranks(2, body, False)
+    for a, b in zip(strided, dense):
+        for sa, sb in zip(a, b):
+            assert all(torch.equal(u, v) for u, v in zip(sa, sb))
+
+
+def test_async_all_gather_used_one_step_later_matches_the_synchronous_one():
+    """DistriFusion-style: issue at step t, wait at step t+1 after issuing t+1's."""
+    steps = 6
+
+    def body(t, asynchronous):
+        g = group(t, "binary")
+        outs, pending = [], None
+        for x in walk(t.rank, (5, 4), torch.float32, steps):
+            if asynchronous:
+                handle = g.all_gather_async(x, stream="kv")
+                if pending is not None:
+                    outs.append([a.clone() for a in pending.wait()])
+                pending = handle
+            else:
+                outs.append([a.clone() for a in g.all_gather(x, stream="kv")])
+            g.step()
+        if asynchronous:
+            outs.append([a.clone() for a in pending.wait()])
+        return outs
+    for a, s in zip(run_ranks(3, body, True), run_ranks(3, body, False)):
+        assert all(torch.equal(u, v) for sa, ss in zip(a, s) for u, v in zip(sa, ss))
+
+
+def test_receives_waited_out_of_order_still_decode_in_order():
+    def body(t):
+        g = group(t, "int2")
+        xs = list(walk(0, (4, 4), torch.float32, 3))
+        if t.rank == 0:
+            for x in xs:
+                g.send(x, 1, stream="p")
+            return xs
+        handles = [g.irecv(xs[0], 0, stream="p") for _ in xs]
+        last = handles[2].wait().clone()  # completes handles 0 and 1 first
+        return [h.wait().clone() for h in handles[:2]] + [last]
+    sent, got = run_ranks(2, body)
+    assert torch.equal(got[0], sent[0])  # warmup keyframe
+    assert float((got[2] - sent[2]).norm() / sent[2].norm()) < 0.3
+
+
+def test_peer_that_never_sends_times_out_naming_stream_and_peer():
+    def body(t):
+        g = group(t, timeout=0.5)
+        if t.rank == 1:
+            g.recv(torch.zeros(3, 3), 0, stream="layer4.k")
+    with pytest.raises(CommTimeoutError, match=r"rank 1: recv of stream 'layer4.k' from rank 0"):
+        run_ranks(2, body)
+
+
+def test_ranks_disagreeing_on_shape_raise():
+    def body(t):
+        g = group(t, "binary")
+        g.all_gather(torch.zeros(4 + t.rank, 3), stream="k")
+    with pytest.raises(CompressedCommError, match="disagree"):
+        run_ranks(2, body)
+
+
+def test_ranks_disagreeing_on_codec_raise():
+    def body(t):  # fp8 and int8 payloads have the same size: the header tells them apart
+        g = group(t, "fp8" if t.rank == 0 else "int8", warmup_steps=0)
+        g.all_gather(torch.ones(4, 3), stream="k")
+    with pytest.raises(WireFormatError, match="codec"):
+        run_ranks(2, body)
+
+
+def test_stream_reused_with_another_shape_raises():
+    def body(t):
+        g = group(t)
+        g.all_gather(torch.zeros(4, 3), stream="k")
+        g.all_gather(torch.zeros(4, 5), stream="k")
+    with pytest.raises(StreamMismatchError, match=r"all_gather:k.*\(4, 3\)"):
+        run_ranks(2, body)
+
+
+def test_new_session_starts_clean_and_refuses_pending_transfers():
+    def body(t):
+        g = group(t, "binary")
+        x = torch.randn(4, 4, generator=torch.Generator().manual_seed(t.rank))
+        for _ in range(3):
+            g.all_gather(x, stream="k")
+        h = g.all_gather_async(x, stream="k")
+        with pytest.raises(RuntimeError, match="in flight"):
+            g.new_session()
+        h.wait()
+        g.new_session()
+        assert len(g.session) == 0
+        first = g.all_gather(x * 2, stream="k")  # a keyframe again: exact
+        return x * 2, first
+    res = run_ranks(2, body)
+    for me in range(2):
+        assert all(torch.equal(res[me][1][o], res[o][0]) for o in range(2))
+
+
+@pytest.mark.parametrize("peer", [0, 2, -1])
+def test_bad_peer_raises(peer):
+    def body(t):
+        if t.rank == 0:
+            group(t).send(torch.zeros(2), peer, stream="s")
+    with pytest.raises(ValueError, match=f"destination rank {peer}"):
+        run_ranks(2, body)
