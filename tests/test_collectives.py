@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from compressed_comm import (
     CommTimeoutError,
@@ -268,3 +270,28 @@ def test_bad_peer_raises(peer):
             group(t).send(torch.zeros(2), peer, stream="s")
     with pytest.raises(ValueError, match=f"destination rank {peer}"):
         run_ranks(2, body)
+
+
+@settings(max_examples=15)
+@given(world=st.integers(2, 4), cols=st.integers(1, 9), seed=st.integers(0, 2**16),
+       codec=st.sampled_from(CODECS), dtype=st.sampled_from(DTYPES), steps=st.integers(2, 6),
+       data=st.data())
+def test_any_shapes_keep_references_in_lock_step(world, cols, seed, codec, dtype, steps, data):
+    nrows = data.draw(st.lists(st.integers(0, 5), min_size=world, max_size=world))
+    shapes = [(n, cols) for n in nrows]
+
+    def body(t):
+        g = group(t, codec, warmup_steps=1)
+        outs = []
+        for x in walk(t.rank, shapes[t.rank], dtype, steps, seed=seed):
+            gathered = [a.clone() for a in g.all_gather(x, stream="k", shapes=shapes)]
+            ringed = [a.clone() for a in g.ring_pass(x, stream="k", shapes=shapes)]
+            outs.append((x, gathered, ringed))
+        return dict(outs=outs, refs=references(g))
+    res = run_ranks(world, body)
+    check_lock_step(res)
+    for me in range(world):
+        for x, gathered, ringed in res[me]["outs"]:
+            assert torch.equal(gathered[me], x)
+            assert [a.shape for a in gathered] == [torch.Size(s) for s in shapes]
+            assert all(torch.equal(a, b) for a, b in zip(gathered, ringed))
