@@ -28,7 +28,7 @@ from .errors import (
     UnsupportedDtypeError,
     WireFormatError,
 )
-from .group import CompressedGroup, Handle
+from .group import CompressedGroup, Handle, RawGroup
 from .process_group import CompressedProcessGroup, wrap_process_group
 from .session import Session, SessionStats
 from .stream import StreamDecoder, StreamEncoder, StreamStats
@@ -54,6 +54,7 @@ __all__ = [
     "Work",
     "P2POp",
     "CompressedGroup",
+    "RawGroup",
     "Handle",
     "wrap_process_group",
     "CompressedProcessGroup",
