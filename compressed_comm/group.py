@@ -107,6 +107,9 @@ class _GroupBase:
         self.rank = transport.rank
         self.world_size = transport.world_size
         self.step_index = 0
+        #: bytes and point-to-point messages this rank has sent in the current session
+        self.bytes_sent = 0
+        self.messages_sent = 0
         self._inflight: dict[str, list[Handle[Any]]] = {}
 
     # ------------------------------------------------------------------ steps and sessions
@@ -123,6 +126,7 @@ class _GroupBase:
                                "wait() on them before starting a new session")
         self._inflight.clear()
         self.step_index = 0
+        self.bytes_sent = self.messages_sent = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -228,6 +232,10 @@ class _GroupBase:
         except CommError as e:
             raise type(e)(f"rank {self.rank}: {what}: {e}") from e
 
+    def _sent(self, nbytes: int, messages: int) -> None:
+        self.bytes_sent += nbytes
+        self.messages_sent += messages
+
     def _splits(self, x: torch.Tensor, stream: str, input_split_sizes: Sequence[int] | None,
                 output_split_sizes: Sequence[int] | None) -> tuple[list[int], list[int]]:
         """Validated all-to-all split sizes along dim 0 (default: equal splits both ways)."""
@@ -292,6 +300,7 @@ class CompressedGroup(_GroupBase):
         payload = self.session.encoder(name, x).encode(x)
         what = f"send of stream {stream!r} to rank {dst}"
         work = self._start(what, self.transport.isend, payload, dst)
+        self._sent(payload.numel(), 1)
 
         def finish(timeout: float, payload: torch.Tensor = payload) -> None:
             # (payload is bound here so the buffer lives until the send completes)
@@ -340,6 +349,7 @@ class CompressedGroup(_GroupBase):
         outs = list(self._buffer(slot * self.world_size, x.device).view(self.world_size, slot))
         what = f"all_gather of stream {stream!r}"
         work = self._start(what, self.transport.all_gather, outs, payload)
+        self._sent(slot * (self.world_size - 1), self.world_size - 1)
 
         def finish(timeout: float) -> list[torch.Tensor]:
             self._wait(work, timeout, what)
@@ -376,6 +386,7 @@ class CompressedGroup(_GroupBase):
                 f"ring pass of stream {stream!r}, hop {hop} (block of rank {origin})",
                 self.transport.batch_isend_irecv,
                 [P2POp("send", packet, nxt), P2POp("recv", buf, prv)])
+            self._sent(packet.numel(), 1)
             return origin, buf, works
 
         pending = post(payload, 1)
@@ -421,6 +432,7 @@ class CompressedGroup(_GroupBase):
         what = f"all_to_all of stream {stream!r}"
         work = self._start(what, self.transport.all_to_all_single, recv_buf, torch.cat(payloads),
                            recv_sizes, [p.numel() for p in payloads])
+        self._sent(sum(p.numel() for p in payloads), world - 1)
 
         def finish(timeout: float) -> torch.Tensor:
             self._wait(work, timeout, what)
@@ -452,6 +464,7 @@ class RawGroup(_GroupBase):
         data = _as_bytes(x)
         what = f"send of stream {stream!r} to rank {dst}"
         work = self._start(what, self.transport.isend, data, dst)
+        self._sent(data.numel(), 1)
 
         def finish(timeout: float, data: torch.Tensor = data) -> None:
             self._wait(work, timeout, what)
@@ -483,6 +496,7 @@ class RawGroup(_GroupBase):
         outs = self._buffer(slot * self.world_size, x.device).view(self.world_size, slot)
         what = f"all_gather of stream {stream!r}"
         work = self._start(what, self.transport.all_gather, list(outs), data)
+        self._sent(slot * (self.world_size - 1), self.world_size - 1)
 
         def finish(timeout: float) -> list[torch.Tensor]:
             self._wait(work, timeout, what)
@@ -507,6 +521,7 @@ class RawGroup(_GroupBase):
                 f"ring pass of stream {stream!r}, hop {hop} (block of rank {origin})",
                 self.transport.batch_isend_irecv,
                 [P2POp("send", _as_bytes(packet), nxt), P2POp("recv", _as_bytes(buf), prv)])
+            self._sent(packet.nbytes, 1)
             return origin, buf, works
 
         pending = post(x, 1)
@@ -532,6 +547,7 @@ class RawGroup(_GroupBase):
         what = f"all_to_all of stream {stream!r}"
         work = self._start(what, self.transport.all_to_all_single, _as_bytes(out), _as_bytes(x),
                            [n * row for n in out_sizes], [n * row for n in in_sizes])
+        self._sent((sum(in_sizes) - in_sizes[self.rank]) * row, self.world_size - 1)
 
         def finish(timeout: float) -> torch.Tensor:
             self._wait(work, timeout, what)

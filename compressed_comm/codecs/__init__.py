@@ -20,7 +20,8 @@ previous step's basis (per stream, sender side only).
 
 from __future__ import annotations
 
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 from .base import Codec
 from .binary import BinaryCodec
@@ -79,7 +80,7 @@ def _simple(factory: Callable[[str, str | None], Codec], name: str):
     return build
 
 
-_BUILDERS: dict[str, Callable[[str, list[str], str | None], Codec]] = {
+_BUILDERS: Mapping[str, Callable[[str, list[str], str | None], Codec]] = MappingProxyType({
     "identity": _simple(lambda s, k: IdentityCodec(s, k), "identity"),
     "fp8": _simple(lambda s, k: Fp8Codec(s, k), "fp8"),
     "int8": _simple(lambda s, k: IntCodec(s, 8, k), "int8"),
@@ -89,7 +90,7 @@ _BUILDERS: dict[str, Callable[[str, list[str], str | None], Codec]] = {
     "lowrank": _lowrank(quantized=False),
     "lowrankq": _lowrank(quantized=True),
     "topk": _topk,
-}
+})
 
 _SPEC_FORMS = ("identity", "fp8", "int8", "int4", "int2", "binary", "lowrank:R", "lowrankq:R",
                "topk:F")
