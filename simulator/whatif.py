@@ -1,0 +1,489 @@
+"""What-if estimates: parallel DiT inference on GPUs and links this machine does not have.
+
+:func:`run_what_if` prices one denoising step of a published DiT (:data:`MODEL_SPECS`) on
+``world`` GPUs (:data:`~simulator.network.GPUS`) joined by a link
+(:data:`~simulator.network.LINKS`) for each communication method: raw synchronous
+exchange, DistriFusion's asynchronous stale K/V, and residual compression with each codec.
+Compute comes from a FLOP count and the GPU's achieved throughput, communication from the
+exact wire size of every message (``Codec.payload_nbytes`` at the real message shape) and
+the link's alpha-beta model. The report lists every assumption it rests on.
+
+Speed only: reconstruction quality of a codec or of stale activations is not modelled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from compressed_comm import get_codec
+
+from .network import GPU, Link, StepEstimate, collective_seconds, estimate_step, get_gpu, get_link
+
+__all__ = [
+    "ModelSpec",
+    "MODEL_SPECS",
+    "PARALLELISMS",
+    "get_model",
+    "local_image_tokens",
+    "step_flops",
+    "compute_seconds",
+    "Traffic",
+    "step_traffic",
+    "MethodRow",
+    "WhatIfReport",
+    "run_what_if",
+]
+
+#: Parallelisms priced here and the collective each one runs per exchange.
+PARALLELISMS: Mapping[str, str] = MappingProxyType(
+    {"patch": "all_gather", "ring": "ring", "ulysses": "all_to_all"}
+)
+WIRE_DTYPE = torch.bfloat16
+_ASYNC = "+async"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The published configuration of a DiT and one generation's workload."""
+
+    name: str
+    description: str
+    steps: int              # denoising steps of one generation
+    layers: int             # attention layers; each one's K and V are exchanged
+    hidden: int             # model width (= heads * head_dim, checked)
+    heads: int
+    head_dim: int
+    mlp_ratio: float        # MLP hidden width / model width
+    image_tokens: int       # image/video tokens: split across ranks
+    text_tokens: int        # text tokens: replicated on every rank, never sent
+    batch: int              # sequences per forward pass (2 = CFG cond + uncond batched)
+    params: float           # transformer parameters
+    sources: tuple[str, ...]
+    assumptions: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.heads * self.head_dim != self.hidden:
+            raise ValueError(f"{self.name}: heads * head_dim = {self.heads * self.head_dim} "
+                             f"!= hidden {self.hidden}")
+
+    @property
+    def tokens(self) -> int:
+        """Sequence length attention runs over: image and text tokens."""
+        return self.image_tokens + self.text_tokens
+
+
+MODEL_SPECS: Mapping[str, ModelSpec] = MappingProxyType({
+    # FLUX.1-dev. Sources: black-forest-labs/FLUX.1-dev transformer/config.json, identical
+    # to diffusers 0.42 FluxTransformer2DModel defaults (num_layers=19,
+    # num_single_layers=38, num_attention_heads=24, attention_head_dim=128) and to BFL's
+    # flux-dev params (hidden_size 3072, mlp_ratio 4.0, depth 19, depth_single_blocks 38);
+    # FluxPipeline defaults: num_inference_steps=28, max_sequence_length=512,
+    # default_sample_size 128 (x VAE factor 8 = 1024 px), latents packed in 2x2 patches:
+    # (1024/8/2)^2 = 4096 image tokens. 11.90e9 parameters counted from the diffusers
+    # model on the meta device (model card: "12 billion parameter").
+    "flux.1-dev": ModelSpec(
+        name="flux.1-dev",
+        description="FLUX.1-dev, 1024x1024, 28 steps: 19 double-stream + 38 single-stream "
+                    "blocks, hidden 3072, 24 heads x 128",
+        steps=28,
+        layers=19 + 38,
+        hidden=3072,
+        heads=24,
+        head_dim=128,
+        mlp_ratio=4.0,
+        image_tokens=(1024 // 8 // 2) ** 2,
+        text_tokens=512,
+        batch=1,
+        params=11.9e9,
+        sources=(
+            "huggingface.co/black-forest-labs/FLUX.1-dev transformer/config.json "
+            "(= diffusers 0.42 FluxTransformer2DModel defaults)",
+            "diffusers 0.42 FluxPipeline defaults: 28 steps, 512 text tokens, 1024 px",
+        ),
+        assumptions=(
+            "FLUX.1-dev is guidance-distilled: one sequence per step (no CFG batch)",
+            "every block costs 12*hidden^2 MACs per token (double-stream: separate "
+            "image/text weights, each token through one set; single-stream: fused "
+            "QKV+MLP-in 7h, out 5h)",
+            "all 512 T5 text tokens present (max_sequence_length=512, padded)",
+        ),
+    ),
+    # CogVideoX-2b. Sources: THUDM/CogVideoX-2b transformer/config.json, identical to
+    # diffusers 0.42 CogVideoXTransformer3DModel defaults (num_layers=30,
+    # num_attention_heads=30, attention_head_dim=64, sample_frames=49, sample_height=60,
+    # sample_width=90, patch_size=2, temporal_compression_ratio=4,
+    # max_text_seq_length=226, FeedForward mult 4); CogVideoXPipeline defaults: 50 steps,
+    # guidance_scale=6 (CFG), 480x720 (60x90 latent x 8), 49 frames -> (49-1)/4+1 = 13
+    # latent frames; 13 * 30 * 45 = 17550 video tokens. Model card: 720x480, 6 s at 8 fps,
+    # 226-token prompts; one A100 ~90 s, one H100 ~45 s per video. 1.69e9 parameters
+    # counted from the diffusers model on the meta device.
+    "cogvideox-2b": ModelSpec(
+        name="cogvideox-2b",
+        description="CogVideoX-2b, 49 frames at 480x720, 50 steps: 30 layers, hidden 1920, "
+                    "30 heads x 64",
+        steps=50,
+        layers=30,
+        hidden=1920,
+        heads=30,
+        head_dim=64,
+        mlp_ratio=4.0,
+        image_tokens=((49 - 1) // 4 + 1) * (480 // 8 // 2) * (720 // 8 // 2),
+        text_tokens=226,
+        batch=2,
+        params=1.69e9,
+        sources=(
+            "huggingface.co/THUDM/CogVideoX-2b transformer/config.json "
+            "(= diffusers 0.42 CogVideoXTransformer3DModel defaults)",
+            "diffusers 0.42 CogVideoXPipeline defaults: 50 steps, guidance_scale 6, "
+            "226 text tokens; CogVideoX-2b model card",
+        ),
+        assumptions=(
+            "classifier-free guidance (scale 6) batches the conditional and unconditional "
+            "sequences on every rank: batch 2 doubles compute and messages (no CFG "
+            "parallelism)",
+            "full 3D attention over 226 text + 17550 video tokens in all 30 layers",
+        ),
+    ),
+})
+
+
+def _choose(table: Mapping[str, Any], name: str, what: str) -> Any:
+    key = name.strip().lower() if isinstance(name, str) else name
+    try:
+        return table[key]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(table)}") from None
+
+
+def get_model(name: str) -> ModelSpec:
+    """The :data:`MODEL_SPECS` preset ``name``; ``ValueError`` listing the choices if unknown."""
+    return _choose(MODEL_SPECS, name, "model")
+
+
+def _check_world(model: ModelSpec, world: int) -> None:
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world must be a positive integer, got {world!r}")
+    if world > model.image_tokens:
+        raise ValueError(f"world {world} exceeds the {model.image_tokens} image tokens of "
+                         f"{model.name}")
+
+
+def local_image_tokens(model: ModelSpec, world: int) -> int:
+    """Image tokens on the busiest rank when they are split ``world`` ways."""
+    _check_world(model, world)
+    return math.ceil(model.image_tokens / world)
+
+
+def step_flops(model: ModelSpec, world: int) -> float:
+    """FLOPs of one denoising step on the busiest rank of ``world``.
+
+    Linear layers run on the rank's tokens (its share of the image tokens plus all text
+    tokens): ``2 * (4 + 2 * mlp_ratio) * hidden^2`` FLOPs per token and layer (Q, K, V,
+    output projections and the MLP). Attention runs from those tokens to all tokens:
+    ``4 * local * tokens * heads * head_dim`` per layer (``QK^T`` and ``PV``). Norms,
+    modulation, embeddings, text encoder and VAE are not counted.
+    """
+    local = model.batch * (local_image_tokens(model, world) + model.text_tokens)
+    linear = 2 * (4 + 2 * model.mlp_ratio) * model.hidden**2 * local
+    attention = 4 * local * model.tokens * model.heads * model.head_dim
+    return model.layers * (linear + attention)
+
+
+def compute_seconds(model: ModelSpec, gpu: GPU, world: int) -> float:
+    """Seconds of compute in one step on one rank: FLOPs / (peak * achieved fraction)."""
+    return step_flops(model, world) / gpu.achieved_flops
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """The collectives one rank takes part in during one step: ``count`` of one shape."""
+
+    collective: str             # network.COLLECTIVES
+    count: int                  # collectives per step
+    shape: tuple[int, int]      # one message (rows, cols), as the codec sees it
+    world: int
+
+    def message_bytes(self, codec: str | None) -> int:
+        """Bytes of one message: raw bf16 (``codec=None``) or the codec's exact payload."""
+        if codec is None:
+            return self.shape[0] * self.shape[1] * WIRE_DTYPE.itemsize
+        return get_codec(codec).payload_nbytes(self.shape, WIRE_DTYPE)
+
+    def bytes_per_step(self, codec: str | None) -> int:
+        """Bytes one rank sends in one step (``world - 1`` messages per collective)."""
+        return self.count * (self.world - 1) * self.message_bytes(codec)
+
+    def seconds(self, link: Link, codec: str | None) -> float:
+        """Communication seconds of one step, collectives run one after another."""
+        one = collective_seconds(self.collective, self.message_bytes(codec), self.world, link)
+        return self.count * one
+
+
+def step_traffic(model: ModelSpec, world: int, parallelism: str) -> Traffic:
+    """The per-step collectives of ``parallelism`` for ``model`` on ``world`` ranks.
+
+    * ``patch``: per layer, an all-gather of K and one of V, each the rank's local image
+      tokens x hidden;
+    * ``ring``: the same blocks passed around the ring (``world - 1`` hops);
+    * ``ulysses``: per layer, four all-to-alls (Q, K, V, attention output), each sending
+      every other rank the local image tokens x ``hidden / world`` (its heads).
+
+    Text tokens are replicated and never sent; the CFG batch multiplies the rows.
+    """
+    collective = _choose(PARALLELISMS, parallelism, "parallelism")
+    parallelism = parallelism.strip().lower()
+    _check_world(model, world)
+    rows = model.batch * local_image_tokens(model, world)
+    if parallelism == "ulysses":
+        if model.heads % world:
+            divisors = [w for w in range(1, model.heads + 1) if model.heads % w == 0]
+            raise ValueError(
+                f"ulysses needs world to divide the {model.heads} attention heads of "
+                f"{model.name}; got world {world} (choose one of "
+                f"{', '.join(map(str, divisors))})")
+        return Traffic(collective, 4 * model.layers, (rows, model.hidden // world), world)
+    return Traffic(collective, 2 * model.layers, (rows, model.hidden), world)
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    """One method's estimate; the numeric fields are None where the method does not apply."""
+
+    method: str
+    applies: bool
+    bytes_per_step: int | None      # bytes one rank sends in a steady (post-warmup) step
+    ratio: float | None             # raw bytes / wire bytes of one steady-step message
+    compute_s: float | None         # per step
+    comm_s: float | None            # all communication of a steady step
+    exposed_comm_s: float | None    # the part of it the step waits for
+    step_s: float | None            # steady step time
+    total_s: float | None           # all steps, warmup included
+    speedup: float | None           # raw total_s / this total_s
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class _Method:
+    name: str
+    codec: str | None       # None: raw bf16 tensors
+    overlap: bool           # asynchronous after warmup
+    warm_codec: str | None  # what the warmup steps send
+
+
+def _methods(codecs: Sequence[str], async_combos: bool) -> list[_Method]:
+    if isinstance(codecs, str):
+        codecs = [c for c in codecs.split(",") if c.strip()]
+    out = [_Method("raw", None, False, None), _Method("distrifusion", None, True, None)]
+    specs = []
+    for spec in codecs:
+        spec = spec.strip().lower()
+        base, is_async = (spec[: -len(_ASYNC)], True) if spec.endswith(_ASYNC) else (spec, False)
+        get_codec(base)   # ValueError naming the valid forms for a bad spec
+        specs.append((base, is_async))
+    if async_combos:
+        specs += [(base, True) for base, is_async in list(specs) if not is_async]
+    seen = {m.name for m in out}
+    for base, is_async in specs:
+        name = base + _ASYNC if is_async else base
+        if name not in seen:
+            seen.add(name)
+            out.append(_Method(name, base, is_async, "identity"))
+    return out
+
+
+@dataclass(frozen=True)
+class WhatIfReport:
+    """Estimates of every method for one model, GPU, link, world and parallelism."""
+
+    model: ModelSpec
+    gpu: GPU
+    link: Link
+    world: int
+    parallelism: str
+    warmup: int
+    traffic: Traffic
+    raw_message_bytes: int
+    compute_s: float                # per step per rank
+    single_gpu_total_s: float       # the whole generation on one GPU, no communication
+    rows: tuple[MethodRow, ...]
+    assumptions: tuple[str, ...]
+
+    def row(self, method: str) -> MethodRow:
+        """The row of ``method``; ``KeyError`` if the report has none."""
+        for r in self.rows:
+            if r.method == method:
+                return r
+        raise KeyError(f"no method {method!r}; have {', '.join(r.method for r in self.rows)}")
+
+    def table(self) -> str:
+        """A fixed-width text table: a header naming the setup, one line per method, the
+        notes of methods that do not apply, and the assumptions."""
+        m, t = self.model, self.traffic
+        lines = [
+            f"What-if: {m.name} ({m.steps} steps) on {self.world} x {self.gpu.name.upper()} "
+            f"over {self.link.name} ({self.link.bandwidth / 1e9:g} GB/s, "
+            f"{self.link.latency * 1e6:g} us per message), {self.parallelism} parallelism, "
+            f"warmup {self.warmup}",
+            f"per rank and step: {t.count} x {t.collective} of {t.shape} bf16 "
+            f"({self.raw_message_bytes:,} B raw per message), "
+            f"{step_flops(m, self.world) / 1e12:.1f} TFLOP -> {self.compute_s:.3f} s compute; "
+            f"1 GPU: {self.single_gpu_total_s:.1f} s end to end",
+        ]
+        head = (f"{'method':<18}{'bytes/step/rank':>16}{'ratio':>9}{'compute s':>11}"
+                f"{'comm s':>9}{'exposed s':>11}{'step s':>9}{'total s':>9}{'speedup':>9}")
+        lines += [head, "-" * len(head)]
+        notes = []
+        for r in self.rows:
+            if not r.applies:
+                lines.append(f"{r.method:<18}{'n/a':>16}" + "".join(
+                    f"{'n/a':>{w}}" for w in (9, 11, 9, 11, 9, 9, 9)))
+                notes.append(f"{r.method}: {r.note}")
+                continue
+            lines.append(
+                f"{r.method:<18}{r.bytes_per_step:>16,}{r.ratio:>8.1f}x{r.compute_s:>11.3f}"
+                f"{r.comm_s:>9.3f}{r.exposed_comm_s:>11.3f}{r.step_s:>9.3f}{r.total_s:>9.2f}"
+                f"{r.speedup:>8.2f}x")
+        if notes:
+            lines += ["", "Not applicable:"] + [f"  {n}" for n in notes]
+        lines += ["", "Assumptions:"] + [f"  {i}. {a}" for i, a in enumerate(self.assumptions, 1)]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-serialisable data."""
+        return _plain({
+            "model": asdict(self.model),
+            "gpu": asdict(self.gpu),
+            "link": asdict(self.link),
+            "world": self.world,
+            "parallelism": self.parallelism,
+            "warmup": self.warmup,
+            "traffic": {**asdict(self.traffic), "raw_message_bytes": self.raw_message_bytes},
+            "compute_s": self.compute_s,
+            "single_gpu_total_s": self.single_gpu_total_s,
+            "rows": [asdict(r) for r in self.rows],
+            "assumptions": self.assumptions,
+        })
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _not_applicable(name: str, parallelism: str) -> MethodRow:
+    note = (f"does not apply to {parallelism} parallelism: DistriFusion's one-step-stale K/V "
+            "overlap is a patch-parallel (all-gather) method")
+    return MethodRow(name, False, None, None, None, None, None, None, None, None, note)
+
+
+def _general_assumptions(model: ModelSpec, gpu: GPU, link: Link, world: int,
+                         parallelism: str, warmup: int) -> tuple[str, ...]:
+    weights = model.params * WIRE_DTYPE.itemsize
+    fits = "fits" if weights <= gpu.memory_bytes else "does NOT fit"
+    out = [
+        "compute = FLOPs / (peak bf16 * achieved fraction); FLOPs = linear layers on the "
+        "rank's tokens (2*(4+2*mlp_ratio)*hidden^2 per token and layer) + attention from "
+        "them to all tokens (4*local*tokens*hidden per layer); norms, modulation, "
+        "embeddings, text encoder and VAE not counted",
+        f"image tokens split {world} ways (the busiest rank, ceil({model.image_tokens}/"
+        f"{world}), sets the pace); text tokens replicated on every rank and never sent",
+        "messages are bf16; a codec's message is exactly "
+        "get_codec(spec).payload_nbytes((rows, cols), bfloat16), header included; the ratio "
+        "column is raw bytes / that payload",
+        f"collectives: (world-1) hops of latency + bytes/bandwidth each, bandwidth per "
+        f"direction per GPU, all ranks sending at once with no further contention; "
+        f"collectives of a step run one after another",
+        "synchronous methods (raw, codecs): the step waits for its communication "
+        "(compute + comm); async (distrifusion, +async): step t's exchange runs during "
+        "step t's compute and only max(0, comm - compute) is exposed; the overlapped "
+        "exchange is assumed to take no compute or memory bandwidth from the step",
+        f"the first {warmup} step(s) of distrifusion and of every codec are synchronous and "
+        f"send the full tensor (codecs: identity payload, header included)",
+        "codec encode/decode time is not counted (fused GPU kernels: one memory pass per "
+        "message) and neither is quality: stale or lossy activations cost nothing here",
+        f"weights replicated on every rank: {weights / 1e9:.1f} GB bf16 {fits} in "
+        f"{gpu.memory_bytes / 1024**3:g} GiB",
+    ]
+    if parallelism == "ring":
+        out.append("ring: hops are not overlapped with the attention of the block in hand "
+                   "(real ring attention hides up to one block's attention per hop), so "
+                   "exposed communication is an upper bound")
+    out.append(f"GPU {gpu.name}: {gpu.description}")
+    out.append(f"link {link.name}: {link.description}")
+    return tuple(out)
+
+
+def run_what_if(
+    model: str,
+    gpu: str | GPU,
+    world: int,
+    parallelism: str,
+    link: str | Link,
+    codecs: Sequence[str],
+    warmup: int = 1,
+    *,
+    async_combos: bool = False,
+) -> WhatIfReport:
+    """Estimate one generation of ``model`` on ``world`` x ``gpu`` over ``link``.
+
+    Methods: ``raw`` (synchronous, bf16 tensors), ``distrifusion`` (patch parallelism
+    only: asynchronous after ``warmup`` synchronous steps), each codec spec in ``codecs``
+    (synchronous residual compression, the first ``warmup`` steps sent in full) and
+    ``<spec>+async`` combinations (listed in ``codecs``, or for every codec with
+    ``async_combos=True``; patch parallelism only). Unknown names raise ``ValueError``
+    listing the choices; ``ulysses`` needs ``world`` to divide the attention heads.
+    ``gpu`` and ``link`` are preset names or :class:`GPU` / :class:`Link` objects.
+    """
+    spec = get_model(model)
+    gpu_ = gpu if isinstance(gpu, GPU) else get_gpu(gpu)
+    link_ = link if isinstance(link, Link) else get_link(link)
+    traffic = step_traffic(spec, world, parallelism)
+    parallelism = parallelism.strip().lower()
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= spec.steps:
+        raise ValueError(f"warmup must be an integer in [0, {spec.steps}], got {warmup!r}")
+    methods = _methods(codecs, async_combos)
+
+    compute = compute_seconds(spec, gpu_, world)
+
+    def total(method: _Method) -> tuple[StepEstimate, float]:
+        steady = estimate_step(compute, traffic.seconds(link_, method.codec), method.overlap)
+        n_warm = warmup if (method.codec is not None or method.overlap) else 0
+        warm = estimate_step(compute, traffic.seconds(link_, method.warm_codec), False)
+        return steady, n_warm * warm.step_s + (spec.steps - n_warm) * steady.step_s
+
+    raw_total = total(methods[0])[1]
+    raw_message = traffic.message_bytes(None)
+    rows = []
+    for method in methods:
+        if method.overlap and parallelism != "patch":
+            rows.append(_not_applicable(method.name, parallelism))
+            continue
+        steady, end_to_end = total(method)
+        rows.append(MethodRow(
+            method=method.name,
+            applies=True,
+            bytes_per_step=traffic.bytes_per_step(method.codec),
+            ratio=raw_message / traffic.message_bytes(method.codec),
+            compute_s=steady.compute_s,
+            comm_s=steady.comm_s,
+            exposed_comm_s=steady.exposed_comm_s,
+            step_s=steady.step_s,
+            total_s=end_to_end,
+            speedup=raw_total / end_to_end,
+        ))
+    assumptions = spec.assumptions + _general_assumptions(spec, gpu_, link_, world,
+                                                          parallelism, warmup)
+    return WhatIfReport(
+        model=spec, gpu=gpu_, link=link_, world=world, parallelism=parallelism,
+        warmup=warmup, traffic=traffic, raw_message_bytes=raw_message, compute_s=compute,
+        single_gpu_total_s=spec.steps * compute_seconds(spec, gpu_, 1), rows=tuple(rows),
+        assumptions=assumptions,
+    )

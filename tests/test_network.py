@@ -1,0 +1,272 @@
+"""The network cost model and the what-if estimator: closed-form expectations."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from compressed_comm import get_codec
+from simulator.network import (
+    COLLECTIVES,
+    GPUS,
+    LINKS,
+    Link,
+    collective_seconds,
+    estimate_step,
+    get_gpu,
+    get_link,
+)
+from simulator.whatif import (
+    MODEL_SPECS,
+    PARALLELISMS,
+    get_model,
+    run_what_if,
+    step_flops,
+    step_traffic,
+)
+
+CODECS = ("binary", "int2", "int4", "lowrank:8")
+LINK = Link("test", "1 GB/s, 10 us", bandwidth=1e9, latency=10e-6)
+
+
+# ---------------------------------------------------------------- collectives
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+@pytest.mark.parametrize("kind", ["all_gather", "ring", "all_to_all"])
+def test_ring_and_pairwise_collectives_take_world_minus_one_hops(kind, world):
+    nbytes = 6_291_456
+    expected = (world - 1) * (LINK.latency + nbytes / LINK.bandwidth)
+    assert collective_seconds(kind, nbytes, world, LINK) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", list(LINKS))
+def test_all_gather_on_every_preset_matches_the_documented_model(name):
+    link = get_link(name)
+    nbytes, world = 1 << 20, 4
+    expected = (world - 1) * (link.latency + nbytes / link.bandwidth)
+    assert collective_seconds("all_gather", nbytes, world, link) == pytest.approx(expected)
+
+
+def test_p2p_is_one_hop():
+    assert collective_seconds("p2p", 1000, 4, LINK) == pytest.approx(10e-6 + 1e-6)
+
+
+@pytest.mark.parametrize("kind", COLLECTIVES)
+def test_world_of_one_communicates_nothing(kind):
+    assert collective_seconds(kind, 1 << 30, 1, LINK) == 0.0
+
+
+def test_bad_collective_arguments_raise():
+    with pytest.raises(ValueError, match="all_gather, ring, all_to_all, p2p"):
+        collective_seconds("allreduce", 1, 2, LINK)
+    with pytest.raises(ValueError, match="world"):
+        collective_seconds("ring", 1, 0, LINK)
+    with pytest.raises(ValueError, match="message_bytes"):
+        collective_seconds("ring", -1, 2, LINK)
+
+
+# ---------------------------------------------------------------- presets
+
+def test_presets_are_read_only_and_named_by_their_keys():
+    assert set(LINKS) == {"nvlink4", "pcie4", "pcie-host", "100gbe", "25gbe", "10gbe", "1gbe"}
+    assert set(GPUS) == {"l20", "a100", "h100", "h20"}
+    for key, link in LINKS.items():
+        assert link.name == key and link.description and link.bandwidth > 0
+    for key, gpu in GPUS.items():
+        assert gpu.name == key and 0 < gpu.achieved_fraction <= 1
+    with pytest.raises(TypeError):
+        LINKS["fast"] = LINK  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LINKS["10gbe"].bandwidth = 1.0  # type: ignore[misc]
+
+
+def test_published_gpu_peaks():
+    peaks = {name: gpu.peak_bf16_flops / 1e12 for name, gpu in GPUS.items()}
+    assert peaks == pytest.approx({"l20": 119.5, "a100": 312, "h100": 989, "h20": 148})
+
+
+def test_ethernet_presets_sit_below_their_line_rate():
+    for name, gbit in [("100gbe", 100), ("25gbe", 25), ("10gbe", 10), ("1gbe", 1)]:
+        line = gbit * 1e9 / 8
+        assert 0.85 * line < get_link(name).bandwidth < line
+
+
+@pytest.mark.parametrize("lookup, table", [(get_link, LINKS), (get_gpu, GPUS)])
+def test_unknown_preset_names_list_the_choices(lookup, table):
+    with pytest.raises(ValueError) as err:
+        lookup("warp-drive")
+    for name in table:
+        assert name in str(err.value)
+
+
+# ---------------------------------------------------------------- step estimate
+
+@pytest.mark.parametrize("comm", [0.0, 0.3, 1.0, 2.5])
+def test_overlap_hides_communication_up_to_compute(comm):
+    compute = 1.0
+    sync = estimate_step(compute, comm, overlap=False)
+    hidden = estimate_step(compute, comm, overlap=True)
+    assert sync.step_s == pytest.approx(compute + comm)
+    assert hidden.exposed_comm_s == pytest.approx(max(0.0, comm - compute))
+    assert hidden.step_s == pytest.approx(max(compute, comm))
+    assert hidden.step_s <= sync.step_s
+
+
+def test_negative_times_raise():
+    with pytest.raises(ValueError):
+        estimate_step(-1.0, 0.0, overlap=False)
+
+
+# ---------------------------------------------------------------- model specs
+
+def test_model_specs_hold_the_published_numbers():
+    flux, cog = get_model("flux.1-dev"), get_model("cogvideox-2b")
+    shape = (flux.steps, flux.layers, flux.hidden, flux.heads, flux.head_dim)
+    assert shape == (28, 57, 3072, 24, 128)
+    assert (flux.image_tokens, flux.text_tokens) == (4096, 512)
+    assert (cog.steps, cog.layers, cog.hidden, cog.heads, cog.head_dim) == (50, 30, 1920, 30, 64)
+    assert (cog.image_tokens, cog.text_tokens) == (17550, 226)
+    assert 11e9 < flux.params < 13e9 and 1.5e9 < cog.params < 1.9e9
+    for spec in MODEL_SPECS.values():
+        assert spec.assumptions and spec.sources
+
+
+def test_flops_closed_form_for_flux_on_one_and_four_ranks():
+    flux = get_model("flux.1-dev")
+    h, n = 3072, 4096 + 512
+    assert step_flops(flux, 1) == pytest.approx(57 * (24 * h * h * n + 4 * n * n * h))
+    local = 4096 // 4 + 512
+    assert step_flops(flux, 4) == pytest.approx(57 * (24 * h * h * local + 4 * local * n * h))
+
+
+def test_message_shapes_per_parallelism():
+    flux = get_model("flux.1-dev")
+    patch, ring, uly = (step_traffic(flux, 4, p) for p in ("patch", "ring", "ulysses"))
+    assert (patch.collective, patch.count, patch.shape) == ("all_gather", 114, (1024, 3072))
+    assert (ring.collective, ring.count, ring.shape) == ("ring", 114, (1024, 3072))
+    assert (uly.collective, uly.count, uly.shape) == ("all_to_all", 228, (1024, 768))
+    cog = get_model("cogvideox-2b")  # CFG batch of 2; 17550 tokens split unevenly
+    assert step_traffic(cog, 4, "patch").shape == (2 * math.ceil(17550 / 4), 1920)
+
+
+# ---------------------------------------------------------------- what-if reports
+
+def test_flux_table_has_every_method_and_names_the_setup():
+    report = run_what_if("flux.1-dev", "l20", 4, "patch", "pcie-host", CODECS)
+    assert [r.method for r in report.rows] == ["raw", "distrifusion", *CODECS]
+    assert all(r.applies for r in report.rows)
+    table = report.table()
+    for word in ("flux.1-dev", "L20", "pcie-host", "4 x", "patch", "Assumptions:", *CODECS):
+        assert word in table
+    assert report.row("raw").speedup == 1.0
+
+
+def test_compressed_traffic_is_raw_traffic_over_the_payload_ratio():
+    report = run_what_if("flux.1-dev", "l20", 4, "patch", "pcie-host", CODECS)
+    raw = report.row("raw")
+    shape = report.traffic.shape
+    for spec in CODECS:
+        row = report.row(spec)
+        payload = get_codec(spec).payload_nbytes(shape, torch.bfloat16)
+        assert row.ratio == shape[0] * shape[1] * 2 / payload
+        assert row.bytes_per_step == 114 * 3 * payload
+        assert row.bytes_per_step == pytest.approx(raw.bytes_per_step / row.ratio, rel=1e-12)
+
+
+def test_step_times_follow_the_documented_model():
+    report = run_what_if("flux.1-dev", "h100", 4, "patch", "10gbe", ["binary"], warmup=2)
+    link, t = get_link("10gbe"), report.traffic
+    compute = report.compute_s
+
+    def comm(nbytes):
+        return 114 * 3 * (link.latency + nbytes / link.bandwidth)
+
+    raw_bytes = 1024 * 3072 * 2
+    full = get_codec("identity").payload_nbytes(t.shape, torch.bfloat16)
+    small = get_codec("binary").payload_nbytes(t.shape, torch.bfloat16)
+    raw, df, binary = report.row("raw"), report.row("distrifusion"), report.row("binary")
+    assert raw.total_s == pytest.approx(28 * (compute + comm(raw_bytes)))
+    assert df.exposed_comm_s == pytest.approx(max(0.0, comm(raw_bytes) - compute))
+    assert df.total_s == pytest.approx(2 * (compute + comm(raw_bytes)) + 26 * df.step_s)
+    expected = 2 * (compute + comm(full)) + 26 * (compute + comm(small))
+    assert binary.total_s == pytest.approx(expected)
+    assert binary.speedup == pytest.approx(raw.total_s / binary.total_s)
+
+
+@pytest.mark.parametrize("parallelism", list(PARALLELISMS))
+def test_a_slower_link_never_makes_a_step_faster(parallelism):
+    world = 5 if parallelism == "ulysses" else 4
+    presets = list(LINKS.values())
+    pairs = [(dataclasses.replace(link, bandwidth=link.bandwidth / 3, latency=link.latency * 2),
+              link) for link in presets]
+    pairs += [(a, b) for a in presets for b in presets
+              if a is not b and a.bandwidth <= b.bandwidth and a.latency >= b.latency]
+    for slow, fast in pairs:
+        reports = [run_what_if("cogvideox-2b", "h20", world, parallelism, link, CODECS,
+                               async_combos=True) for link in (slow, fast)]
+        for on_slow, on_fast in zip(*(r.rows for r in reports)):
+            if on_slow.applies:
+                assert on_slow.step_s >= on_fast.step_s
+                assert on_slow.total_s >= on_fast.total_s
+
+
+def test_world_of_one_has_zero_communication():
+    report = run_what_if("flux.1-dev", "a100", 1, "patch", "1gbe", CODECS)
+    for row in report.rows:
+        assert row.bytes_per_step == 0 and row.comm_s == 0.0 and row.exposed_comm_s == 0.0
+        assert row.speedup == pytest.approx(1.0)
+        assert row.total_s == pytest.approx(report.single_gpu_total_s)
+
+
+@pytest.mark.parametrize("parallelism", ["ring", "ulysses"])
+def test_distrifusion_and_async_do_not_apply_outside_patch_parallelism(parallelism):
+    report = run_what_if("flux.1-dev", "h100", 4, parallelism, "nvlink4", ["int4", "int4+async"])
+    for name in ("distrifusion", "int4+async"):
+        row = report.row(name)
+        assert not row.applies and row.step_s is None and "does not apply" in row.note
+    assert report.row("int4").applies
+    assert "does not apply" in report.table()
+
+
+def test_codec_async_combinations_on_patch():
+    report = run_what_if("flux.1-dev", "l20", 4, "patch", "1gbe", ["binary"], async_combos=True)
+    sync, overlapped = report.row("binary"), report.row("binary+async")
+    assert overlapped.bytes_per_step == sync.bytes_per_step
+    assert overlapped.exposed_comm_s == pytest.approx(max(0.0, sync.comm_s - sync.compute_s))
+    assert overlapped.total_s <= sync.total_s
+
+
+def test_ulysses_needs_world_to_divide_the_heads():
+    with pytest.raises(ValueError, match=r"30 attention heads.*1, 2, 3, 5, 6, 10, 15, 30"):
+        run_what_if("cogvideox-2b", "h20", 4, "ulysses", "10gbe", CODECS)
+    assert run_what_if("cogvideox-2b", "h20", 5, "ulysses", "10gbe", CODECS).rows
+
+
+@pytest.mark.parametrize("kwargs, choices", [
+    (dict(model="sd3"), ("flux.1-dev", "cogvideox-2b")),
+    (dict(gpu="b200"), ("l20", "a100", "h100", "h20")),
+    (dict(link="carrier-pigeon"), ("nvlink4", "pcie-host", "1gbe")),
+    (dict(parallelism="pipefusion"), ("patch", "ring", "ulysses")),
+    (dict(codecs=["zstd"]), ("binary", "lowrank:R")),
+    (dict(world=0), ("positive integer",)),
+    (dict(warmup=99), ("[0, 28]",)),
+])
+def test_bad_arguments_raise_with_the_choices(kwargs, choices):
+    args = dict(model="flux.1-dev", gpu="l20", world=4, parallelism="patch", link="pcie-host",
+                codecs=CODECS)
+    with pytest.raises(ValueError) as err:
+        run_what_if(**{**args, **kwargs})
+    for choice in choices:
+        assert choice in str(err.value)
+
+
+def test_to_dict_is_json_serialisable_and_matches_the_rows():
+    report = run_what_if("cogvideox-2b", "h20", 4, "ring", "10gbe", CODECS)
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["model"]["name"] == "cogvideox-2b" and data["world"] == 4
+    assert data["link"]["name"] == "10gbe" and data["gpu"]["name"] == "h20"
+    assert [r["method"] for r in data["rows"]] == [r.method for r in report.rows]
+    assert data["rows"][0]["bytes_per_step"] == report.row("raw").bytes_per_step
+    assert data["assumptions"] == list(report.assumptions)
