@@ -1,0 +1,172 @@
+"""Train the simulator's default model: ``python -m simulator.train_digits``.
+
+Rectified-flow training of :class:`~simulator.digits.DigitsModel` (an SD3 MMDiT with
+:data:`~simulator.digits.TRANSFORMER_CONFIG`: 4 layers, 4 heads of 16, width 64, 588,804
+parameters with the label embeddings) on scikit-learn's digits upscaled to 32x32 (see
+:func:`train`). Options: ``--steps N``, ``--out PATH``, ``--seed S``, ``--threads T``.
+
+How the committed ``simulator/weights/digits_sd3.safetensors`` was made::
+
+    time python -m simulator.train_digits        # = --steps 2000 --seed 0, 2 threads
+
+with the defaults below (batch 32, AdamW lr 2e-3 with 50 warmup steps and cosine decay to
+2e-4, no weight decay, uniform t, EMA decay 0.998, no label dropout), on 2 CPU cores
+(AMD EPYC, Zen 4), torch 2.13.0+cpu, diffusers 0.42.1: training loop 533 s, ``time`` real
+8 min 57 s; final loss (mean of the last 100 steps) 0.0930; the EMA weights are stored in
+float16 (1,225,240 bytes). The run is deterministic for a seed and thread count: two runs
+gave bit-identical weights. A classifier (``SVC(gamma=0.001)`` on ``load_digits``) labels
+97% of 500 samples (20 Euler steps) as their conditioning class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .digits import TEXT_TOKENS, TRANSFORMER_CONFIG, WEIGHTS, DigitsModel, load_dataset
+
+__all__ = ["TrainResult", "train", "save_weights", "main"]
+
+# Defaults of the committed weights.
+STEPS = 2000
+SEED = 0
+BATCH_SIZE = 32
+LR = 2e-3
+WARMUP = 50
+EMA_DECAY = 0.998
+WEIGHT_DECAY = 0.0
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    model: DigitsModel      # the EMA weights, eval mode
+    losses: list[float]     # training loss per step (raw weights)
+    seconds: float
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warmup for ``warmup`` steps, then cosine decay to 10% of ``lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def train(steps: int = STEPS, seed: int = SEED, *, batch_size: int = BATCH_SIZE, lr: float = LR,
+          warmup: int = WARMUP, ema_decay: float = EMA_DECAY,
+          weight_decay: float = WEIGHT_DECAY, config: dict | None = None,
+          time_sampling: str = "uniform", progress: bool = True) -> TrainResult:
+    """Rectified-flow training of a :class:`DigitsModel` on :func:`load_dataset`.
+
+    Each step draws ``batch_size`` images ``x_0`` (a fresh permutation per epoch), noise
+    ``eps`` and times ``t``, forms ``x_t = (1 - t) x_0 + t eps`` and regresses the
+    velocity ``eps - x_0`` with MSE. AdamW, linear warmup then cosine decay to 10% of
+    ``lr``; an exponential moving average of the weights (decay ``min(ema_decay,
+    (1 + n) / (10 + n))`` at step ``n``) is what is returned. ``time_sampling`` is
+    ``"uniform"`` or ``"logit_normal"`` (SD3's, ``sigmoid(N(0, 1))``). Deterministic for a
+    given ``seed`` and thread count; the global RNG state is restored afterwards.
+    """
+    from tqdm import tqdm
+
+    images, labels = load_dataset()
+    n = len(images)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = DigitsModel(config)
+        gen = torch.Generator().manual_seed(seed + 1)
+    model.train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    losses: list[float] = []
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="train", disable=not progress, mininterval=2.0)
+    for step in bar:
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos:pos + batch_size]
+        pos += batch_size
+        x0, y = images[idx], labels[idx]
+        eps = torch.randn(x0.shape, generator=gen)
+        if time_sampling == "uniform":
+            t = torch.rand(len(idx), generator=gen)
+        elif time_sampling == "logit_normal":
+            t = torch.sigmoid(torch.randn(len(idx), generator=gen))
+        else:
+            raise ValueError(f"time_sampling must be 'uniform' or 'logit_normal', "
+                             f"got {time_sampling!r}")
+        tb = t.view(-1, 1, 1, 1)
+        xt = (1 - tb) * x0 + tb * eps
+        v = model.velocity(xt, t, y)
+        loss = torch.nn.functional.mse_loss(v, eps - x0)
+
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    return TrainResult(ema, losses, time.perf_counter() - start)
+
+
+def save_weights(model: DigitsModel, path: Path | str, *, fp16: bool = True,
+                 extra: dict[str, str] | None = None) -> None:
+    """Write ``model``'s state dict (transformer + label embeddings) as safetensors.
+
+    ``fp16`` stores float16 (half the bytes; :func:`~simulator.digits.load_digits_model`
+    reads it back as float32). The metadata records the transformer config and the number
+    of text tokens, which the loader checks.
+    """
+    from safetensors.torch import save_file
+
+    dtype = torch.float16 if fp16 else torch.float32
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    meta = {"transformer_config": json.dumps(model.config),
+            "text_tokens": str(model.text_tokens), **(extra or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulator.train_digits",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps (%(default)s)")
+    parser.add_argument("--out", type=Path, default=WEIGHTS, help="safetensors file to write")
+    parser.add_argument("--seed", type=int, default=SEED, help="seed (%(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (%(default)s)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    result = train(args.steps, args.seed)
+    final = sum(result.losses[-100:]) / len(result.losses[-100:])
+    save_weights(result.model, args.out, extra={
+        "steps": str(args.steps), "seed": str(args.seed),
+        "final_loss": f"{final:.4f}", "train_seconds": f"{result.seconds:.0f}"})
+    print(f"steps {args.steps}  seed {args.seed}  final loss (mean of last 100 steps) "
+          f"{final:.4f}  train time {result.seconds:.0f} s  -> {args.out} "
+          f"({args.out.stat().st_size:,} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
