@@ -1,13 +1,14 @@
-"""Simulator: runs compressed_comm workloads in one process and reports traffic and quality.
+"""Simulator: parallel diffusion inference on N virtual ranks in one process.
 
-It holds N virtual ranks in one process (:mod:`simulator.inprocess`) and, for now, the
-codec demo (``python -m simulator``): a drifting activation sent through one residual
-stream per codec. Imports the core (and, later, the adapters); the core never imports
-this package.
+``python -m simulator`` (see :mod:`simulator.cli`) runs a diffusers transformer -- by
+default the embedded digits model (:mod:`simulator.digits`) -- on one device and on N
+virtual ranks (:mod:`simulator.inprocess`) with raw, DistriFusion-style and compressed
+K/V exchange, and reports traffic, quality (:mod:`simulator.metrics`) and estimated step
+time on real interconnects (:mod:`simulator.network`); ``--what-if`` estimates real models
+(:mod:`simulator.whatif`). ``python -m simulator.codec_demo`` compares the codecs on one
+drifting activation. Imports the core and the adapters; neither imports this package.
 """
 
-from .codec_demo import CodecResult, DriftingActivation, run_codec_demo
 from .inprocess import Fabric, InProcessTransport, run_ranks
 
-__all__ = ["CodecResult", "DriftingActivation", "run_codec_demo", "Fabric",
-           "InProcessTransport", "run_ranks"]
+__all__ = ["Fabric", "InProcessTransport", "run_ranks"]

@@ -1,7 +1,7 @@
-"""``python -m simulator``: the codec demo (see :mod:`simulator.codec_demo`)."""
+"""``python -m simulator``: see :mod:`simulator.cli`."""
 
 import sys
 
-from .codec_demo import main
+from .cli import main
 
 sys.exit(main())

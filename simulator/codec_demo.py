@@ -140,7 +140,7 @@ def format_table(results: list[CodecResult], raw_bytes: int) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m simulator",
+        prog="python -m simulator.codec_demo",
         description="Encode a drifting activation over denoising steps with each codec and "
                     "print wire bytes, compression ratio and relative error.")
     p.add_argument("--shape", type=int, nargs=2, default=(4096, 3072), metavar=("N", "C"))
@@ -180,3 +180,7 @@ def main(argv: list[str] | None = None) -> int:
               f"residual order {args.order}, {args.warmup} warmup step(s)")
         print(format_table(results, raw))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

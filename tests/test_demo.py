@@ -1,4 +1,4 @@
-"""The codec demo (``python -m simulator``) and the ratios the project promises."""
+"""The codec demo (``python -m simulator.codec_demo``) and the ratios the project promises."""
 
 import json
 import subprocess
@@ -47,7 +47,7 @@ def test_demo_json_reports_every_codec(capsys):
 
 
 def test_cli_table_and_bad_codec():
-    cmd = [sys.executable, "-m", "simulator", "--shape", "32", "24", "--steps", "3",
+    cmd = [sys.executable, "-m", "simulator.codec_demo", "--shape", "32", "24", "--steps", "3",
            "--codecs", "binary,int4"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

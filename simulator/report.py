@@ -1,0 +1,113 @@
+"""Results of a simulation: one row per method, as a table, a dict (JSON) and two PNGs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .metrics import Quality
+
+__all__ = ["Row", "SimulationReport"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One method's numbers."""
+
+    method: str
+    bytes_per_step: float          # all ranks, mean over steps
+    ratio: float                   # raw bytes / this method's bytes
+    quality: Quality               # against the exact parallel (raw) run
+    step_ms: dict[str, float]      # estimated mean step time per link preset
+    comm_ms: dict[str, float]      # of which communication not hidden behind compute
+    wall_s: float                  # this simulation's wall time for the method
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "bytes_per_step": self.bytes_per_step,
+                "ratio": self.ratio, **self.quality.to_dict(),
+                "step_ms": dict(self.step_ms), "exposed_comm_ms": dict(self.comm_ms),
+                "wall_s": self.wall_s}
+
+
+@dataclass
+class SimulationReport:
+    """Everything ``python -m simulator`` prints and writes."""
+
+    setup: dict
+    rows: list[Row]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"setup": self.setup, "results": [r.to_dict() for r in self.rows],
+                "notes": list(self.notes)}
+
+    def table(self) -> str:
+        links = list(self.rows[0].step_ms) if self.rows else []
+        head = (f"{'method':<14} {'wire MB/step':>12} {'ratio':>7} {'PSNR dB':>8} {'SSIM':>7} "
+                f"{'rel.L2':>8}" + "".join(f" {'step ms ' + k + ' (comm)':>24}" for k in links))
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            psnr = "inf" if math.isinf(r.quality.psnr_db) else f"{r.quality.psnr_db:.1f}"
+            lines.append(f"{r.method:<14} {r.bytes_per_step / 1e6:>12.3f} {r.ratio:>6.1f}x "
+                         f"{psnr:>8} {r.quality.ssim:>7.4f} {r.quality.rel_l2:>8.1e}"
+                         + "".join(f" {r.step_ms[k]:>14.2f} ({r.comm_ms[k]:>7.2f})"
+                                   for k in links))
+        return "\n".join(lines)
+
+    def write_images(self, out: Path, reference: torch.Tensor, exact: torch.Tensor,
+                     images: dict[str, torch.Tensor], max_rows: int = 8) -> Path:
+        """A grid: rows are samples; columns single device, exact parallel, each method."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        columns = {"single device": reference, "raw (exact parallel)": exact, **images}
+        rows = min(max_rows, reference.shape[0])
+        fig, axes = plt.subplots(rows, len(columns), squeeze=False,
+                                 figsize=(1.3 * len(columns), 1.3 * rows + 0.4))
+        for c, (name, imgs) in enumerate(columns.items()):
+            for r in range(rows):
+                ax = axes[r][c]
+                img = imgs[r].clamp(0, 1).numpy()
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img,
+                          cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+            axes[0][c].set_title(name, fontsize=7)
+        fig.tight_layout()
+        path = out / "images.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def write_plot(self, out: Path) -> Path:
+        """Quality (PSNR vs the exact parallel run) against wire bytes per step."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        finite = [r for r in self.rows if not math.isinf(r.quality.psnr_db)]
+        for r in finite:
+            ax.scatter(r.bytes_per_step, r.quality.psnr_db)
+            ax.annotate(r.method, (r.bytes_per_step, r.quality.psnr_db), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+        raw = next((r for r in self.rows if r.method == "raw"), None)
+        if raw is not None:
+            ax.axvline(raw.bytes_per_step, color="grey", linestyle="--", linewidth=1)
+            ax.annotate("raw (exact)", (raw.bytes_per_step, ax.get_ylim()[0]), fontsize=8,
+                        rotation=90, xytext=(-10, 10), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("wire bytes per denoising step (all ranks)")
+        ax.set_ylabel("PSNR vs exact parallel output (dB)")
+        ax.set_title(f"{self.setup.get('model')}: {self.setup.get('ranks')} ranks, "
+                     f"{self.setup.get('parallelism')}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        path = out / "quality_vs_bytes.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path

@@ -1,0 +1,199 @@
+"""Run a workload on one device and on N virtual ranks with each method; measure everything.
+
+A *method* is one way to exchange K/V: ``raw`` (exact parallel), ``distrifusion``
+(one-step-stale K/V, patch parallelism only), a codec spec (residual compression, e.g.
+``binary``) or ``<codec>+async`` (both). Each parallel run uses N threads, each with its
+own copy of the model (see :mod:`adapters.dit`), over an in-process transport; every rank
+counts the bytes and messages it sends in every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from adapters.dit import ParallelConfig, parallelize
+from compressed_comm import CompressionConfig, SessionStats
+
+from .inprocess import run_ranks
+from .network import Link, estimate_step
+from .workloads import Workload, sample
+
+__all__ = ["Method", "make_methods", "Reference", "RunResult", "run_reference", "run_method",
+           "estimate_memory", "check_memory", "available_memory", "step_seconds"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named parallel configuration."""
+
+    name: str
+    config: ParallelConfig
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.config.asynchronous
+
+
+def make_methods(parallelism: str, codecs: list[str], *, warmup: int = 1,
+                 timeout: float = 120.0, distrifusion: bool = True) -> list[Method]:
+    """``raw``, ``distrifusion`` (patch only) and one method per codec spec."""
+    methods = [Method("raw", ParallelConfig(parallelism, timeout=timeout))]
+    if distrifusion and parallelism == "patch":
+        methods.append(Method("distrifusion", ParallelConfig(
+            "patch", asynchronous=True, warmup=warmup, timeout=timeout)))
+    for spec in codecs:
+        asynchronous = spec.endswith("+async")
+        codec = spec[: -len("+async")] if asynchronous else spec
+        if asynchronous and parallelism != "patch":
+            raise ValueError(f"method {spec!r}: +async needs patch parallelism, not "
+                             f"{parallelism!r}")
+        compression = CompressionConfig(codec=codec, warmup_steps=warmup)
+        methods.append(Method(spec, ParallelConfig(parallelism, compression, asynchronous,
+                                                   warmup, timeout)))
+    return methods
+
+
+@dataclass
+class Reference:
+    """The exact single-device run."""
+
+    latents: torch.Tensor
+    images: torch.Tensor
+    step_seconds: float   # median wall time of one forward of the full model, this machine
+
+
+@dataclass
+class RunResult:
+    """One method's parallel run."""
+
+    method: Method
+    latents: torch.Tensor
+    images: torch.Tensor
+    bytes_per_step: list[list[int]]      # [rank][step] bytes sent
+    messages_per_step: list[list[int]]   # [rank][step] messages sent
+    wall_seconds: float
+    stats: SessionStats | None = None    # rank 0's compressed streams
+    references_bytes: int = 0            # rank 0's residual-state memory
+
+    @property
+    def steps(self) -> int:
+        return len(self.bytes_per_step[0])
+
+    @property
+    def total_bytes_per_step(self) -> float:
+        """Bytes all ranks send per step, averaged over the run."""
+        return sum(map(sum, self.bytes_per_step)) / self.steps
+
+    def bottleneck(self, step: int) -> tuple[int, int]:
+        """(bytes, messages) of the rank that sends most in ``step``."""
+        return max((b[step], m[step]) for b, m in zip(self.bytes_per_step,
+                                                       self.messages_per_step))
+
+
+def run_reference(workload: Workload, steps: int) -> Reference:
+    """Sample on one device with the unmodified model, timing each forward."""
+    times: list[float] = []
+
+    def timed(model, x, t):
+        t0 = time.perf_counter()
+        out = workload.forward(model, x, t)
+        times.append(time.perf_counter() - t0)
+        return out
+    ref_workload = copy.copy(workload)
+    ref_workload.forward = timed
+    latents = sample(ref_workload, workload.model, steps)
+    return Reference(latents, workload.to_images(latents), sorted(times)[len(times) // 2])
+
+
+def run_method(workload: Workload, method: Method, world: int, steps: int, *,
+               on_step: Callable[[], None] | None = None, timeout: float = 600.0) -> RunResult:
+    """Sample with ``method`` on ``world`` virtual ranks; rank 0's latents are returned
+    (every rank ends with the same full latents)."""
+
+    def body(transport):
+        torch.set_num_threads(1)
+        model = copy.deepcopy(workload.model)
+        par = parallelize(model, transport, method.config)
+        sent_bytes, sent_msgs = [], []
+
+        def forward(m, x, t):
+            b0, m0 = par.exchange.bytes_sent, par.exchange.messages_sent
+            out = workload.forward(m, x, t)
+            sent_bytes.append(par.exchange.bytes_sent - b0)
+            sent_msgs.append(par.exchange.messages_sent - m0)
+            if on_step is not None and transport.rank == 0:
+                on_step()
+            return out
+        run_workload = copy.copy(workload)
+        run_workload.forward = forward
+        latents = sample(run_workload, model, steps)
+        par.finish()
+        stats = par.stats()
+        return latents, sent_bytes, sent_msgs, stats
+
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    try:
+        results = run_ranks(world, body, timeout=timeout)
+    finally:
+        torch.set_num_threads(threads)
+    wall = time.perf_counter() - t0
+    latents, _, _, stats = results[0]
+    for r, (other, *_rest) in enumerate(results[1:], start=1):
+        if not torch.equal(other, latents):
+            raise AssertionError(f"{method.name}: rank {r} ended with other latents than rank 0")
+    return RunResult(method, latents, workload.to_images(latents),
+                     [r[1] for r in results], [r[2] for r in results], wall, stats,
+                     stats.reference_bytes if stats is not None else 0)
+
+
+def step_seconds(result: RunResult, compute_s: float, link: Link) -> tuple[float, float]:
+    """Estimated mean (step time, exposed communication) on ``link``, in seconds.
+
+    Per step the busiest rank's traffic costs ``messages * latency + bytes / bandwidth``;
+    asynchronous methods hide it behind compute after their synchronous warmup steps.
+    """
+    step_total = exposed_total = 0.0
+    for step in range(result.steps):
+        nbytes, messages = result.bottleneck(step)
+        comm = messages * link.latency + nbytes / link.bandwidth
+        overlap = result.method.asynchronous and step >= result.method.config.warmup
+        estimate = estimate_step(compute_s, comm, overlap)
+        step_total += estimate.step_s
+        exposed_total += estimate.exposed_comm_s
+    return step_total / result.steps, exposed_total / result.steps
+
+
+def estimate_memory(workload: Workload, world: int, steps: int) -> int:
+    """Bytes a run is expected to need at its peak: one model copy per virtual rank, the
+    sampler's latents, and per rank the K/V references of every origin (an upper bound
+    based on the model's hidden size and token count)."""
+    params = workload.parameter_bytes()
+    latents = workload.noise.numel() * 4 * 4
+    cfg = workload.model.config
+    hidden = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
+    layers = sum(1 for n, _ in workload.model.named_modules() if n.endswith(("attn", "attn1")))
+    tokens = workload.noise[0].numel()  # an upper bound on image tokens per sample
+    kv = 2 * layers * workload.noise.shape[0] * tokens * hidden * 4
+    return world * (params + 2 * kv) + latents
+
+
+def available_memory() -> int:
+    """Physical memory currently available to this process, in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_memory(needed: int, available: int | None = None) -> None:
+    """Raise MemoryError before a run that would not fit."""
+    available = available_memory() if available is None else available
+    if needed > available:
+        raise MemoryError(f"this run needs about {needed / 2**30:.1f} GiB but only "
+                          f"{available / 2**30:.1f} GiB are available; use fewer ranks, a "
+                          "smaller batch or the what-if mode")
+

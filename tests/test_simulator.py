@@ -1,0 +1,76 @@
+"""The simulator CLI (``python -m simulator``): JSON fields, files, bad input, what-if."""
+
+import json
+
+import pytest
+
+from simulator.cli import main
+from simulator.run import check_memory
+
+
+def run_json(capsys, *args):
+    assert main([*args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_output_of_a_short_run(capsys, tmp_path):
+    out = run_json(capsys, "--model", "sd3", "--ranks", "2", "--steps", "3", "--codecs",
+                   "binary,int4+async", "--out", str(tmp_path))
+    setup = out["setup"]
+    for key in ("model", "ranks", "parallelism", "steps", "batch", "compute_ms_per_step",
+                "exact_parallel_vs_single_device_max_abs", "links"):
+        assert key in setup
+    assert setup["exact_parallel_vs_single_device_max_abs"] < 1e-4
+    rows = {r["method"]: r for r in out["results"]}
+    assert list(rows) == ["raw", "distrifusion", "binary", "int4+async"]
+    for r in rows.values():
+        assert set(r) == {"method", "bytes_per_step", "ratio", "psnr_db", "ssim", "rel_l2",
+                          "step_ms", "exposed_comm_ms", "wall_s"}
+        assert set(r["step_ms"]) == set(r["exposed_comm_ms"]) == {"pcie4", "10gbe"}
+    raw = rows["raw"]
+    assert raw["ratio"] == 1.0 and raw["psnr_db"] is None and raw["rel_l2"] == 0.0
+    assert rows["binary"]["ratio"] > 2 and 0 < rows["binary"]["rel_l2"] < 0.05
+    # on the slow link, compression makes the step faster than the raw exchange
+    assert rows["binary"]["step_ms"]["10gbe"] < raw["step_ms"]["10gbe"]
+    assert rows["binary"]["exposed_comm_ms"]["10gbe"] < 0.8 * raw["exposed_comm_ms"]["10gbe"]
+    # DistriFusion moves as many bytes as raw but hides them behind compute
+    assert rows["distrifusion"]["bytes_per_step"] == raw["bytes_per_step"]
+    assert rows["distrifusion"]["step_ms"]["10gbe"] < raw["step_ms"]["10gbe"]
+    for name in ("images.png", "quality_vs_bytes.png", "results.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "results.json").read_text()) == out
+
+
+def test_ring_and_ulysses_runs(capsys, tmp_path):
+    for parallelism in ("ring", "ulysses"):
+        out = run_json(capsys, "--model", "pixart", "--ranks", "2", "--steps", "2",
+                       "--parallelism", parallelism, "--codecs", "int2", "--out", str(tmp_path))
+        assert [r["method"] for r in out["results"]] == ["raw", "int2"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "sdxl"], "unknown model 'sdxl'; expected one of digits, sd3, flux"),
+    (["--codecs", "int3"], "unknown codec 'int3'"),
+    (["--links", "5g"], "5g"),
+    (["--parallelism", "tensor"], "unknown parallelism 'tensor'; expected one of patch, ring"),
+    (["--model", "sd3", "--parallelism", "ulysses", "--ranks", "3"], "head count (4)"),
+    (["--model", "sd3", "--parallelism", "ring", "--codecs", "binary+async"], "+async needs patch"),
+    (["--what-if", "sora"], "sora"),
+])
+def test_bad_input_exits_with_the_valid_choices(args, message, tmp_path):
+    with pytest.raises(SystemExit) as err:
+        main([*args, "--steps", "1", "--out", str(tmp_path)])
+    assert message in str(err.value)
+
+
+def test_memory_check_refuses_a_run_that_would_not_fit():
+    check_memory(10, available=20)
+    with pytest.raises(MemoryError, match="needs about .* GiB but only .* GiB are available"):
+        check_memory(30 * 2**30, available=2**30)
+
+
+def test_what_if_mode(capsys):
+    out = run_json(capsys, "--what-if", "flux.1-dev", "--gpu", "l20", "--links", "pcie-host",
+                   "--codecs", "binary,lowrank:8")
+    text = json.dumps(out)
+    assert "distrifusion" in text and "lowrank:8" in text
