@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Mapping
 
 __all__ = [
     "Link",
@@ -207,7 +207,8 @@ GPUS: Mapping[str, GPU] = _gpus(
 COLLECTIVES = ("all_gather", "ring", "all_to_all", "p2p")
 
 
-def _lookup(table: Mapping[str, object], name: str, what: str):
+def choose(table: Mapping[str, Any], name: str, what: str) -> Any:
+    """``table[name]`` (case-insensitive); ``ValueError`` listing the choices if unknown."""
     key = name.strip().lower() if isinstance(name, str) else name
     try:
         return table[key]
@@ -217,12 +218,12 @@ def _lookup(table: Mapping[str, object], name: str, what: str):
 
 def get_link(name: str) -> Link:
     """The :data:`LINKS` preset ``name``; ``ValueError`` listing the choices if unknown."""
-    return _lookup(LINKS, name, "link")
+    return choose(LINKS, name, "link")
 
 
 def get_gpu(name: str) -> GPU:
     """The :data:`GPUS` preset ``name``; ``ValueError`` listing the choices if unknown."""
-    return _lookup(GPUS, name, "GPU")
+    return choose(GPUS, name, "GPU")
 
 
 def collective_seconds(kind: str, message_bytes: float, world: int, link: Link) -> float:

@@ -22,7 +22,8 @@ import torch
 
 from compressed_comm import get_codec
 
-from .network import GPU, Link, StepEstimate, collective_seconds, estimate_step, get_gpu, get_link
+from .network import (GPU, Link, StepEstimate, choose, collective_seconds, estimate_step, get_gpu,
+                      get_link)
 
 __all__ = [
     "ModelSpec",
@@ -152,17 +153,9 @@ MODEL_SPECS: Mapping[str, ModelSpec] = MappingProxyType({
 })
 
 
-def _choose(table: Mapping[str, Any], name: str, what: str) -> Any:
-    key = name.strip().lower() if isinstance(name, str) else name
-    try:
-        return table[key]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(table)}") from None
-
-
 def get_model(name: str) -> ModelSpec:
     """The :data:`MODEL_SPECS` preset ``name``; ``ValueError`` listing the choices if unknown."""
-    return _choose(MODEL_SPECS, name, "model")
+    return choose(MODEL_SPECS, name, "model")
 
 
 def _check_world(model: ModelSpec, world: int) -> None:
@@ -235,7 +228,7 @@ def step_traffic(model: ModelSpec, world: int, parallelism: str) -> Traffic:
 
     Text tokens are replicated and never sent; the CFG batch multiplies the rows.
     """
-    collective = _choose(PARALLELISMS, parallelism, "parallelism")
+    collective = choose(PARALLELISMS, parallelism, "parallelism")
     parallelism = parallelism.strip().lower()
     _check_world(model, world)
     rows = model.batch * local_image_tokens(model, world)

@@ -38,6 +38,19 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, s, h * d)
 
 
+def _qkv(attn: Any, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projected, head-split and q/k-normalised (B, H, S, D) queries, keys and values."""
+    b = states.shape[0]
+    q = _heads(attn.to_q(states), b, attn.heads)
+    k = _heads(attn.to_k(states), b, attn.heads)
+    v = _heads(attn.to_v(states), b, attn.heads)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    return q, k, v
+
+
 class _Processor:
     """Common state: the layer's name (its stream prefix) and the rank's attention."""
 
@@ -93,13 +106,7 @@ class JointProcessor(_Processor):
                  attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         _no_mask(self.layer, attention_mask)
         b = hidden_states.shape[0]
-        q = _heads(attn.to_q(hidden_states), b, attn.heads)
-        k = _heads(attn.to_k(hidden_states), b, attn.heads)
-        v = _heads(attn.to_v(hidden_states), b, attn.heads)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _qkv(attn, hidden_states)
         text = None
         if encoder_hidden_states is not None:
             eq = _heads(attn.add_q_proj(encoder_hidden_states), b, attn.heads)
@@ -135,14 +142,7 @@ class SelfProcessor(_Processor):
             raise ValueError(f"{self.layer}: spatial/group norms and 4-D inputs are not "
                              "supported by the parallel processor")
         residual = hidden_states
-        b = hidden_states.shape[0]
-        q = _heads(attn.to_q(hidden_states), b, attn.heads)
-        k = _heads(attn.to_k(hidden_states), b, attn.heads)
-        v = _heads(attn.to_v(hidden_states), b, attn.heads)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _qkv(attn, hidden_states)
         image, _ = self.attend(self.layer, q, k, v, None)
         out = attn.to_out[1](attn.to_out[0](_flat(image).to(q.dtype)))
         if attn.residual_connection:
@@ -159,15 +159,7 @@ class CogVideoXProcessor(_Processor):
                  image_rotary_emb: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         _no_mask(self.layer, attention_mask)
         t = encoder_hidden_states.size(1)
-        states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        b = states.shape[0]
-        q = _heads(attn.to_q(states), b, attn.heads)
-        k = _heads(attn.to_k(states), b, attn.heads)
-        v = _heads(attn.to_v(states), b, attn.heads)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _qkv(attn, torch.cat([encoder_hidden_states, hidden_states], dim=1))
         if image_rotary_emb is not None:
             q[:, :, t:] = _rotary(q[:, :, t:], image_rotary_emb, 2)
             if not attn.is_cross_attention:
