@@ -125,8 +125,11 @@ def test_packed_nbytes(numel, bits, want):
 # --------------------------------------------------------------------------- dispatch
 
 
-def test_get_kernels_cpu_is_torch():
-    k = get_kernels("cpu")
+def test_dispatch_picks_numba_on_cpu_and_torch_when_pinned(monkeypatch):
+    monkeypatch.delenv(KERNELS_ENV, raising=False)
+    assert get_kernels("cpu").name == "numba"
+    assert get_kernels(torch.device("cpu"), "auto").name == "numba"
+    k = get_kernels("cpu", "torch")
     assert k.name == "torch"
     assert k.pack_bits is torch_pack_bits
     assert k.unpack_bits is torch_unpack_bits
@@ -134,9 +137,16 @@ def test_get_kernels_cpu_is_torch():
     assert k.unpack_uint is torch_unpack_uint
     assert k.binary_encode is torch_ref.torch_binary_encode
     assert k.minmax_decode is torch_ref.torch_minmax_decode
-    assert get_kernels(torch.device("cpu")).name == "torch"
-    assert get_kernels("cpu", "torch").name == "torch"
-    assert get_kernels("cpu", "auto").name == "torch"
+    monkeypatch.setenv(KERNELS_ENV, "numba")
+    assert get_kernels("cpu").name == "numba"
+
+
+def test_pinned_implementation_that_cannot_run_falls_back_to_the_reference(caplog):
+    # CuPy kernels take CUDA tensors; numba kernels take CPU tensors
+    with caplog.at_level("WARNING", logger="compressed_comm.kernels"):
+        assert get_kernels("cpu", "cupy").name == "torch"
+        assert get_kernels("meta", "numba").name == "torch"
+    assert get_kernels("meta").name == "torch"
 
 
 def test_get_kernels_unknown_impl():

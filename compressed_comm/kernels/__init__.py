@@ -2,16 +2,23 @@
 
 Codecs never call an implementation directly; they ask :func:`get_kernels` for a
 :class:`Kernels` bundle and call its members, whose signatures and semantics are those of
-the torch reference in :mod:`compressed_comm.kernels.torch_ref`. Fast implementations
-(numba on CPU, CuPy on GPU) plug in here without touching the codecs.
+the torch reference in :mod:`compressed_comm.kernels.torch_ref`:
+
+* ``torch`` -- the reference (the specification; any device);
+* ``numba`` -- fused CPU kernels (:mod:`compressed_comm.kernels.numba_cpu`);
+* ``cupy`` -- fused CUDA kernels (:mod:`compressed_comm.kernels.cupy_gpu`).
 
 The implementation is picked, in order, by the ``impl`` argument (from
 ``CompressionConfig.kernels``), the ``COMPRESSED_COMM_KERNELS`` environment variable, or
-``"auto"`` (the best implementation available for the tensor's device).
+``"auto"``: numba for CPU tensors, CuPy for CUDA tensors when CuPy and a driver are present
+(otherwise the torch reference, with one log line).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -21,10 +28,13 @@ import torch
 from . import torch_ref
 from .torch_ref import packed_nbytes
 
-__all__ = ["Kernels", "KERNELS_ENV", "IMPLEMENTATIONS", "get_kernels", "packed_nbytes"]
+__all__ = ["Kernels", "KERNELS_ENV", "IMPLEMENTATIONS", "get_kernels", "packed_nbytes",
+           "available_implementations"]
+
+logger = logging.getLogger(__name__)
 
 KERNELS_ENV = "COMPRESSED_COMM_KERNELS"
-IMPLEMENTATIONS: tuple[str, ...] = ("torch",)
+IMPLEMENTATIONS: tuple[str, ...] = ("torch", "numba", "cupy")
 
 
 @dataclass(frozen=True)
@@ -72,8 +82,54 @@ def resolve_impl(impl: str | None = None) -> str:
     return name
 
 
+@functools.cache
+def _cupy_unavailable() -> str | None:
+    """Why the CuPy kernels cannot run here (None if they can); probed once per process."""
+    try:
+        from .cupy_gpu import probe
+    except ImportError as e:  # pragma: no cover - import of our own module
+        return str(e)
+    reason = probe()
+    if reason is not None:
+        logger.info("compressed_comm: CuPy kernels unavailable (%s); CUDA tensors use the torch "
+                    "reference kernels", reason)
+    return reason
+
+
+def available_implementations(device: torch.device | str) -> tuple[str, ...]:
+    """The implementations that can run on ``device`` here."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return ("torch", "numba")
+    if device.type == "cuda" and _cupy_unavailable() is None:
+        return ("torch", "cupy")
+    return ("torch",)
+
+
+@functools.cache
+def _fallback(name: str, device_type: str, reason: str) -> None:
+    logger.warning("compressed_comm: %s kernels cannot run on %s tensors (%s); using the torch "
+                   "reference kernels", name, device_type, reason)
+
+
 def get_kernels(device: torch.device | str, impl: str | None = None) -> Kernels:
-    """The kernels to run on ``device``: ``impl`` if given, else the environment, else auto."""
-    resolve_impl(impl)
-    # Only the torch reference exists so far; it runs on every device.
+    """The kernels to run on ``device``: ``impl`` if given, else the environment, else auto.
+
+    An implementation that cannot run on ``device`` (numba on CUDA, CuPy on CPU or without a
+    CUDA driver) falls back to the torch reference with one log line.
+    """
+    name = resolve_impl(impl)
+    device = torch.device(device)
+    if name == "auto":
+        name = "numba" if device.type == "cpu" else "cupy"
+    if name == "numba":
+        if device.type == "cpu":
+            return importlib.import_module(".numba_cpu", __name__).NUMBA_KERNELS
+        _fallback(name, device.type, "numba kernels take CPU tensors")
+    elif name == "cupy":
+        reason = "CuPy kernels take CUDA tensors" if device.type != "cuda" else _cupy_unavailable()
+        if reason is None:
+            return importlib.import_module(".cupy_gpu", __name__).CUPY_KERNELS
+        if impl is not None or os.environ.get(KERNELS_ENV):
+            _fallback(name, device.type, reason)
     return TORCH_KERNELS
