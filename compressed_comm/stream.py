@@ -199,10 +199,7 @@ class StreamEncoder(_Stream):
         payload = codec.emit(as_2d(x), self.shape, None if pred is None else as_2d(pred),
                              as_2d(target), header, self._codec_state)
         if self.track_error:
-            xf = x.float()
-            tiny = torch.finfo(torch.float32).tiny
-            self._err = (torch.linalg.vector_norm(xf - target.float())
-                         / torch.linalg.vector_norm(xf).clamp_min(tiny))
+            self._err = self.codec.kernels(x.device).error_norms(x, target)
         if not self.closed_loop:
             target.copy_(x)
         self._wire_bytes += payload.numel()
@@ -218,7 +215,8 @@ class StreamEncoder(_Stream):
                 f"{self.device}; got shape {tuple(x.shape)}, dtype {x.dtype} on {x.device}"
             )
         if self.check_finite:
-            check_finite(x, f"{self.what}: input at step {self._step}")
+            check_finite(x, f"{self.what}: input at step {self._step}",
+                         self.codec.kernels(x.device))
 
     def _last_error(self) -> float | None:
         return None if self._err is None else float(self._err)

@@ -193,3 +193,18 @@ def test_stateless_codecs_use_the_fast_path_by_default_and_agree():
         fast, slow = get_codec(spec), get_codec(spec, kernels="torch")
         assert fast.kernels(x.device).name == "numba"
         assert torch.equal(fast.encode(x), slow.encode(x))
+
+
+@pytest.mark.parametrize("impl, device", FAST)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+def test_finiteness_and_error_statistics_match_the_reference(impl, device, dtype, bad):
+    x, ref = data((9, 21), dtype, device, seed=5)
+    if bad is not None:
+        x[4, 7] = bad
+    fast, slow = get_kernels(device, impl), get_kernels(device, "torch")
+    assert fast.all_finite(x) is slow.all_finite(x) is (bad is None)
+    if bad is None:
+        torch.testing.assert_close(fast.error_norms(x, ref).cpu(), slow.error_norms(x, ref).cpu(),
+                                   rtol=1e-5, atol=0)
+    assert fast.all_finite(x[:0]) and fast.all_finite(x.t()) is (bad is None)  # empty, strided

@@ -27,9 +27,10 @@ def _nc(shape: tuple[int, ...]) -> tuple[int, int]:
     return math.prod(shape[:-1]), shape[-1]
 
 
-def check_finite(x: torch.Tensor, what: str) -> None:
+def check_finite(x: torch.Tensor, what: str, kernels: Kernels | None = None) -> None:
     """Raise :class:`NonFiniteError` if ``x`` holds NaN or Inf (synchronises on CUDA)."""
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    finite = kernels.all_finite(x) if kernels is not None else bool(torch.isfinite(x).all())
+    if x.numel() and not finite:
         nan = int(torch.isnan(x).sum())
         inf = int(torch.isinf(x).sum())
         raise NonFiniteError(
@@ -123,7 +124,7 @@ class Codec(ABC):
             raise TypeError(f"{self.spec}: encode expects a torch.Tensor, got {type(x).__name__}")
         check_dtype(x.dtype, f"{self.spec}: input")
         if check:
-            check_finite(x, f"{self.spec}: input")
+            check_finite(x, f"{self.spec}: input", self.kernels(x.device))
         return self.emit(as_2d(x), tuple(x.shape), None, None, self.header(tuple(x.shape), x.dtype))
 
     def decode(self, payload: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

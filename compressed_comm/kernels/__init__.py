@@ -42,6 +42,8 @@ class Kernels:
     """The hot-path functions of one implementation (see ``torch_ref`` for semantics)."""
 
     name: str
+    all_finite: Callable[[torch.Tensor], bool]
+    error_norms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     pack_bits: Callable[..., None]
     unpack_bits: Callable[..., torch.Tensor]
     pack_uint: Callable[..., None]
@@ -56,6 +58,8 @@ class Kernels:
 
 TORCH_KERNELS = Kernels(
     name="torch",
+    all_finite=torch_ref.torch_all_finite,
+    error_norms=torch_ref.torch_error_norms,
     pack_bits=torch_ref.torch_pack_bits,
     unpack_bits=torch_ref.torch_unpack_bits,
     pack_uint=torch_ref.torch_pack_uint,

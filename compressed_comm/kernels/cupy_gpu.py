@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from .torch_ref import torch_pack_bits, torch_pack_uint, torch_unpack_bits, torch_unpack_uint
+from .torch_ref import (torch_all_finite, torch_error_norms, torch_pack_bits, torch_pack_uint,
+                        torch_unpack_bits, torch_unpack_uint)
 
 __all__ = ["probe", "source", "CUPY_KERNELS", "TILE", "OPTIONS", "KernelCompileError"]
 
@@ -178,9 +179,10 @@ def cupy_absmax_decode(codes, amax, bits: int, pred, out) -> None:
 
 def _cupy_kernels() -> Any:
     from . import Kernels
-    # bit packing and top-k indices are small, rare operations: the reference runs them
+    # statistics, bit packing and top-k indices run as torch ops (one pass each, on the GPU)
     return Kernels(
-        name="cupy", pack_bits=torch_pack_bits, unpack_bits=torch_unpack_bits,
+        name="cupy", all_finite=torch_all_finite, error_norms=torch_error_norms,
+        pack_bits=torch_pack_bits, unpack_bits=torch_unpack_bits,
         pack_uint=torch_pack_uint, unpack_uint=torch_unpack_uint,
         binary_encode=cupy_binary_encode, binary_decode=cupy_binary_decode,
         minmax_encode=cupy_minmax_encode, minmax_decode=cupy_minmax_decode,

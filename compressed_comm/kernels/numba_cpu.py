@@ -22,7 +22,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 __all__ = [
-    "numba_pack_bits", "numba_unpack_bits", "numba_pack_uint", "numba_unpack_uint",
+    "numba_all_finite", "numba_error_norms", "numba_pack_bits", "numba_unpack_bits", "numba_pack_uint", "numba_unpack_uint",
     "numba_binary_encode", "numba_binary_decode", "numba_minmax_encode", "numba_minmax_decode",
     "numba_absmax_encode", "numba_absmax_decode",
 ]
@@ -126,6 +126,15 @@ def _store_impl(out, r, j, v):
     return None
 
 
+_ROUND_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
+
+
+@njit(inline="always")
+def _rint(v):
+    # round half to even for |v| < 2**22 (codes are at most 255), vectorisable unlike rint
+    return (v + _ROUND_MAGIC) - _ROUND_MAGIC
+
+
 def _blocks(n: int) -> int:
     return max(1, min(n, 4 * numba.get_num_threads()))
 
@@ -207,6 +216,39 @@ def _unpack_uint(packed, width, out):
 
 
 # --------------------------------------------------------------------------- reductions
+
+
+@njit(cache=True, parallel=True)
+def _count_non_finite(x, lut):
+    n, c = x.shape
+    bad = 0
+    for r in prange(n):
+        row_bad = 0
+        for j in range(c):
+            v = _load(x[r, j], lut)
+            row_bad += (v - v) != 0  # NaN and Inf give NaN
+        bad += row_bad
+    return bad
+
+
+@njit(cache=True, parallel=True, fastmath={"reassoc"})
+def _square_sums(x, ref, lut):
+    n, c = x.shape
+    err = 0.0
+    tot = 0.0
+    for r in prange(n):
+        e = 0.0
+        t = 0.0
+        for j in range(c):
+            xv = _load(x[r, j], lut)
+            d = np.float64(xv - _load(ref[r, j], lut))
+            e += d * d
+            t += np.float64(xv) * np.float64(xv)
+        err += e
+        tot += t
+    return err, tot
+
+
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc"})
@@ -305,22 +347,24 @@ def _minmax_rows(x, pred, ref, codes, bits, lo, span, qmax, lut):
     n, c = x.shape
     per = 8 // bits
     for r in prange(n):
+        q_row = np.empty(c, dtype=np.uint8)
+        for j in range(c):  # quantise the row (vectorises), then pack it
+            pv = _load(pred[r, j], lut)
+            d = _load(x[r, j], lut) - pv
+            sp = span[j]
+            q = np.float32(0.0)
+            if sp > 0:
+                q = _rint((d - lo[j]) / sp * qmax)
+                if q < 0:
+                    q = np.float32(0.0)
+                elif q > qmax:
+                    q = qmax
+            q_row[j] = np.uint8(q)
+            _store(ref, r, j, pv + (lo[j] + (q / qmax) * sp))
         for jb in range(codes.shape[1]):
             byte = np.uint8(0)
             for k in range(per):
-                j = jb * per + k
-                pv = _load(pred[r, j], lut)
-                d = _load(x[r, j], lut) - pv
-                sp = span[j]
-                q = np.float32(0.0)
-                if sp > 0:
-                    q = np.rint((d - lo[j]) / sp * qmax)
-                    if q < 0:
-                        q = np.float32(0.0)
-                    elif q > qmax:
-                        q = qmax
-                byte |= np.uint8(q) << np.uint8(k * bits)
-                _store(ref, r, j, pv + (lo[j] + (q / qmax) * sp))
+                byte |= q_row[jb * per + k] << np.uint8(k * bits)
             codes[r, jb] = byte
 
 
@@ -347,7 +391,7 @@ def _absmax_rows(x, pred, ref, codes, amax, qmax, lut):
             d = _load(x[r, j], lut) - pv
             am = amax[j]
             safe = am if am > 0 else np.float32(1.0)
-            q = np.rint(d / safe * qmax)
+            q = _rint(d / safe * qmax)
             if q < -qmax:
                 q = -qmax
             elif q > qmax:
@@ -412,6 +456,23 @@ def _pred_out(pred: torch.Tensor | None, out: torch.Tensor) -> tuple[np.ndarray,
 
 
 # --------------------------------------------------------------------------- public kernels
+
+
+def _as2(t: torch.Tensor) -> np.ndarray:
+    a = _np(t)
+    return a.reshape(-1, a.shape[-1]) if a.ndim >= 2 else a.reshape(1, -1)
+
+
+def numba_all_finite(x: torch.Tensor) -> bool:
+    return x.numel() == 0 or _count_non_finite(_as2(x.contiguous()), _HALF_TO_FLOAT) == 0
+
+
+def numba_error_norms(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32)
+    err, tot = _square_sums(_as2(x.contiguous()), _as2(ref.contiguous()), _HALF_TO_FLOAT)
+    tiny = float(np.finfo(np.float32).tiny)
+    return torch.tensor(np.sqrt(err) / max(np.sqrt(tot), tiny), dtype=torch.float32)
 
 
 def numba_pack_bits(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
@@ -514,7 +575,8 @@ def numba_kernels():
     """The :class:`~compressed_comm.kernels.Kernels` bundle of this module."""
     from . import Kernels
     return Kernels(
-        name="numba", pack_bits=numba_pack_bits, unpack_bits=numba_unpack_bits,
+        name="numba", all_finite=numba_all_finite, error_norms=numba_error_norms,
+        pack_bits=numba_pack_bits, unpack_bits=numba_unpack_bits,
         pack_uint=numba_pack_uint, unpack_uint=numba_unpack_uint,
         binary_encode=numba_binary_encode, binary_decode=numba_binary_decode,
         minmax_encode=numba_minmax_encode, minmax_decode=numba_minmax_decode,

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "torch_all_finite",
+    "torch_error_norms",
     "torch_pack_bits",
     "torch_unpack_bits",
     "torch_pack_uint",
@@ -109,6 +111,22 @@ def write_reconstruction(out: torch.Tensor, pred: torch.Tensor | None, dhat: tor
     if pred is not None:
         dhat.add_(pred)
     out.copy_(dhat.clamp_(-big, big))
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def torch_all_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds no NaN and no Inf (synchronises on CUDA)."""
+    return bool(torch.isfinite(x).all())
+
+
+def torch_error_norms(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``||x - ref||_2 / ||x||_2`` as a 0-d float32 tensor (``||x||`` floored at the
+    smallest normal float32), without synchronising."""
+    xf = x.float()
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.linalg.vector_norm(xf - ref.float()) / torch.linalg.vector_norm(xf).clamp_min(tiny)
 
 
 # --------------------------------------------------------------------------- binary
