@@ -232,6 +232,16 @@ class _GroupBase:
         except CommError as e:
             raise type(e)(f"rank {self.rank}: {what}: {e}") from e
 
+    def _send_bytes(self, data: torch.Tensor, dst: int, stream: str) -> Handle[None]:
+        """Start sending the uint8 buffer ``data`` to ``dst``; it stays alive until done."""
+        what = f"send of stream {stream!r} to rank {dst}"
+        work = self._start(what, self.transport.isend, data, dst)
+        self._sent(data.numel(), 1)
+
+        def finish(timeout: float, data: torch.Tensor = data) -> None:
+            self._wait(work, timeout, what)
+        return Handle(finish, self.timeout)
+
     def _sent(self, nbytes: int, messages: int) -> None:
         self.bytes_sent += nbytes
         self.messages_sent += messages
@@ -297,15 +307,7 @@ class CompressedGroup(_GroupBase):
         """Start sending ``x`` to ``dst`` on ``stream``."""
         self._check_peer(dst, "destination")
         name = f"p2p:{stream}->{dst}"
-        payload = self.session.encoder(name, x).encode(x)
-        what = f"send of stream {stream!r} to rank {dst}"
-        work = self._start(what, self.transport.isend, payload, dst)
-        self._sent(payload.numel(), 1)
-
-        def finish(timeout: float, payload: torch.Tensor = payload) -> None:
-            # (payload is bound here so the buffer lives until the send completes)
-            self._wait(work, timeout, what)
-        return Handle(finish, self.timeout)
+        return self._send_bytes(self.session.encoder(name, x).encode(x), dst, stream)
 
     def irecv(self, like: torch.Tensor, src: int, *, stream: str) -> Handle[torch.Tensor]:
         """Start receiving a tensor shaped like ``like`` from ``src`` on ``stream``."""
@@ -461,14 +463,7 @@ class RawGroup(_GroupBase):
 
     def isend(self, x: torch.Tensor, dst: int, *, stream: str) -> Handle[None]:
         self._check_peer(dst, "destination")
-        data = _as_bytes(x)
-        what = f"send of stream {stream!r} to rank {dst}"
-        work = self._start(what, self.transport.isend, data, dst)
-        self._sent(data.numel(), 1)
-
-        def finish(timeout: float, data: torch.Tensor = data) -> None:
-            self._wait(work, timeout, what)
-        return Handle(finish, self.timeout)
+        return self._send_bytes(_as_bytes(x), dst, stream)
 
     def irecv(self, like: torch.Tensor, src: int, *, stream: str) -> Handle[torch.Tensor]:
         self._check_peer(src, "source")

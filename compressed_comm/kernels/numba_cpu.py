@@ -96,32 +96,26 @@ def _store(out, r, j, v):
     """``out[r, j] = v`` saturated to the dtype's finite range and rounded to it."""
 
 
+@njit(inline="always")
+def _saturate(v, big):
+    # NaN passes through (both comparisons are false)
+    return big if v > big else (-big if v < -big else v)
+
+
 @overload(_store)
 def _store_impl(out, r, j, v):
     dt = out.dtype
     if isinstance(dt, types.Float):
         def impl(out, r, j, v):
-            if v > _FP32_MAX:
-                v = _FP32_MAX
-            elif v < -_FP32_MAX:
-                v = -_FP32_MAX
-            out[r, j] = v
+            out[r, j] = _saturate(v, _FP32_MAX)
         return impl
     if dt == types.uint16:
         def impl(out, r, j, v):
-            if v > _FP16_MAX:
-                v = _FP16_MAX
-            elif v < -_FP16_MAX:
-                v = -_FP16_MAX
-            out[r, j] = _f32_to_f16_bits(v)
+            out[r, j] = _f32_to_f16_bits(_saturate(v, _FP16_MAX))
         return impl
     if dt == types.int16:
         def impl(out, r, j, v):
-            if v > _BF16_MAX:
-                v = _BF16_MAX
-            elif v < -_BF16_MAX:
-                v = -_BF16_MAX
-            out[r, j] = _f32_to_bf16_bits(v)
+            out[r, j] = _f32_to_bf16_bits(_saturate(v, _BF16_MAX))
         return impl
     return None
 
