@@ -55,3 +55,28 @@ def test_compile_failure_names_the_source_and_quotes_the_compiler(monkeypatch):
             cupy_gpu._kernel("binary_pack", torch.float32)
     finally:
         cupy_gpu._module.cache_clear()
+
+
+def test_cupy_without_a_driver_is_reported(monkeypatch):
+    class CUDARuntimeError(Exception):
+        pass
+
+    def no_driver():
+        raise CUDARuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=no_driver)))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    reason = cupy_gpu.probe()
+    assert reason.startswith("CuPy cannot reach the CUDA driver (CUDARuntimeError")
+
+
+def test_a_pinned_implementation_that_cannot_run_logs_once(caplog):
+    from compressed_comm import kernels
+    kernels._fallback.cache_clear()
+    with caplog.at_level("WARNING", logger="compressed_comm.kernels"):
+        for _ in range(3):
+            assert get_kernels("cpu", "cupy").name == "torch"
+    lines = [r for r in caplog.records if "cupy kernels cannot run on cpu" in r.getMessage()]
+    assert len(lines) == 1
