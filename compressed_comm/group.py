@@ -232,6 +232,36 @@ class _GroupBase:
         except CommError as e:
             raise type(e)(f"rank {self.rank}: {what}: {e}") from e
 
+    def _ring_hops(self, x: torch.Tensor, packet: torch.Tensor, stream: str,
+                   buffer_for: Callable[[int], torch.Tensor],
+                   decode: Callable[[int, torch.Tensor], torch.Tensor]
+                   ) -> Iterator[tuple[int, torch.Tensor]]:
+        """The hops of a ring pass of this rank's byte ``packet``: yields ``(rank, x)``, then
+        ``(origin, decode(origin, bytes))`` per hop while the next hop is in flight; every
+        received packet is forwarded unchanged."""
+        nxt, prv = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+
+        def post(packet: torch.Tensor, hop: int) -> tuple[int, torch.Tensor, list[Work]]:
+            origin = (self.rank - hop) % self.world_size
+            buf = buffer_for(origin)
+            works = self._start(
+                f"ring pass of stream {stream!r}, hop {hop} (block of rank {origin})",
+                self.transport.batch_isend_irecv,
+                [P2POp("send", packet, nxt), P2POp("recv", buf, prv)])
+            self._sent(packet.numel(), 1)
+            return origin, buf, works
+
+        pending = post(packet, 1)
+        yield self.rank, x
+        for hop in range(1, self.world_size):
+            origin, buf, works = pending
+            for w in works:
+                self._wait(w, self.timeout, f"ring pass of stream {stream!r}, hop {hop} "
+                           f"(block of rank {origin}, from rank {prv} to rank {nxt})")
+            if hop < self.world_size - 1:
+                pending = post(buf, hop + 1)  # forward unchanged while decoding
+            yield origin, decode(origin, buf)
+
     def _send_bytes(self, data: torch.Tensor, dst: int, stream: str) -> Handle[None]:
         """Start sending the uint8 buffer ``data`` to ``dst``; it stays alive until done."""
         what = f"send of stream {stream!r} to rank {dst}"
@@ -379,28 +409,10 @@ class CompressedGroup(_GroupBase):
             h.wait()
         decs = self._decoders(name, x, shapes)
         payload = self.session.encoder(name, x).encode(x)
-        nxt, prv = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
-
-        def post(packet: torch.Tensor, hop: int) -> tuple[int, torch.Tensor, list[Work]]:
-            origin = (self.rank - hop) % self.world_size
-            buf = self._buffer(decs[origin].payload_nbytes(), x.device)
-            works = self._start(
-                f"ring pass of stream {stream!r}, hop {hop} (block of rank {origin})",
-                self.transport.batch_isend_irecv,
-                [P2POp("send", packet, nxt), P2POp("recv", buf, prv)])
-            self._sent(packet.numel(), 1)
-            return origin, buf, works
-
-        pending = post(payload, 1)
-        yield self.rank, x
-        for hop in range(1, self.world_size):
-            origin, buf, works = pending
-            for w in works:
-                self._wait(w, self.timeout, f"ring pass of stream {stream!r}, hop {hop} "
-                           f"(block of rank {origin}, from rank {prv} to rank {nxt})")
-            if hop < self.world_size - 1:
-                pending = post(buf, hop + 1)  # forward unchanged while decoding
-            yield origin, decs[origin].decode(buf)
+        yield from self._ring_hops(
+            x, payload, stream,
+            buffer_for=lambda o: self._buffer(decs[o].payload_nbytes(), x.device),
+            decode=lambda o, buf: decs[o].decode(buf))
 
     def all_to_all_async(self, x: torch.Tensor, *, stream: str,
                          input_split_sizes: Sequence[int] | None = None,
@@ -507,28 +519,10 @@ class RawGroup(_GroupBase):
         if self.world_size == 1:
             yield self.rank, x
             return
-        nxt, prv = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
-
-        def post(packet: torch.Tensor, hop: int) -> tuple[int, torch.Tensor, list[Work]]:
-            origin = (self.rank - hop) % self.world_size
-            buf = torch.empty(shapes[origin], dtype=x.dtype, device=x.device)
-            works = self._start(
-                f"ring pass of stream {stream!r}, hop {hop} (block of rank {origin})",
-                self.transport.batch_isend_irecv,
-                [P2POp("send", _as_bytes(packet), nxt), P2POp("recv", _as_bytes(buf), prv)])
-            self._sent(packet.nbytes, 1)
-            return origin, buf, works
-
-        pending = post(x, 1)
-        yield self.rank, x
-        for hop in range(1, self.world_size):
-            origin, buf, works = pending
-            for w in works:
-                self._wait(w, self.timeout, f"ring pass of stream {stream!r}, hop {hop} "
-                           f"(block of rank {origin}, from rank {prv} to rank {nxt})")
-            if hop < self.world_size - 1:
-                pending = post(buf, hop + 1)
-            yield origin, buf
+        yield from self._ring_hops(
+            x, _as_bytes(x), stream,
+            buffer_for=lambda o: self._buffer(math.prod(shapes[o]) * x.element_size(), x.device),
+            decode=lambda o, buf: buf.view(x.dtype).view(shapes[o]))
 
     def all_to_all_async(self, x: torch.Tensor, *, stream: str,
                          input_split_sizes: Sequence[int] | None = None,

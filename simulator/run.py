@@ -79,7 +79,6 @@ class RunResult:
     messages_per_step: list[list[int]]   # [rank][step] messages sent
     wall_seconds: float
     stats: SessionStats | None = None    # rank 0's compressed streams
-    references_bytes: int = 0            # rank 0's residual-state memory
 
     @property
     def steps(self) -> int:
@@ -149,8 +148,7 @@ def run_method(workload: Workload, method: Method, world: int, steps: int, *,
         if not torch.equal(other, latents):
             raise AssertionError(f"{method.name}: rank {r} ended with other latents than rank 0")
     return RunResult(method, latents, workload.to_images(latents),
-                     [r[1] for r in results], [r[2] for r in results], wall, stats,
-                     stats.reference_bytes if stats is not None else 0)
+                     [r[1] for r in results], [r[2] for r in results], wall, stats)
 
 
 def step_seconds(result: RunResult, compute_s: float, link: Link) -> tuple[float, float]:

@@ -27,10 +27,9 @@ def _nc(shape: tuple[int, ...]) -> tuple[int, int]:
     return math.prod(shape[:-1]), shape[-1]
 
 
-def check_finite(x: torch.Tensor, what: str, kernels: Kernels | None = None) -> None:
+def check_finite(x: torch.Tensor, what: str, kernels: Kernels) -> None:
     """Raise :class:`NonFiniteError` if ``x`` holds NaN or Inf (synchronises on CUDA)."""
-    finite = kernels.all_finite(x) if kernels is not None else bool(torch.isfinite(x).all())
-    if x.numel() and not finite:
+    if x.numel() and not kernels.all_finite(x):
         nan = int(torch.isnan(x).sum())
         inf = int(torch.isinf(x).sum())
         raise NonFiniteError(
