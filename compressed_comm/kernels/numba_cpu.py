@@ -11,13 +11,24 @@ float16 and bfloat16 have no numba type: their tensors are passed as ``uint16`` 
 and ``int16`` (bfloat16) bit patterns, decoded with an exact lookup table (float16) or a
 shift (bfloat16), and encoded with round-to-nearest-even like torch. Compiled on first use
 and cached on disk (``cache=True``).
+
+Unless ``NUMBA_NUM_THREADS`` is set, numba gets as many threads as torch
+(``torch.get_num_threads()``, which follows ``OMP_NUM_THREADS``): numba's OpenMP workers
+spin between kernels, so one process per rank (torchrun) with a worker per core each
+starves the other ranks -- 4-20x slower on 2 cores. This only takes effect if numba is
+first imported here.
 """
 
 from __future__ import annotations
 
-import numba
+import os
+
 import numpy as np
 import torch
+
+os.environ.setdefault("NUMBA_NUM_THREADS", str(torch.get_num_threads()))
+
+import numba  # after the thread count is set
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
