@@ -1,8 +1,11 @@
-"""Adapters: bindings of compressed_comm to diffusers DiTs (and, later, xDiT).
+"""Adapters: bindings of compressed_comm to diffusers DiTs and to xDiT.
 
 * :mod:`adapters.dit` -- patch-parallel (sync or DistriFusion-style), ring and Ulysses
   attention for diffusers' Flux, SD3, PixArt and CogVideoX transformers, with raw or
   residual-compressed K/V exchange.
+* :mod:`adapters.xdit` -- ``enable_compression(pipe, config)``: an unmodified xDiT's
+  Ulysses all-to-all, ring attention (torch's and yunchang's) and PipeFusion transfers,
+  residual-compressed.
 
 Imports the core; diffusers, xfuser and yunchang are imported lazily inside the functions
 that need them, so ``import adapters`` works without them.

@@ -1,0 +1,316 @@
+"""``enable_compression``: residual compression of an unmodified xDiT's communication."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Sequence
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from compressed_comm import CompressedGroup, CompressionConfig, SessionStats, TorchDistTransport
+from compressed_comm.group import DEFAULT_TIMEOUT, Handle
+
+from ..dit import ParallelConfig, parallelize
+from .hooks import INSTALLERS
+from .points import HOOK_POINTS, HookPointError, Patch, load_module
+
+__all__ = ["XDiTCompression", "enable_compression"]
+
+log = logging.getLogger(__name__)
+
+
+class XDiTCompression:
+    """The compression bound to one xDiT pipeline; created by :func:`enable_compression`.
+
+    * :meth:`disable` -- put every hook point and hook back (idempotent);
+    * :meth:`stats` -- traffic of every stream of the current generation, all groups;
+    * :meth:`new_session` / :meth:`step` -- generation and step boundaries, for code that
+      drives a bare transformer (a pipeline's own calls mark both automatically).
+
+    Streams are named ``[cfg<r>/]<layer>.<kind><n>``: the attention module running
+    (from forward pre-hooks), the kind of transfer (``a2a``, ``kv``, ``ring``) and its
+    index among such transfers of that layer in this step. PipeFusion streams are named
+    ``pipefusion.<name>[<patch>]``.
+    """
+
+    def __init__(self, config: CompressionConfig, timeout: float, prefix: str) -> None:
+        self.config = config
+        self.timeout = timeout
+        self.points: tuple[str, ...] = ()
+        self._prefix = prefix
+        self._groups: dict[int, tuple[Any, CompressedGroup]] = {}
+        self._patches: list[Patch] = []
+        self._hooks: list[Any] = []
+        self._restore: list[tuple[Any, str, Any]] = []
+        self._layer: ContextVar[str] = ContextVar("layer", default="")
+        self._counts: dict[tuple[str, str], int] = {}
+        self._steps = 0
+        self._calls = 0
+        self._patch: Any = None
+        self._sends: list[Handle[None]] = []
+        self.enabled = False
+
+    def __repr__(self) -> str:
+        state = "enabled" if self.enabled else "disabled"
+        return (f"XDiTCompression({state}, codec={self.config.codec!r}, "
+                f"points={list(self.points)}, groups={len(self._groups)})")
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def groups(self) -> list[CompressedGroup]:
+        """The compressed groups created so far (one per process group used)."""
+        return [g for _, g in self._groups.values()]
+
+    @property
+    def steps(self) -> int:
+        """Step boundaries passed in the current generation: transformer calls after the
+        first, plus :meth:`step` calls."""
+        return self._steps
+
+    @property
+    def patch_parallel(self) -> Any:
+        """The :class:`~adapters.dit.DiTParallel` of patch parallelism, if enabled."""
+        return self._patch
+
+    def stats(self) -> SessionStats:
+        """Per-stream traffic and accuracy of the current generation, over all groups."""
+        streams = [s for g in self.groups for s in g.stats().streams]
+        patch = self._patch.stats() if self._patch is not None else None
+        return SessionStats(tuple(streams + list(patch.streams if patch else ())))
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes this rank sent through the compressed exchanges in this generation."""
+        own = sum(g.bytes_sent for g in self.groups)
+        return own + (self._patch.exchange.bytes_sent if self._patch is not None else 0)
+
+    def step(self) -> None:
+        """Mark a step boundary (done by the transformer's forward pre-hook)."""
+        self._counts.clear()
+        self._steps += 1
+        for g in self.groups:
+            g.step()
+
+    def new_session(self) -> None:
+        """Start a new generation: drop all residual state (every rank together)."""
+        self._counts.clear()
+        self._steps = self._calls = 0
+        sends, self._sends = self._sends, []
+        for h in sends:
+            h.wait()
+        for g in self.groups:
+            g.new_session()
+        if self._patch is not None:
+            self._patch.new_generation()
+
+    def disable(self) -> None:
+        """Restore the original hook points, scheduler and hooks; safe to call twice."""
+        for patch in reversed(self._patches):
+            patch.revert()
+        for h in self._hooks:
+            h.remove()
+        for obj, attr, value in reversed(self._restore):
+            if value is None:
+                obj.__dict__.pop(attr, None)
+            else:
+                setattr(obj, attr, value)
+        if self._patch is not None:
+            self._patch.remove()
+            self._patch = None
+        self._patches, self._hooks, self._restore, self._sends = [], [], [], []
+        self.enabled = False
+
+    # ------------------------------------------------------------------ for the hooks
+
+    def group_for(self, pg: dist.ProcessGroup | None) -> CompressedGroup:
+        """The compressed group over process group ``pg`` (None: the default group)."""
+        if pg is None:
+            pg = dist.group.WORLD
+        entry = self._groups.get(id(pg))
+        if entry is None or entry[0] is not pg:
+            group = CompressedGroup(TorchDistTransport(pg), self.config, timeout=self.timeout)
+            entry = self._groups[id(pg)] = (pg, group)
+        return entry[1]
+
+    def keep_until_session_end(self, send: Handle[None]) -> None:
+        """Hold a fire-and-forget send (PipeFusion's ``pipeline_isend``) until the next
+        session starts, so its buffer outlives the transfer on every backend."""
+        self._sends.append(send)
+
+    def stream_name(self, kind: str) -> str:
+        """The next stream name of ``kind`` for the attention layer now running."""
+        layer = self._layer.get() or "model"
+        n = self._counts.get((layer, kind), 0)
+        self._counts[(layer, kind)] = n + 1
+        return f"{self._prefix}{layer}.{kind}{n}"
+
+    # ------------------------------------------------------------------ installation
+
+    def _install_points(self, points: Sequence[str] | str, *, optional: bool) -> None:
+        required = points != "auto"
+        names = list(HOOK_POINTS) if points == "auto" else list(points)
+        unknown = [n for n in names if n not in HOOK_POINTS]
+        if unknown:
+            raise ValueError(f"unknown hook points {unknown}; known: {', '.join(HOOK_POINTS)}")
+        bound = []
+        try:
+            for name in names:
+                module = load_module(HOOK_POINTS[name], required=required)
+                if module is None:
+                    continue
+                patches = INSTALLERS[name](self, module)
+                for p in patches:
+                    p.apply()
+                    self._patches.append(p)
+                bound.append(name)
+        except BaseException:
+            self.disable()
+            raise
+        if not names and not optional:
+            raise ValueError("points is empty and patch is None: nothing to compress")
+        if not bound and not optional:
+            raise HookPointError("no hook point could be bound: xfuser is not imported and "
+                                 "neither torch's ring nor yunchang is available")
+        self.points = tuple(bound)
+
+    def _install_model_hooks(self, transformer: torch.nn.Module | None,
+                             scheduler: Any | None) -> None:
+        if transformer is not None:
+            self._hooks.append(transformer.register_forward_pre_hook(self._begin_call))
+            for name, module in transformer.named_modules():
+                if name and "Attention" in type(module).__name__:
+                    self._hooks.append(module.register_forward_pre_hook(
+                        self._enter_layer(name)))
+                    self._hooks.append(module.register_forward_hook(
+                        self._leave_layer, always_call=True))
+        if scheduler is not None and hasattr(scheduler, "set_timesteps"):
+            original = scheduler.set_timesteps
+            # the diffusers scheduler itself, also behind xDiT's scheduler wrapper
+            scheduler = getattr(original, "__self__", scheduler)
+            self._restore.append((scheduler, "set_timesteps", scheduler.__dict__.get(
+                "set_timesteps")))
+
+            @functools.wraps(original)  # diffusers inspects its parameters (sigmas=...)
+            def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+                self.new_session()
+                return original(*args, **kwargs)
+            scheduler.set_timesteps = set_timesteps
+
+    def _begin_call(self, module: Any, args: Any) -> None:
+        if self._calls:
+            self.step()
+        self._calls += 1
+
+    def _enter_layer(self, name: str) -> Any:
+        def hook(module: Any, args: Any) -> None:
+            module.__dict__.setdefault("_compressed_comm_tokens", []).append(
+                self._layer.set(name))
+        return hook
+
+    def _leave_layer(self, module: Any, args: Any, output: Any) -> None:
+        tokens = module.__dict__.get("_compressed_comm_tokens")
+        if tokens:
+            self._layer.reset(tokens.pop())
+
+
+def _parts(target: Any) -> tuple[Any, torch.nn.Module | None, Any | None]:
+    """(pipeline or None, transformer, scheduler) of a pipeline, an xDiT wrapper or a model."""
+    pipes = [target]
+    inner = getattr(target, "module", None)  # xDiT's xFuser*Pipeline wraps the diffusers one
+    if inner is not None and not isinstance(target, torch.nn.Module):
+        pipes.append(inner)
+    for p in pipes:
+        transformer = getattr(p, "transformer", None)
+        if isinstance(transformer, torch.nn.Module):
+            return p, transformer, getattr(p, "scheduler", None)
+    if isinstance(target, torch.nn.Module):
+        return None, target, None
+    raise TypeError(f"expected a diffusers/xDiT pipeline (with a .transformer) or a "
+                    f"torch.nn.Module; got {type(target).__name__}")
+
+
+def _compiled(module: torch.nn.Module) -> bool:
+    return (type(module).__name__ == "OptimizedModule"
+            or getattr(module, "_compiled_call_impl", None) is not None)
+
+
+def _cfg_prefix() -> str:
+    """``cfg<r>/`` when xDiT runs classifier-free guidance in parallel, else ``""``."""
+    if "xfuser" not in sys.modules:
+        return ""
+    try:
+        from xfuser.core.distributed import (
+            get_classifier_free_guidance_rank,
+            get_classifier_free_guidance_world_size,
+        )
+        if get_classifier_free_guidance_world_size() > 1:
+            return f"cfg{get_classifier_free_guidance_rank()}/"
+    except AssertionError:  # xDiT's parallel state is not initialised: no CFG parallelism
+        return ""
+    return ""
+
+
+def enable_compression(target: Any, config: CompressionConfig | None = None, *,
+                       points: Sequence[str] | str = "auto",
+                       patch: ParallelConfig | None = None,
+                       patch_group: dist.ProcessGroup | None = None,
+                       timeout: float = DEFAULT_TIMEOUT) -> XDiTCompression:
+    """Compress the activations an xDiT pipeline sends between ranks; returns the handle.
+
+    ``target`` is an xDiT or diffusers pipeline (its transformer and scheduler are found)
+    or a bare transformer. ``points`` names the hook points to bind
+    (:data:`~adapters.xdit.HOOK_POINTS`); ``"auto"`` binds every point whose library is
+    in use: torch's ring and yunchang's when importable, xfuser's when xfuser is imported.
+    A point whose attribute moved raises :class:`~adapters.xdit.HookPointError` naming it
+    and the versions known to work.
+
+    ``patch`` adds patch parallelism, which xDiT does not have, through
+    :func:`adapters.dit.parallelize` over ``patch_group`` (default: the world group), e.g.
+    ``ParallelConfig("patch", compression=config, asynchronous=True)`` for compressed
+    DistriFusion-style exchange; run xDiT itself without sequence or pipeline parallelism
+    then.
+
+    Call it on every rank, after the pipeline is built and before generating. Each call of
+    the transformer is one step and each ``scheduler.set_timesteps`` (the start of every
+    generation, xDiT's ``prepare_run`` warm-up included) starts a new session.
+
+    * Enabling twice without :meth:`~XDiTCompression.disable` raises ``HookPointError``.
+    * A transformer already compiled (``torch.compile``) is refused, since compiled graphs
+      may have traced the original collectives; compile *after* enabling instead: the
+      hook points then run eagerly (one graph break each).
+    """
+    config = config or CompressionConfig()
+    if not isinstance(config, CompressionConfig):
+        raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive seconds, got {timeout}")
+    _pipe, transformer, scheduler = _parts(target)
+    if transformer is not None and _compiled(transformer):
+        raise RuntimeError(
+            f"{type(transformer).__name__} is already compiled with torch.compile, whose "
+            "graphs may have traced the uncompressed collectives; enable compression first, "
+            "then compile")
+    if patch is not None and not isinstance(patch, ParallelConfig):
+        raise TypeError(f"patch must be an adapters.dit.ParallelConfig, got "
+                        f"{type(patch).__name__}")
+    handle = XDiTCompression(config, float(timeout), _cfg_prefix())
+    handle._install_points(points, optional=patch is not None)
+    try:
+        if patch is not None:
+            if transformer is None:
+                raise TypeError("patch parallelism needs a pipeline or transformer")
+            handle._patch = parallelize(transformer, TorchDistTransport(patch_group), patch)
+        handle._install_model_hooks(transformer, scheduler)
+    except BaseException:
+        handle.disable()
+        raise
+    handle.enabled = True
+    log.info("compressed_comm: xDiT hook points %s bound (codec %s)", handle.points,
+             config.codec)
+    return handle

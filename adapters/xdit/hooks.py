@@ -1,0 +1,379 @@
+"""The compressing replacements for each hook point (see :mod:`adapters.xdit.points`).
+
+Every replacement takes its :class:`~compressed_comm.CompressedGroup` from the handle by the
+process group the original call would have used, names its stream from the attention layer
+being run (``<layer>.<kind><n>``: the n-th such call of that layer in this step) and falls
+back to the original code for what it cannot compress: other dtypes, tensors that need
+gradients, shapes that do not split, payloads below ``min_bytes``. The fallback is the same
+decision on every rank, since every rank runs the same program on the same shapes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .points import HOOK_POINTS, Patch, make_patch, resolve_owner
+
+if TYPE_CHECKING:
+    from compressed_comm import CompressedGroup
+
+    from .compression import XDiTCompression
+
+__all__ = ["INSTALLERS"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` eagerly under torch.compile (a graph break), never traced into a graph."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
+def compressible(x: torch.Tensor) -> bool:
+    """Whether ``x`` can travel compressed (float dtype, no autograd)."""
+    return x.dtype in _FLOATS and not (x.requires_grad and torch.is_grad_enabled())
+
+
+# ---------------------------------------------------------------------- Ulysses all-to-all
+
+def install_ulysses(handle: XDiTCompression, module: Any) -> list[Patch]:
+    """``usp._sdpa_all_to_all_single(x)``: an equal all-to-all of ``x``'s flat bytes over
+    the Ulysses group; compressed as an all-to-all along dim 0 (one stream per chunk)."""
+    owner = resolve_owner(HOOK_POINTS["ulysses"], module)
+
+    def build(original: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
+        @_eager
+        def _sdpa_all_to_all_single(x: torch.Tensor) -> torch.Tensor:
+            pg = owner.PROCESS_GROUP.ULYSSES_PG
+            group = handle.group_for(pg)
+            if x.dim() == 0 or not compressible(x) or x.shape[0] % group.world_size:
+                return original(x)
+            return group.all_to_all(x.contiguous(), stream=handle.stream_name("a2a"))
+        return _sdpa_all_to_all_single
+
+    return [make_patch(owner, "_sdpa_all_to_all_single", handle, build)]
+
+
+# ---------------------------------------------------------------------- torch's ring
+
+class CompressedRotater:
+    """torch's ``_RingRotater`` interface over a compressed all-gather or ring pass.
+
+    ``exchange_buffers`` receives this rank's flat ``K||V`` (first call) and the block it
+    just got (later calls: nothing to do, packets are forwarded unchanged by the ring);
+    ``next_buffer`` returns the next origin's flat ``K||V``, rank-1 first.
+    """
+
+    def __init__(self, group: CompressedGroup, stream: str, use_ring: bool,
+                 head_dim: int) -> None:
+        self._group = group
+        self._stream = stream
+        self._use_ring = use_ring
+        self._head_dim = head_dim
+        self._calls = 0
+        self._blocks: Any = None
+        self._hops: Iterator[tuple[int, torch.Tensor]] | None = None
+
+    def exchange_buffers(self, curr_buffer: torch.Tensor) -> None:
+        self._calls += 1
+        if self._calls > 1:
+            return
+        x = curr_buffer.contiguous().view(-1, self._head_dim)
+        if self._use_ring:
+            self._hops = self._group.ring_iter(x, stream=self._stream)
+            next(self._hops)  # this rank's own block; posts the first hop
+        else:
+            self._blocks = self._group.all_gather_async(x, stream=self._stream)
+
+    def next_buffer(self) -> torch.Tensor:
+        if self._hops is not None:
+            _, block = next(self._hops)
+            return block.reshape(-1)
+        if self._blocks is None:
+            raise RuntimeError(f"ring stream {self._stream!r}: next_buffer() before "
+                               "exchange_buffers()")
+        blocks = self._blocks.wait()
+        origin = (self._group.rank - self._calls) % self._group.world_size
+        return blocks[origin].reshape(-1)
+
+
+def install_torch_ring(handle: XDiTCompression, module: Any) -> list[Patch]:
+    """torch's ``_templated_ring_attention`` creates a rotater per call with
+    ``_create_rotater(group, seq_dim)``; the forward K||V rotater becomes compressed."""
+    point = HOOK_POINTS["torch_ring"]
+    owner = resolve_owner(point, module)
+    # the K shape of the ring attention being run, set by the wrapped entry point
+    kv_shape: ContextVar[tuple[int, ...] | None] = ContextVar("kv_shape", default=None)
+    method_enum = owner._RotateMethod
+
+    def build_rotater(original: Callable[..., Any]) -> Callable[..., Any]:
+        @_eager
+        def _create_rotater(pg: Any, seq_dim: int, method: Any = None) -> Any:
+            shape = kv_shape.get()
+            kv_shape.set(None)
+            chosen = owner._cp_options.rotate_method
+            if (method is not None or shape is None
+                    or chosen not in (method_enum.ALL_GATHER, method_enum.ALL_TO_ALL)):
+                # explicit methods are the backward pass's gradient rotaters
+                return original(pg, seq_dim, method)
+            group = handle.group_for(pg)
+            return CompressedRotater(group, handle.stream_name("kv"),
+                                     chosen == method_enum.ALL_TO_ALL, shape[-1])
+        return _create_rotater
+
+    def build_entry(original: Callable[..., Any]) -> Callable[..., Any]:
+        def _templated_ring_attention(group: Any, seq_dim: int, op: Any, query: torch.Tensor,
+                                      key: torch.Tensor, value: torch.Tensor, *args: Any,
+                                      **kwargs: Any) -> Any:
+            same = key.shape == value.shape and key.dtype == value.dtype and key.dim() > 0
+            token = kv_shape.set(tuple(key.shape) if same and compressible(key) else None)
+            try:
+                return original(group, seq_dim, op, query, key, value, *args, **kwargs)
+            finally:
+                kv_shape.reset(token)
+        return _templated_ring_attention
+
+    patches = [make_patch(owner, "_create_rotater", handle, build_rotater)]
+    entry = make_patch(owner, "_templated_ring_attention", handle, build_entry)
+    patches.append(entry)
+    # modules that imported the entry point by name (torch's re-export, xfuser's usp)
+    for mod in list(sys.modules.values()):
+        if mod is not owner and getattr(mod, "_templated_ring_attention", None) is entry.original:
+            patches.append(Patch(mod, "_templated_ring_attention", entry.original,
+                                 entry.replacement))
+    return patches
+
+
+# ---------------------------------------------------------------------- yunchang's ring
+
+class _Slot:
+    """One tensor this rank put on the ring: its hops and the buffer of the latest hop."""
+
+    __slots__ = ("hops", "res")
+
+    def __init__(self, hops: Iterator[tuple[int, torch.Tensor]], res: torch.Tensor) -> None:
+        self.hops = hops
+        self.res = res
+
+
+class RingCommState:
+    """The compressed side of one ``yunchang.ring.utils.RingComm``.
+
+    yunchang's loop sends this rank's K and V on the first round, then forwards what it
+    received. A tensor sent on the first round starts a compressed ring pass; a tensor that
+    is the buffer returned for one of them is a forward, which the ring pass does itself
+    (packets travel unchanged and are decoded once here). Anything else goes through the
+    original (uncompressed) code.
+    """
+
+    def __init__(self, group: CompressedGroup, handle: XDiTCompression) -> None:
+        self.group = group
+        self.handle = handle
+        self.slots: list[_Slot] = []
+        self.pending: list[_Slot] = []
+        self.rounds = 0
+        self.committed = False
+
+    def send_recv(self, comm: Any, original: Callable[..., torch.Tensor], to_send: torch.Tensor,
+                  recv_tensor: torch.Tensor | None) -> torch.Tensor:
+        for slot in self.slots:
+            if to_send is slot.res and slot not in self.pending:
+                res = torch.empty_like(to_send) if recv_tensor is None else recv_tensor
+                slot.res = res
+                self.pending.append(slot)
+                return res
+        if self.rounds == 0 and to_send.dim() > 0 and compressible(to_send):
+            res = torch.empty_like(to_send) if recv_tensor is None else recv_tensor
+            x = to_send.contiguous()
+            hops = self.group.ring_iter(x.view(-1, x.shape[-1]),
+                                        stream=self.handle.stream_name("ring"))
+            next(hops)  # own block; posts the first hop
+            slot = _Slot(hops, res)
+            self.slots.append(slot)
+            self.pending.append(slot)
+            return res
+        return original(comm, to_send, recv_tensor)
+
+    def commit(self, comm: Any, original: Callable[[Any], None]) -> None:
+        if self.committed:
+            raise RuntimeError("commit called twice")
+        self.committed = True
+        if comm._ops:
+            original(comm)
+
+    def wait(self, comm: Any, original: Callable[[Any], None]) -> None:
+        if not self.committed:
+            raise RuntimeError("wait called before commit")
+        if comm._reqs is not None:
+            original(comm)
+        for slot in self.pending:
+            try:
+                _, block = next(slot.hops)
+            except StopIteration:
+                raise RuntimeError(
+                    f"rank {self.group.rank}: a K/V block was forwarded more than "
+                    f"{self.group.world_size - 1} times around a ring of "
+                    f"{self.group.world_size}") from None
+            slot.res.copy_(block.view(slot.res.shape))
+        self.pending = []
+        self.rounds += 1
+        self.committed = False
+        comm._ops = []
+
+
+def install_yunchang_ring(handle: XDiTCompression, module: Any) -> list[Patch]:
+    """``RingComm.send_recv/commit/wait`` (class methods, so every importer is covered)."""
+    owner = resolve_owner(HOOK_POINTS["yunchang_ring"], module)
+    attr = "_compressed_comm_state"
+
+    def state(comm: Any) -> RingCommState | None:
+        st = comm.__dict__.get(attr)
+        if st is None and not comm.__dict__.get(attr + "_off"):
+            if comm.world_size < 2:
+                comm.__dict__[attr + "_off"] = True
+                return None
+            st = comm.__dict__[attr] = RingCommState(handle.group_for(comm._process_group),
+                                                     handle)
+        return st
+
+    def build_send_recv(original: Callable[..., torch.Tensor]) -> Callable[..., Any]:
+        @_eager
+        def send_recv(self: Any, to_send: torch.Tensor,
+                      recv_tensor: torch.Tensor | None = None) -> torch.Tensor:
+            st = state(self)
+            if st is None:
+                return original(self, to_send, recv_tensor)
+            return st.send_recv(self, original, to_send, recv_tensor)
+        return send_recv
+
+    def build_commit(original: Callable[[Any], None]) -> Callable[..., Any]:
+        @_eager
+        def commit(self: Any) -> None:
+            st = state(self)
+            return original(self) if st is None else st.commit(self, original)
+        return commit
+
+    def build_wait(original: Callable[[Any], None]) -> Callable[..., Any]:
+        @_eager
+        def wait(self: Any) -> None:
+            st = state(self)
+            return original(self) if st is None else st.wait(self, original)
+        return wait
+
+    return [make_patch(owner, "send_recv", handle, build_send_recv),
+            make_patch(owner, "commit", handle, build_commit),
+            make_patch(owner, "wait", handle, build_wait)]
+
+
+# ---------------------------------------------------------------------- PipeFusion
+
+def install_pipefusion(handle: XDiTCompression, module: Any) -> list[Patch]:
+    """``PipelineGroupCoordinator`` patches between pipeline stages, one stream per
+    ``(name, patch index)``. The first transfer of each key still runs xDiT's shape
+    handshake; payload sizes then follow from the shape."""
+    owner = resolve_owner(HOOK_POINTS["pipefusion"], module)
+
+    def groups(coord: Any) -> tuple[CompressedGroup, CompressedGroup]:
+        """The groups xDiT sends and receives on (two directed ones for 2 stages)."""
+        if coord.world_size == 2:
+            return (handle.group_for(coord.device_groups[coord.rank_in_group % 2]),
+                    handle.group_for(coord.device_groups[(coord.rank_in_group + 1) % 2]))
+        g = handle.group_for(coord.device_group)
+        return g, g
+
+    def stream(name: str | None, idx: int) -> str:
+        return f"pipefusion.{name or 'latent'}[{idx}]"
+
+    def start_send(coord: Any, tensor: torch.Tensor, name: str, segment_idx: int) -> Any:
+        tensor = tensor.contiguous()
+        coord._check_shape_and_buffer(tensor_send_to_next=tensor, name=name,
+                                      segment_idx=segment_idx)
+        send, _ = groups(coord)
+        return send.isend(tensor, (coord.rank_in_group + 1) % coord.world_size,
+                          stream=stream(name, segment_idx))
+
+    def start_recv(coord: Any, idx: int, name: str) -> tuple[Any, torch.Tensor]:
+        name = name or "latent"
+        coord._check_shape_and_buffer(recv_prev=True, name=name, segment_idx=idx)
+        buf = coord.recv_buffer[name][idx]
+        _, recv = groups(coord)
+        h = recv.irecv(buf, (coord.rank_in_group - 1) % coord.world_size,
+                       stream=stream(name, idx))
+        return h, buf
+
+    def compress(coord: Any, tensor: torch.Tensor | None = None) -> bool:
+        dtype = tensor.dtype if tensor is not None else coord.dtype
+        return dtype in _FLOATS and coord.world_size > 1
+
+    def build_send(original: Callable[..., None]) -> Callable[..., Any]:
+        @_eager
+        def pipeline_send(self: Any, tensor: torch.Tensor, name: str = "latent",
+                          segment_idx: int = -1) -> None:
+            if not compress(self, tensor):
+                return original(self, tensor, name, segment_idx)
+            start_send(self, tensor, name, segment_idx).wait()
+        return pipeline_send
+
+    def build_isend(original: Callable[..., None]) -> Callable[..., Any]:
+        @_eager
+        def pipeline_isend(self: Any, tensor: torch.Tensor, name: str = "latent",
+                           segment_idx: int = -1) -> None:
+            if not compress(self, tensor):
+                return original(self, tensor, name, segment_idx)
+            handle.keep_until_session_end(start_send(self, tensor, name, segment_idx))
+        return pipeline_isend
+
+    def build_recv(original: Callable[..., torch.Tensor]) -> Callable[..., Any]:
+        @_eager
+        def pipeline_recv(self: Any, idx: int = -1, name: str = "latent") -> torch.Tensor:
+            if not compress(self):
+                return original(self, idx, name)
+            h, buf = start_recv(self, idx, name)
+            return buf.copy_(h.wait())
+        return pipeline_recv
+
+    def build_recv_next(original: Callable[[Any], None]) -> Callable[..., Any]:
+        @_eager
+        def recv_next(self: Any) -> None:
+            if not compress(self):
+                return original(self)
+            if not self.recv_tasks_queue:
+                raise ValueError("No more tasks to receive")
+            name, idx = self.recv_tasks_queue.pop(0)
+            h, _ = start_recv(self, idx, name)
+            self.receiving_tasks.append((h, name, idx))
+        return recv_next
+
+    def build_get(original: Callable[..., torch.Tensor]) -> Callable[..., Any]:
+        @_eager
+        def get_pipeline_recv_data(self: Any, idx: int = -1,
+                                   name: str = "latent") -> torch.Tensor:
+            if not compress(self):
+                return original(self, idx, name)
+            if not self.receiving_tasks:
+                raise RuntimeError("No tasks to receive, call add_pipeline_recv_task first")
+            h, got_name, got_idx = self.receiving_tasks.pop(0)
+            if (got_name, got_idx) != (name, idx):
+                raise RuntimeError(f"received patch {got_name}[{got_idx}] but "
+                                   f"{name}[{idx}] was requested")
+            return self.recv_buffer[name][idx].copy_(h.wait())
+        return get_pipeline_recv_data
+
+    return [make_patch(owner, "pipeline_send", handle, build_send),
+            make_patch(owner, "pipeline_isend", handle, build_isend),
+            make_patch(owner, "pipeline_recv", handle, build_recv),
+            make_patch(owner, "recv_next", handle, build_recv_next),
+            make_patch(owner, "get_pipeline_recv_data", handle, build_get)]
+
+
+INSTALLERS: dict[str, Callable[[Any, Any], list[Patch]]] = {
+    "ulysses": install_ulysses,
+    "torch_ring": install_torch_ring,
+    "yunchang_ring": install_yunchang_ring,
+    "pipefusion": install_pipefusion,
+}
