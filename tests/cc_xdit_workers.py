@@ -38,16 +38,33 @@ def drifting(shape: tuple[int, ...], seed: int, steps: int = STEPS) -> list[torc
     return [base + 0.05 * t * torch.randn(shape, generator=g) for t in range(steps)]
 
 
-def compare(name: str, raw: list, run_compressed, out: dict) -> None:
-    """Record, per codec, the max relative error vs ``raw`` and the last step's bytes."""
+def stepwise(step):
+    """A run over STEPS steps of ``step(t)``: ``run(handle or None) -> (outputs, bytes per
+    step sent through the handle)``, marking each step on the handle."""
+    def run(handle=None):
+        got, sizes = [], []
+        for t in range(STEPS):
+            before = handle.bytes_sent if handle is not None else 0
+            got.append(step(t))
+            if handle is not None:
+                sizes.append(handle.bytes_sent - before)
+                handle.step()
+        return got, sizes
+    return run
+
+
+def compare(name: str, run, out: dict) -> list:
+    """Run unpatched, then compressed per codec; record the max relative error vs the
+    unpatched outputs and the last step's bytes. Returns the unpatched outputs."""
     from adapters.xdit import enable_compression
 
+    raw, _ = run(None)
     for codec in CODECS:
         holder = torch.nn.Linear(1, 1)  # stands in for the transformer
         handle = enable_compression(holder, CompressionConfig(codec=codec),
                                     points=[name.split(":")[0]], timeout=60)
         try:
-            got, step_bytes = run_compressed(handle)
+            got, step_bytes = run(handle)
         finally:
             handle.disable()
         errs = [_rel(g, r) for g, r in zip(got, raw)]
@@ -55,6 +72,7 @@ def compare(name: str, raw: list, run_compressed, out: dict) -> None:
             "exact": all(torch.equal(g, r) for g, r in zip(got, raw)),
             "max_rel": max(errs), "first_exact": torch.equal(got[0], raw[0]),
             "last_bytes": step_bytes[-1], "streams": len(handle.stats().streams)}
+    return raw
 
 
 def check_ulysses(usp, rank: int, world: int, out: dict) -> None:
@@ -68,18 +86,8 @@ def check_ulysses(usp, rank: int, world: int, out: dict) -> None:
         heads = usp._ft_c_input_all_to_all(x)  # (b, heads/W, all tokens, d)
         return torch.cat([heads.flatten(), usp._ft_c_output_all_to_all(heads).flatten()])
 
-    raw = [roundtrip(x) for x in xs]
     out["ulysses:raw_bytes"] = 2 * xs[0].numel() * 4 * (world - 1) // world
-
-    def run(handle):
-        got, sizes = [], []
-        for x in xs:
-            before = handle.bytes_sent
-            got.append(roundtrip(x))
-            sizes.append(handle.bytes_sent - before)
-            handle.step()
-        return got, sizes
-    compare("ulysses", raw, run, out)
+    compare("ulysses", stepwise(lambda t: roundtrip(xs[t])), out)
 
 
 def _math_op(q, k, v, is_causal=False, **kwargs):
@@ -103,21 +111,10 @@ def check_torch_ring(rank: int, world: int, out: dict) -> None:
             with torch.no_grad():
                 return cp._templated_ring_attention(dist.group.WORLD, 2, _math_op,
                                                     qs[t], ks[t], vs[t])[0]
-        raw = [attend(t) for t in range(STEPS)]
+        raw = compare(f"torch_ring:{method}", stepwise(attend), out)
         # the unpatched ring equals attention over all ranks' K/V
-        k_all = torch.cat([t for t in _gather(ks[-1])], dim=2)
-        v_all = torch.cat([t for t in _gather(vs[-1])], dim=2)
+        k_all, v_all = torch.cat(_gather(ks[-1]), dim=2), torch.cat(_gather(vs[-1]), dim=2)
         out[f"torch_ring:{method}:vs_full"] = _rel(raw[-1], _math_op(qs[-1], k_all, v_all)[0])
-
-        def run(handle):
-            got, sizes = [], []
-            for t in range(STEPS):
-                before = handle.bytes_sent
-                got.append(attend(t))
-                sizes.append(handle.bytes_sent - before)
-                handle.step()
-            return got, sizes
-        compare(f"torch_ring:{method}", raw, run, out)
     cp.set_rotate_method("allgather")
 
 
@@ -151,20 +148,10 @@ def check_yunchang(rank: int, world: int, out: dict) -> None:
     def attend(t: int) -> torch.Tensor:
         with torch.no_grad():
             return attn(qs[t], ks[t], vs[t])
-    raw = [attend(t) for t in range(STEPS)]
+    raw = compare("yunchang_ring", stepwise(attend), out)
     # the unpatched ring equals attention over all ranks' K/V
     k_all, v_all = torch.cat(_gather(ks[-1]), dim=1), torch.cat(_gather(vs[-1]), dim=1)
     out["yunchang_ring:vs_full"] = _rel(raw[-1], _math_forward(qs[-1], k_all, v_all)[0])
-
-    def run(handle):
-        got, sizes = [], []
-        for t in range(STEPS):
-            before = handle.bytes_sent
-            got.append(attend(t))
-            sizes.append(handle.bytes_sent - before)
-            handle.step()
-        return got, sizes
-    compare("yunchang_ring", raw, run, out)
 
 
 def check_pipefusion(gc, rank: int, world: int, out: dict) -> None:
@@ -174,33 +161,28 @@ def check_pipefusion(gc, rank: int, world: int, out: dict) -> None:
     back = drifting((1, 16, 64), seed=90)
     out["pipefusion:raw_bytes"] = sum(p[0].numel() * 4 for p in patches)
 
-    def exchange(handle=None) -> tuple[list[torch.Tensor], list[int]]:
+    def exchange(handle=None):
         coord = gc.PipelineGroupCoordinator([list(range(world))], rank, "gloo")
         coord.set_config(torch.float32)
-        got, sizes = [], []
-        for t in range(STEPS):
-            before = handle.bytes_sent if handle is not None else 0
+
+        def step(t: int) -> torch.Tensor:
             if rank == 0:
                 for i, p in enumerate(patches):
                     coord.pipeline_isend(p[t], segment_idx=i)
-                got.append(coord.pipeline_recv(0, name="back").clone())
-            else:
-                for i in range(len(patches)):
-                    coord.add_pipeline_recv_task(i)
-                    coord.recv_next()
-                got.append(torch.cat([coord.get_pipeline_recv_data(i).clone()
-                                      for i in range(len(patches))], dim=1))
-                coord.pipeline_send(back[t], name="back", segment_idx=0)
-            sizes.append(handle.bytes_sent - before if handle is not None else 0)
-            if handle is not None:
-                handle.step()
-        return got, sizes
+                return coord.pipeline_recv(0, name="back").clone()
+            for i in range(len(patches)):
+                coord.add_pipeline_recv_task(i)
+                coord.recv_next()
+            got = torch.cat([coord.get_pipeline_recv_data(i).clone()
+                             for i in range(len(patches))], dim=1)
+            coord.pipeline_send(back[t], name="back", segment_idx=0)
+            return got
+        return stepwise(step)(handle)  # a new coordinator per run: xDiT caches shapes
 
-    raw, _ = exchange()
-    expected = ([b for b in back] if rank == 0 else
+    raw = compare("pipefusion", exchange, out)
+    expected = (back if rank == 0 else
                 [torch.cat([p[t] for p in patches], dim=1) for t in range(STEPS)])
     out["pipefusion:raw_exact"] = all(torch.equal(a, b) for a, b in zip(raw, expected))
-    compare("pipefusion", raw, exchange, out)
 
 
 def check_model_hooks(usp, rank: int, world: int, out: dict) -> None:
