@@ -89,6 +89,16 @@ def check_ulysses(usp, rank: int, world: int, out: dict) -> None:
     out["ulysses:raw_bytes"] = 2 * xs[0].numel() * 4 * (world - 1) // world
     compare("ulysses", stepwise(lambda t: roundtrip(xs[t])), out)
 
+    from adapters.xdit import enable_compression
+    packed = xs[0].reshape(world, -1)  # the GQA path's 2-D packing: sent as it is
+    want = usp._sdpa_all_to_all_single(packed)
+    handle = enable_compression(torch.nn.Linear(1, 1), points=["ulysses"])
+    try:
+        got = usp._sdpa_all_to_all_single(packed)
+        out["ulysses:packed"] = {"exact": torch.equal(got, want), "bytes": handle.bytes_sent}
+    finally:
+        handle.disable()
+
 
 def _math_op(q, k, v, is_causal=False, **kwargs):
     s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5

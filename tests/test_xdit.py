@@ -56,6 +56,11 @@ def test_identity_sends_the_raw_bytes_plus_headers(gloo_results, point):
     assert 0 < res[f"{point}:identity"]["last_bytes"] - raw <= 64 * 4
 
 
+def test_packed_gqa_all_to_all_goes_uncompressed(gloo_results):
+    for res in gloo_results:
+        assert res["ulysses:packed"] == {"exact": True, "bytes": 0}
+
+
 def test_unpatched_baselines_are_the_full_computation(gloo_results):
     for res in gloo_results:
         assert res["torch_ring:allgather:vs_full"] < 1e-5

@@ -43,7 +43,8 @@ def compressible(x: torch.Tensor) -> bool:
 
 def install_ulysses(handle: XDiTCompression, module: Any) -> list[Patch]:
     """``usp._sdpa_all_to_all_single(x)``: an equal all-to-all of ``x``'s flat bytes over
-    the Ulysses group; compressed as an all-to-all along dim 0 (one stream per chunk)."""
+    the Ulysses group; compressed as an all-to-all along dim 0 (one stream per chunk, rows
+    of ``x``'s last dim, the head dim)."""
     owner = resolve_owner(HOOK_POINTS["ulysses"], module)
 
     def build(original: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
@@ -51,7 +52,8 @@ def install_ulysses(handle: XDiTCompression, module: Any) -> list[Patch]:
         def _sdpa_all_to_all_single(x: torch.Tensor) -> torch.Tensor:
             pg = owner.PROCESS_GROUP.ULYSSES_PG
             group = handle.group_for(pg)
-            if x.dim() == 0 or not compressible(x) or x.shape[0] % group.world_size:
+            # 2-D inputs are xDiT's packed GQA exchange: rows are whole chunks, no channels
+            if x.dim() < 3 or not compressible(x) or x.shape[0] % group.world_size:
                 return original(x)
             return group.all_to_all(x.contiguous(), stream=handle.stream_name("a2a"))
         return _sdpa_all_to_all_single
