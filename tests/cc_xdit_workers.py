@@ -164,6 +164,25 @@ def check_yunchang(rank: int, world: int, out: dict) -> None:
     out["yunchang_ring:vs_full"] = _rel(raw[-1], _math_forward(qs[-1], k_all, v_all)[0])
 
 
+def check_yunchang_ulysses(rank: int, world: int, out: dict) -> None:
+    """yunchang's ``LongContextAttention`` as pure Ulysses (SeqAllToAll4D)."""
+    from yunchang import LongContextAttention, set_seq_parallel_pg
+
+    set_seq_parallel_pg(world, 1, rank, world)
+    attn = LongContextAttention(ring_impl_type="basic_pytorch")
+    qs, ks, vs = (drifting((1, 32, 4, 64), seed=s + rank) for s in (110, 120, 130))
+    out["yunchang_ulysses:raw_bytes"] = 4 * qs[0].numel() * 4 * (world - 1) // world
+
+    def attend(t: int) -> torch.Tensor:
+        with torch.no_grad():
+            return attn(qs[t], ks[t], vs[t])
+    raw = compare("yunchang_ulysses", stepwise(attend), out)
+    # the unpatched Ulysses attention equals attention over all ranks' tokens
+    q_all, k_all, v_all = (torch.cat(_gather(x[-1]), dim=1) for x in (qs, ks, vs))
+    full = _math_forward(q_all, k_all, v_all)[0]
+    out["yunchang_ulysses:vs_full"] = _rel(raw[-1], full.chunk(world, dim=1)[rank])
+
+
 def check_pipefusion(gc, rank: int, world: int, out: dict) -> None:
     """``PipelineGroupCoordinator``: queued patch receives (isend / recv_next /
     get_pipeline_recv_data) forward, blocking send/recv back."""
@@ -264,6 +283,7 @@ def xdit_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     check_ulysses(usp, rank, world, out)
     check_torch_ring(rank, world, out)
     check_yunchang(rank, world, out)
+    check_yunchang_ulysses(rank, world, out)
     check_pipefusion(gc, rank, world, out)
     check_model_hooks(usp, rank, world, out)
     with open(os.path.join(out_dir, f"xdit_{rank}.json"), "w") as f:

@@ -272,6 +272,45 @@ def install_yunchang_ring(handle: XDiTCompression, module: Any) -> list[Patch]:
             make_patch(owner, "wait", handle, build_wait)]
 
 
+# ---------------------------------------------------------------------- yunchang's Ulysses
+
+class _DistWithCompressedAllToAll:
+    """``torch.distributed`` as yunchang's all-to-all module sees it: every attribute is
+    the real one except ``all_to_all_single``."""
+
+    def __init__(self, real: Any, all_to_all_single: Callable[..., Any]) -> None:
+        self._real = real
+        self.all_to_all_single = all_to_all_single
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def install_yunchang_ulysses(handle: XDiTCompression, module: Any) -> list[Patch]:
+    """``yunchang.comm.all_to_all`` calls ``dist.all_to_all_single(output, input, group=)``
+    on ``(P, ..., head dim)`` tensors; its ``dist`` becomes one whose equal-split,
+    synchronous all-to-all is compressed along dim 0 (one stream per chunk)."""
+    owner = resolve_owner(HOOK_POINTS["yunchang_ulysses"], module)
+
+    def build(real: Any) -> Any:
+        @_eager
+        def all_to_all_single(output: torch.Tensor, input: torch.Tensor,
+                              output_split_sizes: Any = None, input_split_sizes: Any = None,
+                              group: Any = None, async_op: bool = False) -> Any:
+            compressed = handle.group_for(group)
+            if (output_split_sizes is not None or input_split_sizes is not None or async_op
+                    or input.dim() < 3 or not compressible(input)
+                    or input.shape[0] % compressed.world_size or output.shape != input.shape):
+                return real.all_to_all_single(output, input, output_split_sizes,
+                                              input_split_sizes, group, async_op)
+            output.copy_(compressed.all_to_all(input.contiguous(),
+                                               stream=handle.stream_name("a2a")))
+            return None
+        return _DistWithCompressedAllToAll(real, all_to_all_single)
+
+    return [make_patch(owner, "dist", handle, build)]
+
+
 # ---------------------------------------------------------------------- PipeFusion
 
 def install_pipefusion(handle: XDiTCompression, module: Any) -> list[Patch]:
@@ -377,5 +416,6 @@ INSTALLERS: dict[str, Callable[[Any, Any], list[Patch]]] = {
     "ulysses": install_ulysses,
     "torch_ring": install_torch_ring,
     "yunchang_ring": install_yunchang_ring,
+    "yunchang_ulysses": install_yunchang_ulysses,
     "pipefusion": install_pipefusion,
 }

@@ -64,6 +64,9 @@ HOOK_POINTS: dict[str, HookPoint] = {p.name: p for p in (
     HookPoint("yunchang_ring", "yunchang", "yunchang.ring.utils", "RingComm",
               ("send_recv", "commit", "wait"),
               "yunchang's ring (xDiT's long-context attention): K/V hops"),
+    HookPoint("yunchang_ulysses", "yunchang", "yunchang.comm.all_to_all", "", ("dist",),
+              "yunchang's Ulysses all-to-all (SeqAllToAll4D/5D; xDiT's long-context "
+              "attention)"),
     HookPoint("pipefusion", "xfuser", "xfuser.core.distributed.group_coordinator",
               "PipelineGroupCoordinator",
               ("pipeline_send", "pipeline_isend", "pipeline_recv", "recv_next",
