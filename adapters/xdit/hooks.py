@@ -182,7 +182,7 @@ class RingCommState:
         self.committed = False
 
     def send_recv(self, comm: Any, original: Callable[..., torch.Tensor], to_send: torch.Tensor,
-                  recv_tensor: torch.Tensor | None) -> torch.Tensor:
+                  recv_tensor: torch.Tensor | None = None) -> torch.Tensor:
         for slot in self.slots:
             if to_send is slot.res and slot not in self.pending:
                 res = torch.empty_like(to_send) if recv_tensor is None else recv_tensor
@@ -243,33 +243,19 @@ def install_yunchang_ring(handle: XDiTCompression, module: Any) -> list[Patch]:
                                                      handle)
         return st
 
-    def build_send_recv(original: Callable[..., torch.Tensor]) -> Callable[..., Any]:
-        @_eager
-        def send_recv(self: Any, to_send: torch.Tensor,
-                      recv_tensor: torch.Tensor | None = None) -> torch.Tensor:
-            st = state(self)
-            if st is None:
-                return original(self, to_send, recv_tensor)
-            return st.send_recv(self, original, to_send, recv_tensor)
-        return send_recv
+    def build(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+            @_eager
+            def replacement(self: Any, *args: Any, **kwargs: Any) -> Any:
+                st = state(self)
+                if st is None:
+                    return original(self, *args, **kwargs)
+                return getattr(st, method)(self, original, *args, **kwargs)
+            replacement.__name__ = method
+            return replacement
+        return wrap
 
-    def build_commit(original: Callable[[Any], None]) -> Callable[..., Any]:
-        @_eager
-        def commit(self: Any) -> None:
-            st = state(self)
-            return original(self) if st is None else st.commit(self, original)
-        return commit
-
-    def build_wait(original: Callable[[Any], None]) -> Callable[..., Any]:
-        @_eager
-        def wait(self: Any) -> None:
-            st = state(self)
-            return original(self) if st is None else st.wait(self, original)
-        return wait
-
-    return [make_patch(owner, "send_recv", handle, build_send_recv),
-            make_patch(owner, "commit", handle, build_commit),
-            make_patch(owner, "wait", handle, build_wait)]
+    return [make_patch(owner, m, handle, build(m)) for m in ("send_recv", "commit", "wait")]
 
 
 # ---------------------------------------------------------------------- yunchang's Ulysses
