@@ -30,7 +30,6 @@ frame, ``cogvideox_tiny_frame<i>.png`` (first three channels; raw left, compress
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -40,6 +39,7 @@ import torch
 from adapters.dit import ParallelConfig
 from adapters.xdit import enable_compression
 from compressed_comm import CompressionConfig
+from simulator.workloads import Workload, make_workload
 
 if TYPE_CHECKING:
     from diffusers import CogVideoXDDIMScheduler
@@ -90,46 +90,6 @@ def run_xdit(args: argparse.Namespace, xdit_argv: list[str]) -> None:
 
 # ---------------------------------------------------------------------- tiny mode: CPU
 
-@dataclass(frozen=True)
-class TinyInputs:
-    """Conditioning, rotary table and starting noise of the tiny model (same on every rank)."""
-
-    noise: torch.Tensor                          # (B, frames, 4, 32, 32) latents
-    text: torch.Tensor                           # (B, text tokens, text_embed_dim)
-    rotary: tuple[torch.Tensor, torch.Tensor]    # cos, sin over all video tokens
-
-
-def tiny_cogvideox(seed: int) -> torch.nn.Module:
-    """A random-weight CogVideoXTransformer3DModel (2 layers, 4 heads of 16, 3-D RoPE).
-
-    diffusers zero-initialises output projections and adaLN modulations, which makes a
-    random model output zeros; PyTorch's default init on every linear/conv layer avoids that.
-    """
-    from diffusers import CogVideoXTransformer3DModel
-
-    torch.manual_seed(seed)
-    model = CogVideoXTransformer3DModel(
-        num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
-        time_embed_dim=16, text_embed_dim=32, num_layers=2, sample_width=32, sample_height=32,
-        sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=8,
-        use_rotary_positional_embeddings=True)
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)):
-            module.reset_parameters()
-    return model.eval()
-
-
-def tiny_inputs(seed: int, frames: int = 3, side: int = 32) -> TinyInputs:
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed
-
-    grid = side // 2  # patch size 2
-    g = torch.Generator().manual_seed(seed)
-    cos, sin = get_3d_rotary_pos_embed(embed_dim=16, crops_coords=((0, 0), (grid, grid)),
-                                       grid_size=(grid, grid), temporal_size=frames)
-    return TinyInputs(noise=torch.randn(1, frames, 4, side, side, generator=g),
-                      text=torch.randn(1, 8, 32, generator=g), rotary=(cos, sin))
-
-
 def tiny_scheduler() -> CogVideoXDDIMScheduler:
     """CogVideoX-2b's DDIM scheduler settings (v-prediction, zero terminal SNR)."""
     from diffusers import CogVideoXDDIMScheduler
@@ -140,33 +100,34 @@ def tiny_scheduler() -> CogVideoXDDIMScheduler:
         snr_shift_scale=3.0, timestep_spacing="trailing")
 
 
-def tiny_generate(model: torch.nn.Module, inputs: TinyInputs, steps: int,
-                  parallel: ParallelConfig, codec: str) -> common.TinyRun:
-    """Denoise ``inputs.noise`` with DDIM steps, ``model`` split over the ranks as
+def tiny_generate(workload: Workload, steps: int, parallel: ParallelConfig,
+                  codec: str) -> common.TinyRun:
+    """Denoise the workload's noise with DDIM steps, its model split over the ranks as
     ``parallel`` says; compression and parallelism are removed afterwards."""
     scheduler = tiny_scheduler()
 
     def velocity(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model(hidden_states=scheduler.scale_model_input(latents, t),
-                     encoder_hidden_states=inputs.text, timestep=t.expand(1),
-                     image_rotary_emb=inputs.rotary, return_dict=False)[0]
+        return workload.forward(workload.model, scheduler.scale_model_input(latents, t),
+                                (t / 1000).expand(len(latents)))
 
-    return common.denoise(model, scheduler, inputs.noise * scheduler.init_noise_sigma, steps,
-                          parallel, codec, velocity)
+    return common.denoise(workload.model, scheduler,
+                          workload.noise * scheduler.init_noise_sigma, steps, parallel, codec,
+                          velocity)
 
 
 def run_tiny(args: argparse.Namespace) -> None:
     with common.gloo_job() as rank:
-        model, inputs = tiny_cogvideox(seed=0), tiny_inputs(seed=0)
-        result = common.compare_raw_compressed(args, partial(tiny_generate, model, inputs))
+        workload = make_workload("cogvideox", batch=1, seed=0)  # the same model on every rank
+        result = common.compare_raw_compressed(args, partial(tiny_generate, workload))
         if rank == 0:
-            frames, _, height, width = inputs.noise.shape[1:]
+            frames = workload.noise.shape[1]
             common.print_summary(f"tiny CogVideoX (random weights, {frames} latent frames x "
-                                 f"{height // 2}x{width // 2} tokens)", args, result)
+                                 "16x16 tokens)", args, result)
             for i in range(frames):
-                common.save_side_by_side([result.raw.latents[0, i],
-                                          result.compressed.latents[0, i]],
-                                         args.out / f"cogvideox_tiny_frame{i}.png")
+                common.save_side_by_side(
+                    [workload.to_images(run.latents[:, i:i + 1])[0]
+                     for run in (result.raw, result.compressed)],
+                    args.out / f"cogvideox_tiny_frame{i}.png")
             print(f"wrote {frames} frames to {args.out}/cogvideox_tiny_frame*.png "
                   f"(raw | {result.method})")
 

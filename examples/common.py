@@ -276,14 +276,10 @@ def psnr(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def save_side_by_side(images: list[torch.Tensor], path: Path, scale: int = 8) -> None:
-    """First three channels of each (C, H, W) image as RGB, scaled with the range of the
-    first one, side by side, each pixel ``scale`` x ``scale``."""
+    """(H, W, 3) images in [0, 1] side by side, each pixel ``scale`` x ``scale``."""
     from PIL import Image
 
-    lo, hi = images[0][:3].min(), images[0][:3].max()
-    row = torch.cat([((x[:3] - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
-                     for x in images], dim=2)
-    pixels = (row.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    pixels = (torch.cat(images, dim=1) * 255).round().to(torch.uint8).numpy()
     image = Image.fromarray(pixels, "RGB")
     path.parent.mkdir(parents=True, exist_ok=True)
     image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST).save(path)

@@ -32,7 +32,6 @@ the compressed run's final latents against the raw run's, and writes ``flux_tiny
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from functools import partial
 
 import common  # examples/common.py: this script's folder is on sys.path
@@ -41,6 +40,7 @@ import torch
 from adapters.dit import ParallelConfig
 from adapters.xdit import enable_compression
 from compressed_comm import CompressionConfig
+from simulator.workloads import Workload, make_workload
 
 # ---------------------------------------------------------------------- GPU mode: xDiT
 
@@ -82,79 +82,30 @@ def run_xdit(args: argparse.Namespace, xdit_argv: list[str]) -> None:
 
 # ---------------------------------------------------------------------- tiny mode: CPU
 
-@dataclass(frozen=True)
-class TinyInputs:
-    """Conditioning and starting noise of the tiny model (the same on every rank)."""
-
-    noise: torch.Tensor       # (B, tokens, 16): a 4x32x32 latent packed 2x2
-    text: torch.Tensor        # (B, text tokens, joint_attention_dim)
-    pooled: torch.Tensor      # (B, pooled_projection_dim)
-    img_ids: torch.Tensor     # (tokens, 3)
-    txt_ids: torch.Tensor     # (text tokens, 3)
-    side: int                 # tokens per image side
-
-
-def tiny_flux(seed: int) -> torch.nn.Module:
-    """A random-weight FluxTransformer2DModel (2 double + 2 single blocks, 4 heads of 16).
-
-    diffusers zero-initialises output projections and adaLN modulations, which makes a
-    random model output zeros; PyTorch's default init on every linear layer avoids that.
-    """
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    model = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32,
-        axes_dims_rope=(4, 6, 6))
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.reset_parameters()
-    return model.eval()
-
-
-def tiny_inputs(seed: int, side: int = 16, text_tokens: int = 8) -> TinyInputs:
-    g = torch.Generator().manual_seed(seed)
-    img_ids = torch.zeros(side * side, 3)
-    img_ids[:, 1] = torch.arange(side * side) // side
-    img_ids[:, 2] = torch.arange(side * side) % side
-    return TinyInputs(noise=torch.randn(1, side * side, 16, generator=g),
-                      text=torch.randn(1, text_tokens, 32, generator=g),
-                      pooled=torch.randn(1, 32, generator=g),
-                      img_ids=img_ids, txt_ids=torch.zeros(text_tokens, 3), side=side)
-
-
-def tiny_generate(model: torch.nn.Module, inputs: TinyInputs, steps: int,
-                  parallel: ParallelConfig, codec: str) -> common.TinyRun:
-    """Denoise ``inputs.noise`` with rectified-flow Euler steps, ``model`` split over the
-    ranks as ``parallel`` says; compression and parallelism are removed afterwards."""
+def tiny_generate(workload: Workload, steps: int, parallel: ParallelConfig,
+                  codec: str) -> common.TinyRun:
+    """Denoise the workload's noise with FLUX's flow-matching Euler scheduler, its model
+    split over the ranks as ``parallel`` says; compression and parallelism are removed
+    afterwards."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     def velocity(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model(hidden_states=latents, timestep=(t / 1000).expand(1),
-                     encoder_hidden_states=inputs.text, pooled_projections=inputs.pooled,
-                     img_ids=inputs.img_ids, txt_ids=inputs.txt_ids, return_dict=False)[0]
+        return workload.forward(workload.model, latents, (t / 1000).expand(len(latents)))
 
-    return common.denoise(model, FlowMatchEulerDiscreteScheduler(shift=3.0), inputs.noise,
-                          steps, parallel, codec, velocity)
-
-
-def unpack(latents: torch.Tensor, side: int) -> torch.Tensor:
-    """(1, side*side, 16) packed tokens -> (4, 2*side, 2*side) latent image."""
-    x = latents[0].view(side, side, 4, 2, 2).permute(2, 0, 3, 1, 4)
-    return x.reshape(4, 2 * side, 2 * side)
+    return common.denoise(workload.model, FlowMatchEulerDiscreteScheduler(shift=3.0),
+                          workload.noise, steps, parallel, codec, velocity)
 
 
 def run_tiny(args: argparse.Namespace) -> None:
     with common.gloo_job() as rank:
-        model, inputs = tiny_flux(seed=0), tiny_inputs(seed=0)
-        result = common.compare_raw_compressed(args, partial(tiny_generate, model, inputs))
+        workload = make_workload("flux", batch=1, seed=0)  # the same model on every rank
+        result = common.compare_raw_compressed(args, partial(tiny_generate, workload))
         if rank == 0:
-            common.print_summary(f"tiny FLUX (random weights, {inputs.side}x{inputs.side} "
-                                 f"image tokens)", args, result)
+            common.print_summary("tiny FLUX (random weights, 16x16 image tokens)", args,
+                                 result)
             path = args.out / "flux_tiny.png"
-            common.save_side_by_side([unpack(result.raw.latents, inputs.side),
-                                      unpack(result.compressed.latents, inputs.side)], path)
+            common.save_side_by_side([workload.to_images(result.raw.latents)[0],
+                                      workload.to_images(result.compressed.latents)[0]], path)
             print(f"wrote {path} (raw | {result.method})")
 
 

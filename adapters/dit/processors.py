@@ -38,16 +38,22 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, s, h * d)
 
 
-def _qkv(attn: Any, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Projected, head-split and q/k-normalised (B, H, S, D) queries, keys and values."""
+_PROJECTIONS = ("to_q", "to_k", "to_v", "norm_q", "norm_k")
+_ADDED_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
+
+
+def _qkv(attn: Any, states: torch.Tensor, *, added: bool = False
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projected, head-split and q/k-normalised (B, H, S, D) queries, keys and values; with
+    ``added``, through the context (text) projections of a joint attention."""
+    to_q, to_k, to_v, norm_q, norm_k = (
+        getattr(attn, n, None) for n in (_ADDED_PROJECTIONS if added else _PROJECTIONS))
     b = states.shape[0]
-    q = _heads(attn.to_q(states), b, attn.heads)
-    k = _heads(attn.to_k(states), b, attn.heads)
-    v = _heads(attn.to_v(states), b, attn.heads)
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
+    q, k, v = (_heads(proj(states), b, attn.heads) for proj in (to_q, to_k, to_v))
+    if norm_q is not None:
+        q = norm_q(q)
+    if norm_k is not None:
+        k = norm_k(k)
     return q, k, v
 
 
@@ -72,22 +78,15 @@ class FluxProcessor(_Processor):
         if getattr(attn, "fused_projections", False):
             raise ValueError(f"{self.layer}: fused QKV projections are not supported; call "
                              "transformer.unfuse_qkv_projections() before parallelising")
-        q = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim)))
-        k = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, attn.head_dim)))
-        v = attn.to_v(hidden_states).unflatten(-1, (-1, attn.head_dim))
+        q, k, v = _qkv(attn, hidden_states)
         joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
         if joint:
-            eq = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(
-                -1, (-1, attn.head_dim)))
-            ek = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(
-                -1, (-1, attn.head_dim)))
-            ev = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
-            q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
+            eq, ek, ev = _qkv(attn, encoder_hidden_states, added=True)
+            q, k, v = torch.cat([eq, q], 2), torch.cat([ek, k], 2), torch.cat([ev, v], 2)
         if image_rotary_emb is not None:
-            q = _rotary(q, image_rotary_emb, 1)
-            k = _rotary(k, image_rotary_emb, 1)
+            q = _rotary(q, image_rotary_emb, 2)
+            k = _rotary(k, image_rotary_emb, 2)
         t = encoder_hidden_states.shape[1] if joint else self.text_len()
-        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, S, D)
         text = (q[:, :, :t], k[:, :, :t], v[:, :, :t]) if t else None
         image, text_out = self.attend(self.layer, q[:, :, t:], k[:, :, t:], v[:, :, t:], text)
         out = _flat(torch.cat([text_out, image], dim=2) if t else image).to(q.dtype)
@@ -105,18 +104,10 @@ class JointProcessor(_Processor):
                  encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         _no_mask(self.layer, attention_mask)
-        b = hidden_states.shape[0]
         q, k, v = _qkv(attn, hidden_states)
         text = None
         if encoder_hidden_states is not None:
-            eq = _heads(attn.add_q_proj(encoder_hidden_states), b, attn.heads)
-            ek = _heads(attn.add_k_proj(encoder_hidden_states), b, attn.heads)
-            ev = _heads(attn.add_v_proj(encoder_hidden_states), b, attn.heads)
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
-            text = (eq, ek, ev)
+            text = _qkv(attn, encoder_hidden_states, added=True)
         image, text_out = self.attend(self.layer, q, k, v, text)
         image = attn.to_out[1](attn.to_out[0](_flat(image).to(q.dtype)))
         if text_out is None:

@@ -6,7 +6,7 @@ import functools
 import logging
 import sys
 from collections.abc import Sequence
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ class XDiTCompression:
         self._hooks: list[Any] = []
         self._restore: list[tuple[Any, str, Any]] = []
         self._layer: ContextVar[str] = ContextVar("layer", default="")
+        self._layer_tokens: dict[int, list[Token[str]]] = {}  # per attention module
         self._counts: dict[tuple[str, str], int] = {}
         self._steps = 0
         self._calls = 0
@@ -153,11 +154,14 @@ class XDiTCompression:
     # ------------------------------------------------------------------ installation
 
     def _install_points(self, points: Sequence[str] | str, *, optional: bool) -> None:
+        """Bind ``points``; ``optional``: binding none is fine (patch parallelism only)."""
         required = points != "auto"
         names = list(HOOK_POINTS) if points == "auto" else list(points)
         unknown = [n for n in names if n not in HOOK_POINTS]
         if unknown:
             raise ValueError(f"unknown hook points {unknown}; known: {', '.join(HOOK_POINTS)}")
+        if not names and not optional:
+            raise ValueError("points is empty and patch is None: nothing to compress")
         bound = []
         try:
             for name in names:
@@ -172,23 +176,18 @@ class XDiTCompression:
         except BaseException:
             self.disable()
             raise
-        if not names and not optional:
-            raise ValueError("points is empty and patch is None: nothing to compress")
-        if not bound and not optional:
+        if not bound and not optional:  # "auto" found none of the libraries
             raise HookPointError("no hook point could be bound: xfuser is not imported and "
                                  "neither torch's ring nor yunchang is available")
         self.points = tuple(bound)
 
-    def _install_model_hooks(self, transformer: torch.nn.Module | None,
-                             scheduler: Any | None) -> None:
-        if transformer is not None:
-            self._hooks.append(transformer.register_forward_pre_hook(self._begin_call))
-            for name, module in transformer.named_modules():
-                if name and "Attention" in type(module).__name__:
-                    self._hooks.append(module.register_forward_pre_hook(
-                        self._enter_layer(name)))
-                    self._hooks.append(module.register_forward_hook(
-                        self._leave_layer, always_call=True))
+    def _install_model_hooks(self, transformer: torch.nn.Module, scheduler: Any | None) -> None:
+        self._hooks.append(transformer.register_forward_pre_hook(self._begin_call))
+        for name, module in transformer.named_modules():
+            if name and "Attention" in type(module).__name__:
+                self._hooks.append(module.register_forward_pre_hook(self._enter_layer(name)))
+                self._hooks.append(module.register_forward_hook(self._leave_layer,
+                                                                always_call=True))
         if scheduler is not None and hasattr(scheduler, "set_timesteps"):
             original = scheduler.set_timesteps
             # the diffusers scheduler itself, also behind xDiT's scheduler wrapper
@@ -209,18 +208,17 @@ class XDiTCompression:
 
     def _enter_layer(self, name: str) -> Any:
         def hook(module: Any, args: Any) -> None:
-            module.__dict__.setdefault("_compressed_comm_tokens", []).append(
-                self._layer.set(name))
+            self._layer_tokens.setdefault(id(module), []).append(self._layer.set(name))
         return hook
 
     def _leave_layer(self, module: Any, args: Any, output: Any) -> None:
-        tokens = module.__dict__.get("_compressed_comm_tokens")
+        tokens = self._layer_tokens.get(id(module))
         if tokens:
             self._layer.reset(tokens.pop())
 
 
-def _parts(target: Any) -> tuple[Any, torch.nn.Module | None, Any | None]:
-    """(pipeline or None, transformer, scheduler) of a pipeline, an xDiT wrapper or a model."""
+def _parts(target: Any) -> tuple[torch.nn.Module, Any | None]:
+    """(transformer, scheduler or None) of a pipeline, an xDiT wrapper or a model."""
     pipes = [target]
     inner = getattr(target, "module", None)  # xDiT's xFuser*Pipeline wraps the diffusers one
     if inner is not None and not isinstance(target, torch.nn.Module):
@@ -228,9 +226,9 @@ def _parts(target: Any) -> tuple[Any, torch.nn.Module | None, Any | None]:
     for p in pipes:
         transformer = getattr(p, "transformer", None)
         if isinstance(transformer, torch.nn.Module):
-            return p, transformer, getattr(p, "scheduler", None)
+            return transformer, getattr(p, "scheduler", None)
     if isinstance(target, torch.nn.Module):
-        return None, target, None
+        return target, None
     raise TypeError(f"expected a diffusers/xDiT pipeline (with a .transformer) or a "
                     f"torch.nn.Module; got {type(target).__name__}")
 
@@ -249,11 +247,10 @@ def _cfg_prefix() -> str:
             get_classifier_free_guidance_rank,
             get_classifier_free_guidance_world_size,
         )
-        if get_classifier_free_guidance_world_size() > 1:
-            return f"cfg{get_classifier_free_guidance_rank()}/"
+        parallel_cfg = get_classifier_free_guidance_world_size() > 1
     except AssertionError:  # xDiT's parallel state is not initialised: no CFG parallelism
         return ""
-    return ""
+    return f"cfg{get_classifier_free_guidance_rank()}/" if parallel_cfg else ""
 
 
 def enable_compression(target: Any, config: CompressionConfig | None = None, *,
@@ -283,15 +280,15 @@ def enable_compression(target: Any, config: CompressionConfig | None = None, *,
     * Enabling twice without :meth:`~XDiTCompression.disable` raises ``HookPointError``.
     * A transformer already compiled (``torch.compile``) is refused, since compiled graphs
       may have traced the original collectives; compile *after* enabling instead: the
-      hook points then run eagerly (one graph break each).
+      hook points then run eagerly (graph breaks around them).
     """
     config = config or CompressionConfig()
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
     if timeout <= 0:
         raise ValueError(f"timeout must be positive seconds, got {timeout}")
-    _pipe, transformer, scheduler = _parts(target)
-    if transformer is not None and _compiled(transformer):
+    transformer, scheduler = _parts(target)
+    if _compiled(transformer):
         raise RuntimeError(
             f"{type(transformer).__name__} is already compiled with torch.compile, whose "
             "graphs may have traced the uncompressed collectives; enable compression first, "
@@ -303,8 +300,6 @@ def enable_compression(target: Any, config: CompressionConfig | None = None, *,
     handle._install_points(points, optional=patch is not None)
     try:
         if patch is not None:
-            if transformer is None:
-                raise TypeError("patch parallelism needs a pipeline or transformer")
             handle._patch = parallelize(transformer, TorchDistTransport(patch_group), patch)
         handle._install_model_hooks(transformer, scheduler)
     except BaseException:

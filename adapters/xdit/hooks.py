@@ -4,8 +4,8 @@ Every replacement takes its :class:`~compressed_comm.CompressedGroup` from the h
 process group the original call would have used, names its stream from the attention layer
 being run (``<layer>.<kind><n>``: the n-th such call of that layer in this step) and falls
 back to the original code for what it cannot compress: other dtypes, tensors that need
-gradients, shapes that do not split, payloads below ``min_bytes``. The fallback is the same
-decision on every rank, since every rank runs the same program on the same shapes.
+gradients, shapes that do not split. The fallback is the same decision on every rank, since
+every rank runs the same program on the same shapes.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from compressed_comm.wire import SUPPORTED_DTYPES
+
 from .points import HOOK_POINTS, Patch, make_patch, resolve_owner
 
 if TYPE_CHECKING:
@@ -26,9 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = ["INSTALLERS"]
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run ``fn`` eagerly under torch.compile (a graph break), never traced into a graph."""
     return torch.compiler.disable(fn, recursive=True)
@@ -36,7 +35,7 @@ def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def compressible(x: torch.Tensor) -> bool:
     """Whether ``x`` can travel compressed (float dtype, no autograd)."""
-    return x.dtype in _FLOATS and not (x.requires_grad and torch.is_grad_enabled())
+    return x.dtype in SUPPORTED_DTYPES and not (x.requires_grad and torch.is_grad_enabled())
 
 
 # ---------------------------------------------------------------------- Ulysses all-to-all
@@ -158,9 +157,9 @@ class _Slot:
 
     __slots__ = ("hops", "res")
 
-    def __init__(self, hops: Iterator[tuple[int, torch.Tensor]], res: torch.Tensor) -> None:
+    def __init__(self, hops: Iterator[tuple[int, torch.Tensor]]) -> None:
         self.hops = hops
-        self.res = res
+        self.res: torch.Tensor | None = None
 
 
 class RingCommState:
@@ -183,23 +182,18 @@ class RingCommState:
 
     def send_recv(self, comm: Any, original: Callable[..., torch.Tensor], to_send: torch.Tensor,
                   recv_tensor: torch.Tensor | None = None) -> torch.Tensor:
-        for slot in self.slots:
-            if to_send is slot.res and slot not in self.pending:
-                res = torch.empty_like(to_send) if recv_tensor is None else recv_tensor
-                slot.res = res
-                self.pending.append(slot)
-                return res
-        if self.rounds == 0 and to_send.dim() > 0 and compressible(to_send):
-            res = torch.empty_like(to_send) if recv_tensor is None else recv_tensor
+        slot = next((s for s in self.slots if to_send is s.res and s not in self.pending), None)
+        if slot is None and self.rounds == 0 and to_send.dim() > 0 and compressible(to_send):
             x = to_send.contiguous()
-            hops = self.group.ring_iter(x.view(-1, x.shape[-1]),
-                                        stream=self.handle.stream_name("ring"))
-            next(hops)  # own block; posts the first hop
-            slot = _Slot(hops, res)
+            slot = _Slot(self.group.ring_iter(x.view(-1, x.shape[-1]),
+                                              stream=self.handle.stream_name("ring")))
+            next(slot.hops)  # own block; posts the first hop
             self.slots.append(slot)
-            self.pending.append(slot)
-            return res
-        return original(comm, to_send, recv_tensor)
+        if slot is None:
+            return original(comm, to_send, recv_tensor)
+        slot.res = torch.empty_like(to_send) if recv_tensor is None else recv_tensor
+        self.pending.append(slot)
+        return slot.res
 
     def commit(self, comm: Any, original: Callable[[Any], None]) -> None:
         if self.committed:
@@ -221,6 +215,7 @@ class RingCommState:
                     f"rank {self.group.rank}: a K/V block was forwarded more than "
                     f"{self.group.world_size - 1} times around a ring of "
                     f"{self.group.world_size}") from None
+            assert slot.res is not None
             slot.res.copy_(block.view(slot.res.shape))
         self.pending = []
         self.rounds += 1
@@ -234,14 +229,11 @@ def install_yunchang_ring(handle: XDiTCompression, module: Any) -> list[Patch]:
     attr = "_compressed_comm_state"
 
     def state(comm: Any) -> RingCommState | None:
-        st = comm.__dict__.get(attr)
-        if st is None and not comm.__dict__.get(attr + "_off"):
-            if comm.world_size < 2:
-                comm.__dict__[attr + "_off"] = True
-                return None
-            st = comm.__dict__[attr] = RingCommState(handle.group_for(comm._process_group),
-                                                     handle)
-        return st
+        if comm.world_size < 2:
+            return None
+        if attr not in comm.__dict__:
+            comm.__dict__[attr] = RingCommState(handle.group_for(comm._process_group), handle)
+        return comm.__dict__[attr]
 
     def build(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -335,25 +327,23 @@ def install_pipefusion(handle: XDiTCompression, module: Any) -> list[Patch]:
 
     def compress(coord: Any, tensor: torch.Tensor | None = None) -> bool:
         dtype = tensor.dtype if tensor is not None else coord.dtype
-        return dtype in _FLOATS and coord.world_size > 1
+        return dtype in SUPPORTED_DTYPES and coord.world_size > 1
 
-    def build_send(original: Callable[..., None]) -> Callable[..., Any]:
-        @_eager
-        def pipeline_send(self: Any, tensor: torch.Tensor, name: str = "latent",
-                          segment_idx: int = -1) -> None:
-            if not compress(self, tensor):
-                return original(self, tensor, name, segment_idx)
-            start_send(self, tensor, name, segment_idx).wait()
-        return pipeline_send
-
-    def build_isend(original: Callable[..., None]) -> Callable[..., Any]:
-        @_eager
-        def pipeline_isend(self: Any, tensor: torch.Tensor, name: str = "latent",
-                           segment_idx: int = -1) -> None:
-            if not compress(self, tensor):
-                return original(self, tensor, name, segment_idx)
-            handle.keep_until_session_end(start_send(self, tensor, name, segment_idx))
-        return pipeline_isend
+    def build_send(blocking: bool) -> Callable[[Callable[..., None]], Callable[..., Any]]:
+        def wrap(original: Callable[..., None]) -> Callable[..., Any]:
+            @_eager
+            def send(self: Any, tensor: torch.Tensor, name: str = "latent",
+                     segment_idx: int = -1) -> None:
+                if not compress(self, tensor):
+                    return original(self, tensor, name, segment_idx)
+                sent = start_send(self, tensor, name, segment_idx)
+                if blocking:
+                    sent.wait()
+                else:  # xDiT drops the send's Work; keep ours
+                    handle.keep_until_session_end(sent)
+            send.__name__ = original.__name__
+            return send
+        return wrap
 
     def build_recv(original: Callable[..., torch.Tensor]) -> Callable[..., Any]:
         @_eager
@@ -391,8 +381,8 @@ def install_pipefusion(handle: XDiTCompression, module: Any) -> list[Patch]:
             return self.recv_buffer[name][idx].copy_(h.wait())
         return get_pipeline_recv_data
 
-    return [make_patch(owner, "pipeline_send", handle, build_send),
-            make_patch(owner, "pipeline_isend", handle, build_isend),
+    return [make_patch(owner, "pipeline_send", handle, build_send(blocking=True)),
+            make_patch(owner, "pipeline_isend", handle, build_send(blocking=False)),
             make_patch(owner, "pipeline_recv", handle, build_recv),
             make_patch(owner, "recv_next", handle, build_recv_next),
             make_patch(owner, "get_pipeline_recv_data", handle, build_get)]
