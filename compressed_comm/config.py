@@ -34,11 +34,14 @@ class CompressionConfig:
        keeps the true tensor, receivers drift): for ablations only.
     9. ``check_finite`` -- raise :class:`~compressed_comm.NonFiniteError` on NaN/Inf inputs
        (default). If False, NaN/Inf propagate into both references identically and persist
-       until the next keyframe. On CUDA the check synchronises with the host.
+       until the next keyframe. The check rides on the pass that computes the codec's scales
+       (binary, int2/4/8 with order 0 or 1; a separate pass otherwise) and raises from
+       ``encode`` before the stream changes. On CUDA it synchronises with the host.
     10. ``kernels`` -- pin the kernel implementation (``"torch"``, ...); None follows
         ``$COMPRESSED_COMM_KERNELS``, else the best available.
     11. ``track_error`` -- senders record the relative L2 error of each reconstruction
-        (one extra pass over the tensor).
+        in :attr:`StreamStats.last_rel_error` (one extra pass over the tensor per message;
+        off by default, and then ``last_rel_error`` is None).
     """
 
     codec: str = "binary"
@@ -51,7 +54,7 @@ class CompressionConfig:
     closed_loop: bool = True
     check_finite: bool = True
     kernels: str | None = None
-    track_error: bool = True
+    track_error: bool = False
 
     def __post_init__(self) -> None:
         get_codec(self.codec)  # raises ValueError naming the valid specs

@@ -42,6 +42,7 @@ class StreamStats:
     raw_bytes: int
     wire_bytes: int
     reference_bytes: int
+    #: ``||x - reference|| / ||x||`` of the last message (senders with ``track_error`` only)
     last_rel_error: float | None
 
     @property
@@ -87,6 +88,7 @@ class _Stream:
         self._ref = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         self._prev = torch.zeros_like(self._ref) if self.order == 2 else None
         self._codec_state: Any = self.codec.new_state()
+        self._kernels = self.codec.kernels(self.device)
         self._step = 0
         # statistics
         self._raw_bytes = 0
@@ -192,21 +194,30 @@ class StreamEncoder(_Stream):
         self._err: torch.Tensor | None = None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Compress the next value of this stream into a payload."""
-        self._check_input(x)
+        """Compress the next value of this stream into a payload.
+
+        NaN/Inf in ``x`` raise :class:`~compressed_comm.NonFiniteError` here, before the
+        stream changes (``check_finite``, found in the pass that computes the codec's scales).
+        """
+        x = self._check_input(x)
+        what = f"{self.what}: input at step {self._step}"
+        check = what if self.check_finite else None
+        if check is not None and self.order == 2:  # the prediction is made in place
+            check_finite(x, what, self._kernels)
+            check = None
         header = self.header()
         pred, target, codec = self._begin()
         payload = codec.emit(as_2d(x), self.shape, None if pred is None else as_2d(pred),
-                             as_2d(target), header, self._codec_state)
+                             as_2d(target), header, self._codec_state, check=check)
         if self.track_error:
-            self._err = self.codec.kernels(x.device).error_norms(x, target)
+            self._err = self._kernels.error_norms(x, target)
         if not self.closed_loop:
             target.copy_(x)
         self._wire_bytes += payload.numel()
         self._finish()
         return payload
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self.what}: encode expects a tensor, got {type(x).__name__}")
         if tuple(x.shape) != self.shape or x.dtype != self.dtype or x.device != self.device:
@@ -214,9 +225,7 @@ class StreamEncoder(_Stream):
                 f"{self.what} was created for shape {self.shape}, dtype {self.dtype} on "
                 f"{self.device}; got shape {tuple(x.shape)}, dtype {x.dtype} on {x.device}"
             )
-        if self.check_finite:
-            check_finite(x, f"{self.what}: input at step {self._step}",
-                         self.codec.kernels(x.device))
+        return x.detach()
 
     def _last_error(self) -> float | None:
         return None if self._err is None else float(self._err)

@@ -4,7 +4,7 @@ Every payload is one contiguous 1-D ``uint8`` tensor::
 
     offset  size   field
     0       2      magic  b"CC"
-    2       1      version (currently 1)
+    2       1      version (currently 2; 2 changed the int2 body)
     3       1      codec id (see ``compressed_comm.codecs``)
     4       1      dtype code: 1 float32, 2 float16, 3 bfloat16
     5       1      flags: bit 0 = keyframe (full tensor, lossless)
@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 MAGIC = b"CC"
-VERSION = 1
+VERSION = 2
 FLAG_KEYFRAME = 1
 ALIGN = 8
 
@@ -139,7 +139,7 @@ def read_header(payload: torch.Tensor) -> Header:
 
     Raises :class:`WireFormatError` if the payload is not a 1-D uint8 tensor, is shorter
     than its header says, has a bad magic or an unknown version or dtype. For a CUDA payload
-    this copies the header to the host (a synchronisation point).
+    this copies the header to the host once (a synchronisation point).
     """
     if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
         got = f"{payload.dtype} tensor of shape {tuple(payload.shape)}" if isinstance(
@@ -150,7 +150,9 @@ def read_header(payload: torch.Tensor) -> Header:
         raise WireFormatError(
             f"payload of {total} bytes is shorter than the {FIXED_NBYTES}-byte fixed header"
         )
-    fixed = payload[:FIXED_NBYTES].cpu().numpy().tobytes()
+    # one host copy: the fixed part and the longest possible shape
+    head = payload[:min(total, header_nbytes(255))].cpu().numpy().tobytes()
+    fixed = head[:FIXED_NBYTES]
     (magic, version, codec_id, dtype_code, flags, ndim, _r0, param, seq, tag, _r1,
      body_nbytes) = _FIXED.unpack(fixed)
     if magic != MAGIC:
@@ -162,7 +164,7 @@ def read_header(payload: torch.Tensor) -> Header:
     hdr_nbytes = header_nbytes(ndim)
     if total < hdr_nbytes:
         raise WireFormatError(f"payload of {total} bytes is shorter than its {hdr_nbytes}-byte header")
-    shape = struct.unpack(f"<{ndim}Q", payload[FIXED_NBYTES:hdr_nbytes].cpu().numpy().tobytes())
+    shape = struct.unpack(f"<{ndim}Q", head[FIXED_NBYTES:hdr_nbytes])
     if total != hdr_nbytes + body_nbytes:
         raise WireFormatError(
             f"payload is {total} bytes but its header announces {hdr_nbytes} + {body_nbytes} bytes"

@@ -86,7 +86,7 @@ def run_codec_demo(
 ) -> list[CodecResult]:
     """Send the same drifting activation through one stream per codec; one result per codec."""
     configs = [CompressionConfig(codec=c, residual_order=residual_order,
-                                 warmup_steps=warmup_steps) for c in codecs]
+                                 warmup_steps=warmup_steps, track_error=True) for c in codecs]
     signal = DriftingActivation(*shape, dtype=dtype, seed=seed)
     first = next(signal)
     pairs = [(StreamEncoder("demo", first, cfg), StreamDecoder("demo", first, cfg))

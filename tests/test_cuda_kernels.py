@@ -11,7 +11,8 @@ import torch
 from compressed_comm.kernels import cupy_gpu, get_kernels
 
 KERNELS = [f"{name}_{s}" for s in ("f32", "f16", "bf16") for name in (
-    "abs_sums", "col_min_max", "col_abs_max", "binary_pack", "binary_apply", "minmax_pack",
+    "abs_sums", "col_min_max", "col_abs_max", "binary_pack", "binary_apply", "int2_levels",
+    "int2_pack", "int2_apply", "minmax_pack",
     "minmax_apply", "absmax_pack", "absmax_apply")] + [
     "binary_scales_finish", "min_max_finish", "abs_max_finish"]
 

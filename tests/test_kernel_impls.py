@@ -171,10 +171,18 @@ def test_numba_half_conversions_are_exact_and_round_to_nearest_even():
             out16[i] = numba_cpu._f32_to_f16_bits(values[i])
             outbf[i] = numba_cpu._f32_to_bf16_bits(values[i])
 
+    @numba.njit
+    def from_half(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = numba_cpu._f16_bits_to_f32(bits[i])
+
     every_half = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16)
-    lut = torch.from_numpy(numba_cpu._HALF_TO_FLOAT.copy())
+    widened = np.empty(1 << 16, np.float32)
+    from_half(every_half.view(torch.int16).numpy().view(np.uint16), widened)
     finite = torch.isfinite(every_half)
-    assert torch.equal(lut[finite], every_half.float()[finite])
+    assert torch.equal(torch.from_numpy(widened)[finite], every_half.float()[finite])
+    assert np.isnan(widened[~finite.numpy() & every_half.isnan().numpy()]).all()
+    assert np.array_equal(widened[every_half.isinf().numpy()], every_half.float()[every_half.isinf()].numpy())
     h = every_half.float()[finite]
     specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 65504.0, 65520.0, 2.0**-24,
                              2.0**-25, 3 * 2.0**-26, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11])

@@ -150,10 +150,18 @@ def test_order2_predicts_linear_drift_better_than_order1():
 
 def test_encoder_error_statistic_matches_the_reconstruction():
     signal = drifting(4)
-    enc, dec = pair(CompressionConfig(codec="int2"), signal[0])
+    enc, dec = pair(CompressionConfig(codec="int2", track_error=True), signal[0])
     for x in signal:
         xhat = dec.decode(enc.encode(x))
         assert math.isclose(enc.stats().last_rel_error, rel_err(x, xhat), rel_tol=1e-5)
+
+
+def test_error_statistic_is_off_by_default():
+    signal = drifting(2)
+    enc, dec = pair(CompressionConfig(codec="int2"), signal[0])
+    for x in signal:
+        dec.decode(enc.encode(x))
+    assert enc.stats().last_rel_error is None
 
 
 # ------------------------------------------------------------------ schedule
@@ -285,6 +293,40 @@ def test_non_finite_input_raises_and_leaves_the_stream_intact(bad):
     x[3, 2] = 0.0
     dec.decode(enc.encode(x))
     assert torch.equal(enc.reference, dec.reference)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("order", [0, 1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_input_is_caught_before_the_stream_changes(codec, order, dtype):
+    # The fused codecs find NaN/Inf in the pass that computes their scales; every codec and
+    # order must raise before touching the references, naming the stream and the step.
+    cfg = CompressionConfig(codec=codec, residual_order=order, warmup_steps=2)
+    xs = list(random_walk((16, 12), 4, dtype, seed=1))
+    enc, dec = pair(cfg, xs[0], name="blk3.v")
+    for x in xs[:3]:
+        dec.decode(enc.encode(x))
+    before = (enc.reference.clone(), dec.reference.clone())
+    bad = xs[3].clone()
+    bad[5, 7] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"'blk3.v'.*step 3.*1 NaN"):
+        enc.encode(bad)
+    assert enc.step == 3 and torch.equal(enc.reference, before[0])
+    dec.decode(enc.encode(xs[3]))  # the stream goes on as if the bad call never happened
+    assert torch.equal(enc.reference, dec.reference)
+    assert not torch.equal(dec.reference, before[1]) or codec == "identity"
+
+
+@pytest.mark.parametrize("codec", ["binary", "int2", "int8", "lowrank:3"])
+def test_inputs_that_require_grad_are_encoded_detached(codec):
+    x = torch.randn(8, 6, requires_grad=True)
+    enc, dec = pair(CompressionConfig(codec=codec), x.detach())
+    for step in range(3):
+        xs = x * (1 + 0.1 * step)
+        assert torch.equal(dec.decode(enc.encode(xs)), enc.reference)
+        assert not enc.reference.requires_grad
+    assert torch.equal(get_codec(codec).decode(get_codec(codec).encode(x)),
+                       get_codec(codec).decode(get_codec(codec).encode(x.detach())))
 
 
 def test_unchecked_nan_propagates_identically_until_a_keyframe():

@@ -26,7 +26,7 @@ def as_payload(raw: bytes) -> torch.Tensor:
 
 
 def hand_header(codec_id, dtype_code, shape, body_nbytes, param=0, seq=0, tag=0, flags=0,
-                magic=b"CC", version=1):
+                magic=b"CC", version=2):
     """The header bytes, field by field, from the docstring's table (little-endian)."""
     out = bytearray()
     out += magic                                  # 0  magic
@@ -93,7 +93,7 @@ def test_worked_example_bytes():
                  param=7, seq=0x01020304, tag=0xDEADBEEF, flags=1)
     expected = bytes.fromhex(
         "4343"              # magic "CC"
-        "01"                # version 1
+        "02"                # version 2
         "05"                # codec id 5 (binary)
         "03"                # dtype code 3 (bfloat16)
         "01"                # flags: keyframe
@@ -110,7 +110,7 @@ def test_worked_example_bytes():
     assert len(expected) == 48
     assert hdr.to_bytes() == expected
     # And the same bytes written with struct.
-    assert expected == struct.pack("<2sBBBBBBIIIIQQQ", b"CC", 1, 5, 3, 1, 2, 0, 7, 0x01020304,
+    assert expected == struct.pack("<2sBBBBBBIIIIQQQ", b"CC", 2, 5, 3, 1, 2, 0, 7, 0x01020304,
                                    0xDEADBEEF, 0, 0x1234, 3, 513)
     got = read_header(as_payload(expected + b"\x00" * 0x1234))
     assert got == hdr
@@ -119,7 +119,7 @@ def test_worked_example_bytes():
 
 def test_worked_example_scalar_float32():
     # A 0-d float32 tensor: 32-byte header, no shape entries.
-    expected = struct.pack("<2sBBBBBBIIIIQ", b"CC", 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 8)
+    expected = struct.pack("<2sBBBBBBIIIIQ", b"CC", 2, 0, 1, 0, 0, 0, 0, 0, 0, 0, 8)
     assert len(expected) == 32
     hdr = Header(codec_id=0, dtype=torch.float32, shape=(), body_nbytes=8)
     assert hdr.to_bytes() == expected
@@ -145,7 +145,7 @@ def test_bad_magic(magic):
         read_header(good_payload(hand_header(2, 1, (4, 6), 16, magic=magic)))
 
 
-@pytest.mark.parametrize("version", [0, 2, 255])
+@pytest.mark.parametrize("version", [0, 1, 3, 255])
 def test_bad_version(version):
     with pytest.raises(WireFormatError, match="version"):
         read_header(good_payload(hand_header(2, 1, (4, 6), 16, version=version)))

@@ -7,7 +7,7 @@ identity       0     the tensor itself (lossless)                               
 fp8            1     e4m3 with a per-channel scale                              8
 int8           2     symmetric per-channel                                      8
 int4           3     min-max per-channel                                        4
-int2           4     min-max per-channel                                        2
+int2           4     sign + magnitude bit, least-squares levels per row         2
 binary         5     sign bits times a rank-1 magnitude                         1
 lowrank:R      6     ``U diag(s) V^T`` of rank R, float16 factors               tiny
 lowrankq:R     7     as lowrank, factors int4                                   tinier
@@ -27,6 +27,7 @@ from .base import Codec
 from .binary import BinaryCodec
 from .fp8 import Fp8Codec
 from .identity import IdentityCodec
+from .int2 import Int2Codec
 from .intk import IntCodec
 from .lowrank import LowRankCodec
 from .topk import TopKCodec
@@ -38,6 +39,7 @@ __all__ = [
     "IdentityCodec",
     "Fp8Codec",
     "IntCodec",
+    "Int2Codec",
     "BinaryCodec",
     "LowRankCodec",
     "TopKCodec",
@@ -85,7 +87,7 @@ _BUILDERS: Mapping[str, Callable[[str, list[str], str | None], Codec]] = Mapping
     "fp8": _simple(lambda s, k: Fp8Codec(s, k), "fp8"),
     "int8": _simple(lambda s, k: IntCodec(s, 8, k), "int8"),
     "int4": _simple(lambda s, k: IntCodec(s, 4, k), "int4"),
-    "int2": _simple(lambda s, k: IntCodec(s, 2, k), "int2"),
+    "int2": _simple(lambda s, k: Int2Codec(s, k), "int2"),
     "binary": _simple(lambda s, k: BinaryCodec(s, k), "binary"),
     "lowrank": _lowrank(quantized=False),
     "lowrankq": _lowrank(quantized=True),

@@ -12,7 +12,7 @@ from ..errors import NonFiniteError, WireFormatError
 from ..kernels import Kernels, get_kernels
 from ..wire import Header, Layout, check_dtype, header_nbytes, read_header
 
-__all__ = ["Codec", "as_2d", "check_finite"]
+__all__ = ["Codec", "as_2d", "check_finite", "non_finite_error"]
 
 
 def as_2d(x: torch.Tensor) -> torch.Tensor:
@@ -30,12 +30,22 @@ def _nc(shape: tuple[int, ...]) -> tuple[int, int]:
 def check_finite(x: torch.Tensor, what: str, kernels: Kernels) -> None:
     """Raise :class:`NonFiniteError` if ``x`` holds NaN or Inf (synchronises on CUDA)."""
     if x.numel() and not kernels.all_finite(x):
-        nan = int(torch.isnan(x).sum())
-        inf = int(torch.isinf(x).sum())
-        raise NonFiniteError(
-            f"{what} contains {nan} NaN and {inf} Inf values of {x.numel()}; expected finite "
-            "values (set CompressionConfig(check_finite=False) to skip this check)"
+        raise non_finite_error(x, what)
+
+
+def non_finite_error(x: torch.Tensor, what: str) -> NonFiniteError:
+    """The error for a tensor ``x`` found to hold NaN or Inf (or to overflow a residual)."""
+    nan = int(torch.isnan(x).sum())
+    inf = int(torch.isinf(x).sum())
+    if nan == inf == 0:
+        return NonFiniteError(
+            f"{what}: its residual against the reference overflows float32; expected values "
+            "well inside the float32 range"
         )
+    return NonFiniteError(
+        f"{what} contains {nan} NaN and {inf} Inf values of {x.numel()}; expected finite "
+        "values (set CompressionConfig(check_finite=False) to skip this check)"
+    )
 
 
 class Codec(ABC):
@@ -54,6 +64,9 @@ class Codec(ABC):
     codec_id: ClassVar[int]
     #: Decoding reproduces the input bit for bit (residual coding is pointless).
     lossless: ClassVar[bool] = False
+    #: :meth:`encode_into` takes ``check`` and finds NaN/Inf in the pass that computes its
+    #: scales, returning False before writing anything (no separate pass over the input).
+    fused_check: ClassVar[bool] = False
 
     def __init__(self, spec: str, kernels: str | None = None) -> None:
         self.spec = spec
@@ -84,10 +97,14 @@ class Codec(ABC):
         ref_out: torch.Tensor | None,
         body: dict[str, torch.Tensor],
         state: Any,
-    ) -> None:
+    ) -> bool | None:
         """Encode the residual ``x - pred`` (``x`` if ``pred is None``) of 2-D ``x`` into the
         body sections and, if ``ref_out`` is given, write there exactly what
-        :meth:`decode_into` will reconstruct from those sections."""
+        :meth:`decode_into` will reconstruct from those sections.
+
+        Codecs with :attr:`fused_check` take a keyword ``check: bool`` and return False,
+        having written nothing to ``ref_out``, when ``check`` is set and the residual is not
+        finite (True otherwise)."""
 
     @abstractmethod
     def decode_into(
@@ -98,8 +115,13 @@ class Codec(ABC):
     # ------------------------------------------------------------------ public API
 
     def kernels(self, device: torch.device) -> Kernels:
-        """The kernel implementation this codec uses on ``device``."""
-        return get_kernels(device, self.kernels_impl)
+        """The kernel implementation this codec uses on ``device`` (resolved once per device
+        type, from ``kernels`` or ``$COMPRESSED_COMM_KERNELS`` as they were then)."""
+        cache = self.__dict__.setdefault("_kernels", {})
+        found = cache.get(device.type)
+        if found is None:
+            found = cache[device.type] = get_kernels(device, self.kernels_impl)
+        return found
 
     def payload_nbytes(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> int:
         """Exact size in bytes of the payload :meth:`encode` produces for ``shape``, ``dtype``."""
@@ -122,9 +144,9 @@ class Codec(ABC):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self.spec}: encode expects a torch.Tensor, got {type(x).__name__}")
         check_dtype(x.dtype, f"{self.spec}: input")
-        if check:
-            check_finite(x, f"{self.spec}: input", self.kernels(x.device))
-        return self.emit(as_2d(x), tuple(x.shape), None, None, self.header(tuple(x.shape), x.dtype))
+        return self.emit(as_2d(x.detach()), tuple(x.shape), None, None,
+                         self.header(tuple(x.shape), x.dtype),
+                         check=f"{self.spec}: input" if check else None)
 
     def decode(self, payload: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruct the tensor in ``payload``, into ``out`` if given (same shape and dtype)."""
@@ -161,18 +183,28 @@ class Codec(ABC):
         ref_out: torch.Tensor | None,
         header: Header,
         state: Any = None,
+        check: str | None = None,
     ) -> torch.Tensor:
-        """Allocate a payload, write ``header`` and the encoded body of 2-D ``x2``."""
+        """Allocate a payload, write ``header`` and the encoded body of 2-D ``x2``.
+
+        ``check`` (a description of ``x2`` for the message) rejects NaN/Inf input with
+        :class:`NonFiniteError` before ``ref_out`` is touched."""
         layout = self.layout(x2.shape[0], x2.shape[1], x2.dtype)
         payload = torch.empty(header.payload_nbytes, dtype=torch.uint8, device=x2.device)
         header.write(payload)
         body = payload[header.nbytes:]
         if x2.numel() == 0:
             body.zero_()
-        else:
-            for start, end in layout.gaps:  # no stale memory on the wire
-                body[start:end].zero_()
+            return payload
+        for start, end in layout.gaps:  # no stale memory on the wire
+            body[start:end].zero_()
+        if not self.fused_check:
+            if check is not None:
+                check_finite(x2, check, self.kernels(x2.device))
             self.encode_into(x2, pred, ref_out, layout.views(body), state)
+        elif not self.encode_into(x2, pred, ref_out, layout.views(body), state,
+                                  check=check is not None):
+            raise non_finite_error(x2, check)
         return payload
 
     def absorb(

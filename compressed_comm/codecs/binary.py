@@ -22,6 +22,7 @@ class BinaryCodec(Codec):
     """
 
     codec_id = 5
+    fused_check = True
 
     def layout(self, n: int, c: int, dtype: torch.dtype) -> Layout:
         return Layout(Section("row", torch.float32, n), Section("col", torch.float32, c),
@@ -29,9 +30,9 @@ class BinaryCodec(Codec):
 
     def encode_into(self, x: torch.Tensor, pred: torch.Tensor | None,
                     ref_out: torch.Tensor | None, body: dict[str, torch.Tensor],
-                    state: Any) -> None:
-        self.kernels(x.device).binary_encode(x, pred, ref_out, body["bits"], body["row"],
-                                             body["col"])
+                    state: Any, check: bool = False) -> bool:
+        return self.kernels(x.device).binary_encode(x, pred, ref_out, body["bits"], body["row"],
+                                                    body["col"], check)
 
     def decode_into(self, body: dict[str, torch.Tensor], pred: torch.Tensor | None,
                     out: torch.Tensor) -> None:

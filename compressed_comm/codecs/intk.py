@@ -1,4 +1,4 @@
-"""Integer codecs: int8 (symmetric) and int4/int2 (min-max), per-channel scales."""
+"""Integer codecs: int8 (symmetric) and int4 (min-max), per-channel scales."""
 
 from __future__ import annotations
 
@@ -18,26 +18,29 @@ class IntCodec(Codec):
 
     * ``int8``: symmetric, ``q = round(d / amax[c] * 127)``; zero stays exactly zero; error
       at most ``amax[c] / 254``.
-    * ``int4``, ``int2``: min-max (asymmetric, all 2**bits levels used),
+    * ``int4``: min-max (asymmetric, all 2**bits levels used),
       ``q = round((d - lo[c]) / span[c] * (2**bits - 1))``; error at most
       ``span[c] / (2 * (2**bits - 1))``.
 
+    (``int2`` is a sign codec: :class:`~compressed_comm.codecs.BinaryCodec` with two bits.)
     Per channel (last dim) because K/V outliers sit in channels and ``N`` (tokens) is large,
     so scales cost ``8 * C`` bytes (``4 * C`` for int8). Constant channels are exact.
     """
 
-    _IDS = {8: 2, 4: 3, 2: 4}
+    _IDS = {8: 2, 4: 3}
 
     def __init__(self, spec: str, bits: int, kernels: str | None = None) -> None:
         super().__init__(spec, kernels)
         if bits not in self._IDS:
-            raise ValueError(f"int codec bits must be one of 8, 4, 2; got {bits}")
+            raise ValueError(f"int codec bits must be 8 or 4; got {bits}")
         self.bits = bits
         self.symmetric = bits == 8
 
     @property
     def codec_id(self) -> int:  # type: ignore[override]
         return self._IDS[self.bits]
+
+    fused_check = True
 
     def layout(self, n: int, c: int, dtype: torch.dtype) -> Layout:
         codes = Section("codes", torch.uint8, packed_nbytes(n * c, self.bits))
@@ -47,12 +50,12 @@ class IntCodec(Codec):
 
     def encode_into(self, x: torch.Tensor, pred: torch.Tensor | None,
                     ref_out: torch.Tensor | None, body: dict[str, torch.Tensor],
-                    state: Any) -> None:
+                    state: Any, check: bool = False) -> bool:
         k = self.kernels(x.device)
         if self.symmetric:
-            k.absmax_encode(x, pred, ref_out, body["codes"], body["amax"], self.bits)
-        else:
-            k.minmax_encode(x, pred, ref_out, body["codes"], body["lo"], body["span"], self.bits)
+            return k.absmax_encode(x, pred, ref_out, body["codes"], body["amax"], self.bits, check)
+        return k.minmax_encode(x, pred, ref_out, body["codes"], body["lo"], body["span"],
+                               self.bits, check)
 
     def decode_into(self, body: dict[str, torch.Tensor], pred: torch.Tensor | None,
                     out: torch.Tensor) -> None:

@@ -48,11 +48,13 @@ class Kernels:
     unpack_bits: Callable[..., torch.Tensor]
     pack_uint: Callable[..., None]
     unpack_uint: Callable[..., torch.Tensor]
-    binary_encode: Callable[..., None]
+    binary_encode: Callable[..., bool]
     binary_decode: Callable[..., None]
-    minmax_encode: Callable[..., None]
+    int2_encode: Callable[..., bool]
+    int2_decode: Callable[..., None]
+    minmax_encode: Callable[..., bool]
     minmax_decode: Callable[..., None]
-    absmax_encode: Callable[..., None]
+    absmax_encode: Callable[..., bool]
     absmax_decode: Callable[..., None]
 
 
@@ -66,6 +68,8 @@ TORCH_KERNELS = Kernels(
     unpack_uint=torch_ref.torch_unpack_uint,
     binary_encode=torch_ref.torch_binary_encode,
     binary_decode=torch_ref.torch_binary_decode,
+    int2_encode=torch_ref.torch_int2_encode,
+    int2_decode=torch_ref.torch_int2_decode,
     minmax_encode=torch_ref.torch_minmax_encode,
     minmax_decode=torch_ref.torch_minmax_decode,
     absmax_encode=torch_ref.torch_absmax_encode,

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .torch_ref import (torch_all_finite, torch_error_norms, torch_pack_bits, torch_pack_uint,
+from .torch_ref import (INT2_SPLIT, torch_all_finite, torch_error_norms, torch_pack_bits, torch_pack_uint,
                         torch_unpack_bits, torch_unpack_uint)
 
 __all__ = ["probe", "source", "CUPY_KERNELS", "TILE", "OPTIONS", "KernelCompileError"]
@@ -108,7 +108,14 @@ def _pred_ref(x: torch.Tensor, pred: torch.Tensor | None, ref: torch.Tensor | No
             ref if ref is not None else x, _int(ref is not None))
 
 
-def cupy_binary_encode(x, pred, ref_out, bits, row, col) -> None:
+def _unchecked(x: torch.Tensor, check: bool) -> bool:
+    """Whether to go on encoding: False if ``check`` and ``x`` holds NaN/Inf (a host sync)."""
+    return not check or torch_all_finite(x)
+
+
+def cupy_binary_encode(x, pred, ref_out, bits, row, col, check: bool = False) -> bool:
+    if not _unchecked(x, check):
+        return False
     n, c = x.shape
     tiles = (n + TILE - 1) // TILE
     rows = torch.empty(n, dtype=torch.float64, device=x.device)
@@ -118,6 +125,7 @@ def cupy_binary_encode(x, pred, ref_out, bits, row, col) -> None:
     _launch("binary_scales_finish", None, 1, 1024, rows, partials, n, c, tiles, row, col)
     _launch("binary_pack", x.dtype, _grid((n * c + 7) // 8), THREADS, x, p, has_p, r, has_r,
             bits, row, col, n, c)
+    return True
 
 
 def cupy_binary_decode(bits, row, col, pred, out) -> None:
@@ -127,7 +135,36 @@ def cupy_binary_decode(bits, row, col, pred, out) -> None:
             has_p, out, n, c)
 
 
-def cupy_minmax_encode(x, pred, ref_out, codes, lo, span, bits: int) -> None:
+def cupy_int2_encode(x, pred, ref_out, codes, small, big, col, check: bool = False) -> bool:
+    import numpy as np
+    if not _unchecked(x, check):
+        return False
+    n, c = x.shape
+    tiles = (n + TILE - 1) // TILE
+    rows = torch.empty(n, dtype=torch.float64, device=x.device)
+    partials = torch.empty(max(tiles, 1), c, dtype=torch.float64, device=x.device)
+    row = torch.empty(n, dtype=torch.float32, device=x.device)
+    p, has_p, r, has_r = _pred_ref(x, pred, ref_out)
+    split = np.float32(INT2_SPLIT)
+    _launch("abs_sums", x.dtype, tiles, THREADS, x, p, has_p, n, c, rows, partials)
+    _launch("binary_scales_finish", None, 1, 1024, rows, partials, n, c, tiles, row, col)
+    _launch("int2_levels", x.dtype, n, THREADS, x, p, has_p, row, col, split, n, c, small, big)
+    _launch("int2_pack", x.dtype, _grid((n * c + 3) // 4), THREADS, x, p, has_p, r, has_r,
+            codes, row, col, small, big, split, n, c)
+    return True
+
+
+def cupy_int2_decode(codes, small, big, col, pred, out) -> None:
+    n, c = out.shape
+    p, has_p = (pred if pred is not None else out), _int(pred is not None)
+    _launch("int2_apply", out.dtype, _grid((n * c + 3) // 4), THREADS, codes, small, big, col,
+            p, has_p, out, n, c)
+
+
+def cupy_minmax_encode(x, pred, ref_out, codes, lo, span, bits: int,
+                       check: bool = False) -> bool:
+    if not _unchecked(x, check):
+        return False
     n, c = x.shape
     tiles = (n + TILE - 1) // TILE
     lo_parts = torch.empty(max(tiles, 1), c, device=x.device)
@@ -143,6 +180,7 @@ def cupy_minmax_encode(x, pred, ref_out, codes, lo, span, bits: int) -> None:
     per = 8 // bits
     _launch("minmax_pack", x.dtype, _grid((n * c + per - 1) // per), THREADS, x, p, has_p, r,
             has_r, codes, lo, span, _int(bits), n, c)
+    return True
 
 
 def cupy_minmax_decode(codes, lo, span, bits: int, pred, out) -> None:
@@ -153,7 +191,9 @@ def cupy_minmax_decode(codes, lo, span, bits: int, pred, out) -> None:
             span, _int(bits), p, has_p, out, n, c)
 
 
-def cupy_absmax_encode(x, pred, ref_out, codes, amax, bits: int) -> None:
+def cupy_absmax_encode(x, pred, ref_out, codes, amax, bits: int, check: bool = False) -> bool:
+    if not _unchecked(x, check):
+        return False
     if bits != 8:
         raise ValueError(f"CuPy absmax kernels take 8-bit codes, got {bits}")
     n, c = x.shape
@@ -167,6 +207,7 @@ def cupy_absmax_encode(x, pred, ref_out, codes, amax, bits: int) -> None:
         _launch("abs_max_finish", None, _grid(c), THREADS, parts, c, tiles, amax)
     _launch("absmax_pack", x.dtype, _grid(n * c), THREADS, x, p, has_p, r, has_r, codes, amax,
             n, c)
+    return True
 
 
 def cupy_absmax_decode(codes, amax, bits: int, pred, out) -> None:
@@ -185,6 +226,7 @@ def _cupy_kernels() -> Any:
         pack_bits=torch_pack_bits, unpack_bits=torch_unpack_bits,
         pack_uint=torch_pack_uint, unpack_uint=torch_unpack_uint,
         binary_encode=cupy_binary_encode, binary_decode=cupy_binary_decode,
+        int2_encode=cupy_int2_encode, int2_decode=cupy_int2_decode,
         minmax_encode=cupy_minmax_encode, minmax_decode=cupy_minmax_decode,
         absmax_encode=cupy_absmax_encode, absmax_decode=cupy_absmax_decode)
 

@@ -12,34 +12,30 @@ and ``int16`` (bfloat16) bit patterns, decoded with an exact lookup table (float
 shift (bfloat16), and encoded with round-to-nearest-even like torch. Compiled on first use
 and cached on disk (``cache=True``).
 
-Unless ``NUMBA_NUM_THREADS`` is set, numba gets as many threads as torch
-(``torch.get_num_threads()``, which follows ``OMP_NUM_THREADS``): numba's OpenMP workers
-spin between kernels, so one process per rank (torchrun) with a worker per core each
-starves the other ranks (a 2-rank tiny FLUX example on 2 cores: 13.3 s instead of 3.0 s).
-This only takes effect if numba is first imported here.
+Each call runs on as many numba threads as torch uses at that moment
+(``torch.get_num_threads()``, which follows ``OMP_NUM_THREADS`` and ``torch.set_num_threads``),
+capped by numba's pool (``NUMBA_NUM_THREADS``): numba's OpenMP workers spin between kernels, so
+one process per rank (torchrun) with a worker per core each starves the other ranks (a 2-rank
+tiny FLUX example on 2 cores: 13.3 s instead of 3.0 s).
 """
 
 from __future__ import annotations
 
-import os
-
+import numba
 import numpy as np
 import torch
-
-os.environ.setdefault("NUMBA_NUM_THREADS", str(torch.get_num_threads()))
-
-import numba  # after the thread count is set
 from numba import njit, prange, types
+from llvmlite import ir
 from numba.extending import intrinsic, overload
+
+from .torch_ref import INT2_SPLIT
 
 __all__ = [
     "numba_all_finite", "numba_error_norms", "numba_pack_bits", "numba_unpack_bits", "numba_pack_uint", "numba_unpack_uint",
-    "numba_binary_encode", "numba_binary_decode", "numba_minmax_encode", "numba_minmax_decode",
+    "numba_binary_encode", "numba_binary_decode", "numba_int2_encode", "numba_int2_decode", "numba_minmax_encode", "numba_minmax_decode",
     "numba_absmax_encode", "numba_absmax_decode",
 ]
 
-_HALF_TO_FLOAT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
-_HALF_TO_FLOAT.flags.writeable = False
 _FP16_MAX = np.float32(65504.0)
 _BF16_MAX = np.float32(3.3895313892515355e38)
 _FP32_MAX = np.float32(3.4028234663852886e38)
@@ -50,61 +46,41 @@ _FP32_MAX = np.float32(3.4028234663852886e38)
 @intrinsic
 def _u32_as_f32(typingctx, u):
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
+        return builder.bitcast(args[0], ir.FloatType())
     return types.float32(types.uint32), codegen
 
 
 @intrinsic
-def _f32_as_u32(typingctx, f):
+def _f16_bits_to_f32(typingctx, h):
+    # LLVM's fpext from half: one vcvtph2ps per 8 lanes on x86 with F16C, fcvt on arm64
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.uint32))
-    return types.uint32(types.float32), codegen
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
 
 
-def _load(v, lut):
-    """Element ``v`` (float32, float16 bits as uint16, bfloat16 bits as int16) as float32."""
+@intrinsic
+def _f32_to_f16_bits(typingctx, f):
+    # IEEE round to nearest even, as torch's float -> half
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.uint16(types.float32), codegen
 
 
-@overload(_load, inline="always")
-def _load_impl(v, lut):
-    if isinstance(v, types.Float):
-        return lambda v, lut: np.float32(v)
-    if v == types.uint16:
-        return lambda v, lut: lut[v]
-    if v == types.int16:
-        return lambda v, lut: _u32_as_f32(np.uint32(np.uint16(v)) << np.uint32(16))
+def _ld(a, r, j):
+    """``a[r, j]`` as float32 (float16 bits as uint16, bfloat16 bits as int16); 0 if a is None."""
+
+
+@overload(_ld)
+def _ld_impl(a, r, j):
+    if isinstance(a, types.NoneType):
+        return lambda a, r, j: np.float32(0.0)
+    if isinstance(a.dtype, types.Float):
+        return lambda a, r, j: np.float32(a[r, j])
+    if a.dtype == types.uint16:
+        return lambda a, r, j: _f16_bits_to_f32(a[r, j])
+    if a.dtype == types.int16:
+        return lambda a, r, j: _u32_as_f32(np.uint32(np.uint16(a[r, j])) << np.uint32(16))
     return None
-
-
-@njit(inline="always")
-def _f32_to_f16_bits(f):
-    # the IEEE round-to-nearest-even conversion of c10/FP16 (fp16_ieee_from_fp32_value)
-    base = (abs(f) * _u32_as_f32(np.uint32(0x77800000))) * _u32_as_f32(np.uint32(0x08800000))
-    w = _f32_as_u32(f)
-    shl1_w = np.uint32((w << np.uint32(1)) & np.uint32(0xFFFFFFFF))  # numba widens uint32 sums
-    sign = w & np.uint32(0x80000000)
-    bias = shl1_w & np.uint32(0xFF000000)
-    if bias < np.uint32(0x71000000):
-        bias = np.uint32(0x71000000)
-    base = _u32_as_f32((bias >> np.uint32(1)) + np.uint32(0x07800000)) + base
-    bits = _f32_as_u32(base)
-    nonsign = ((bits >> np.uint32(13)) & np.uint32(0x7C00)) + (bits & np.uint32(0x0FFF))
-    if shl1_w > np.uint32(0xFF000000):
-        nonsign = np.uint32(0x7E00)
-    return np.uint16((sign >> np.uint32(16)) | nonsign)
-
-
-@njit(inline="always")
-def _f32_to_bf16_bits(f):
-    if f != f:
-        return np.int16(0x7FC0)
-    u = _f32_as_u32(f)
-    rounded = (u + ((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)) >> np.uint32(16)
-    return np.int16(np.uint16(rounded))
-
-
-def _store(out, r, j, v):
-    """``out[r, j] = v`` saturated to the dtype's finite range and rounded to it."""
 
 
 @njit(inline="always")
@@ -113,22 +89,42 @@ def _saturate(v, big):
     return big if v > big else (-big if v < -big else v)
 
 
-@overload(_store)
-def _store_impl(out, r, j, v):
-    dt = out.dtype
-    if isinstance(dt, types.Float):
-        def impl(out, r, j, v):
-            out[r, j] = _saturate(v, _FP32_MAX)
+def _st(a, r, j, v):
+    """``a[r, j] = v`` saturated to the dtype's finite range and rounded to it (no-op if None)."""
+
+
+@overload(_st)
+def _st_impl(a, r, j, v):
+    if isinstance(a, types.NoneType):
+        return lambda a, r, j, v: None
+    if isinstance(a.dtype, types.Float):
+        def impl(a, r, j, v):
+            a[r, j] = _saturate(v, _FP32_MAX)
         return impl
-    if dt == types.uint16:
-        def impl(out, r, j, v):
-            out[r, j] = _f32_to_f16_bits(_saturate(v, _FP16_MAX))
+    if a.dtype == types.uint16:
+        def impl(a, r, j, v):
+            a[r, j] = _f32_to_f16_bits(_saturate(v, _FP16_MAX))
         return impl
-    if dt == types.int16:
-        def impl(out, r, j, v):
-            out[r, j] = _f32_to_bf16_bits(_saturate(v, _BF16_MAX))
+    if a.dtype == types.int16:
+        def impl(a, r, j, v):
+            a[r, j] = _f32_to_bf16_bits(_saturate(v, _BF16_MAX))
         return impl
     return None
+
+
+@intrinsic
+def _f32_as_u32(typingctx, f):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+@njit(inline="always")
+def _f32_to_bf16_bits(f):
+    # round to nearest even like torch; NaN -> the canonical quiet NaN 0x7FC0
+    u = _f32_as_u32(f)
+    rounded = (u + ((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)) >> np.uint32(16)
+    return np.int16(np.uint16(0x7FC0)) if f != f else np.int16(np.uint16(rounded))
 
 
 _ROUND_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
@@ -224,29 +220,29 @@ def _unpack_uint(packed, width, out):
 
 
 @njit(cache=True, parallel=True)
-def _count_non_finite(x, lut):
+def _count_non_finite(x):
     n, c = x.shape
     bad = 0
     for r in prange(n):
         row_bad = 0
         for j in range(c):
-            v = _load(x[r, j], lut)
+            v = _ld(x, r, j)
             row_bad += (v - v) != 0  # NaN and Inf give NaN
         bad += row_bad
     return bad
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc"})
-def _square_sums(x, ref, lut):
+def _square_sums(x, ref):
     n, c = x.shape
     err = 0.0
     tot = 0.0
     for r in prange(n):
-        e = 0.0
-        t = 0.0
+        e = np.float64(0.0)
+        t = np.float64(0.0)
         for j in range(c):
-            xv = _load(x[r, j], lut)
-            d = np.float64(xv - _load(ref[r, j], lut))
+            xv = _ld(x, r, j)
+            d = np.float64(xv - _ld(ref, r, j))
             e += d * d
             t += np.float64(xv) * np.float64(xv)
         err += e
@@ -254,10 +250,8 @@ def _square_sums(x, ref, lut):
     return err, tot
 
 
-
-
 @njit(cache=True, parallel=True, fastmath={"reassoc"})
-def _abs_sums(x, pred, lut, rows, parts):
+def _abs_sums(x, pred, rows, parts):
     n, c = x.shape
     nb = parts.shape[0]
     per = (n + nb - 1) // nb
@@ -265,16 +259,16 @@ def _abs_sums(x, pred, lut, rows, parts):
         for j in range(c):
             parts[b, j] = 0.0
         for r in range(b * per, min(n, (b + 1) * per)):
-            s = 0.0
+            s = np.float64(0.0)
             for j in range(c):
-                a = np.float64(abs(_load(x[r, j], lut) - _load(pred[r, j], lut)))
+                a = np.float64(abs(_ld(x, r, j) - _ld(pred, r, j)))
                 s += a
                 parts[b, j] += a
             rows[r] = s
 
 
 @njit(cache=True, parallel=True)
-def _col_min_max(x, pred, lut, lo_parts, hi_parts):
+def _col_min_max(x, pred, lo_parts, hi_parts):
     n, c = x.shape
     nb = lo_parts.shape[0]
     per = (n + nb - 1) // nb
@@ -284,15 +278,15 @@ def _col_min_max(x, pred, lut, lo_parts, hi_parts):
             hi_parts[b, j] = -np.inf
         for r in range(b * per, min(n, (b + 1) * per)):
             for j in range(c):
-                d = _load(x[r, j], lut) - _load(pred[r, j], lut)
-                if d < lo_parts[b, j] or d != d:
-                    lo_parts[b, j] = d
-                if d > hi_parts[b, j] or d != d:
-                    hi_parts[b, j] = d
+                d = _ld(x, r, j) - _ld(pred, r, j)
+                lo = lo_parts[b, j]
+                hi = hi_parts[b, j]
+                lo_parts[b, j] = d if (d < lo or d != d) else lo
+                hi_parts[b, j] = d if (d > hi or d != d) else hi
 
 
 @njit(cache=True, parallel=True)
-def _col_abs_max(x, pred, lut, parts):
+def _col_abs_max(x, pred, parts):
     n, c = x.shape
     nb = parts.shape[0]
     per = (n + nb - 1) // nb
@@ -301,124 +295,206 @@ def _col_abs_max(x, pred, lut, parts):
             parts[b, j] = 0.0
         for r in range(b * per, min(n, (b + 1) * per)):
             for j in range(c):
-                a = abs(_load(x[r, j], lut) - _load(pred[r, j], lut))
-                if a > parts[b, j] or a != a:
-                    parts[b, j] = a
+                a = abs(_ld(x, r, j) - _ld(pred, r, j))
+                m = parts[b, j]
+                parts[b, j] = a if (a > m or a != a) else m
 
 
 # --------------------------------------------------------------------------- quantise + pack
 #
-# The row kernels write codes of `bits` bits into `codes[r, :]`, `8 // bits` per byte: when a
-# row's codes fill whole bytes (C * bits % 8 == 0) that is the packed payload itself, rows
-# packing in parallel; otherwise the caller passes bits=8 (one code per byte) and packs the
-# flattened codes afterwards.
+# Every row kernel quantises one row into a one-code-per-byte buffer in a vectorisable loop,
+# storing the reconstruction as it goes, then packs the buffer into `codes[r, :]` (`8 // bits`
+# codes per byte) when a row's codes fill whole bytes (C * bits % 8 == 0: the payload itself,
+# rows packing in parallel); otherwise `codes` is an (N, C) one-code-per-byte array that the
+# caller packs afterwards. Decoders do the same in reverse.
 
 
-@njit(cache=True, parallel=True)
-def _binary_rows(x, pred, ref, codes, bits, row, col, lut):
-    n, c = x.shape
-    per = 8 // bits
-    for r in prange(n):
-        rv = row[r]
+@njit
+def _pack_row(buf, codes, r, bits):
+    if codes.shape[1] == buf.shape[0]:  # one code per byte
+        for j in range(buf.shape[0]):
+            codes[r, j] = buf[j]
+    else:
+        per = 8 // bits
         for jb in range(codes.shape[1]):
             byte = np.uint8(0)
             for k in range(per):
-                j = jb * per + k
-                pv = _load(pred[r, j], lut)
-                pos = _load(x[r, j], lut) - pv >= 0
-                byte |= np.uint8(pos) << np.uint8(k)
-                s = rv * col[j]
-                _store(ref, r, j, pv + (s if pos else -s))
+                byte |= buf[jb * per + k] << np.uint8(k * bits)
             codes[r, jb] = byte
 
 
-@njit(cache=True, parallel=True)
-def _binary_apply(codes, bits, row, col, pred, out, lut):
-    n, c = out.shape
-    per = 8 // bits
-    for r in prange(n):
-        rv = row[r]
+@njit
+def _unpack_row(codes, r, bits, buf):
+    if codes.shape[1] == buf.shape[0]:
+        for j in range(buf.shape[0]):
+            buf[j] = codes[r, j]
+    else:
+        per = 8 // bits
+        mask = np.uint8((1 << bits) - 1)
         for jb in range(codes.shape[1]):
             byte = codes[r, jb]
             for k in range(per):
-                j = jb * per + k
-                s = rv * col[j]
-                pos = (byte >> np.uint8(k)) & np.uint8(1)
-                _store(out, r, j, _load(pred[r, j], lut) + (s if pos else -s))
+                buf[jb * per + k] = (byte >> np.uint8(k * bits)) & mask
 
 
 @njit(cache=True, parallel=True)
-def _minmax_rows(x, pred, ref, codes, bits, lo, span, qmax, lut):
+def _binary_rows(x, pred, ref, codes, row, col):
     n, c = x.shape
-    per = 8 // bits
-    for r in prange(n):
-        q_row = np.empty(c, dtype=np.uint8)
-        for j in range(c):  # quantise the row (vectorises), then pack it
-            pv = _load(pred[r, j], lut)
-            d = _load(x[r, j], lut) - pv
-            sp = span[j]
-            q = np.float32(0.0)
-            if sp > 0:
-                q = _rint((d - lo[j]) / sp * qmax)
-                if q < 0:
-                    q = np.float32(0.0)
-                elif q > qmax:
-                    q = qmax
-            q_row[j] = np.uint8(q)
-            _store(ref, r, j, pv + (lo[j] + (q / qmax) * sp))
-        for jb in range(codes.shape[1]):
-            byte = np.uint8(0)
-            for k in range(per):
-                byte |= q_row[jb * per + k] << np.uint8(k * bits)
-            codes[r, jb] = byte
+    nb = min(n, 64)
+    per = (n + nb - 1) // nb
+    for b in prange(nb):
+        buf = np.empty(c, dtype=np.uint8)
+        for r in range(b * per, min(n, (b + 1) * per)):
+            rv = row[r]
+            for j in range(c):
+                pv = _ld(pred, r, j)
+                pos = _ld(x, r, j) - pv >= 0
+                s = rv * col[j]
+                buf[j] = np.uint8(pos)
+                _st(ref, r, j, pv + (s if pos else -s))
+            _pack_row(buf, codes, r, 1)
 
 
 @njit(cache=True, parallel=True)
-def _minmax_apply(codes, bits, lo, span, qmax, pred, out, lut):
+def _binary_apply(codes, row, col, pred, out):
     n, c = out.shape
-    per = 8 // bits
-    mask = np.uint8((1 << bits) - 1)
-    for r in prange(n):
-        for jb in range(codes.shape[1]):
-            byte = codes[r, jb]
-            for k in range(per):
-                j = jb * per + k
-                q = np.float32((byte >> np.uint8(k * bits)) & mask)
-                _store(out, r, j, _load(pred[r, j], lut) + (lo[j] + (q / qmax) * span[j]))
+    nb = min(n, 64)
+    per = (n + nb - 1) // nb
+    for b in prange(nb):
+        buf = np.empty(c, dtype=np.uint8)
+        for r in range(b * per, min(n, (b + 1) * per)):
+            _unpack_row(codes, r, 1, buf)
+            rv = row[r]
+            for j in range(c):
+                s = rv * col[j]
+                _st(out, r, j, _ld(pred, r, j) + (s if buf[j] else -s))
+
+
+@njit(cache=True, parallel=True, fastmath={"reassoc"})
+def _int2_rows(x, pred, ref, codes, row, col, small, big, split):
+    n, c = x.shape
+    nb = min(n, 64)
+    per = (n + nb - 1) // nb
+    for b in prange(nb):
+        buf = np.empty(c, dtype=np.uint8)
+        for r in range(b * per, min(n, (b + 1) * per)):
+            rv = row[r]
+            num_s = np.float64(0.0)
+            den_s = np.float64(0.0)
+            num_b = np.float64(0.0)
+            den_b = np.float64(0.0)
+            for j in range(c):  # split the row and sum each group's least-squares terms
+                d = _ld(x, r, j) - _ld(pred, r, j)
+                a = abs(d)
+                cj = col[j]
+                large = a >= (rv * cj) * split
+                ac = np.float64(a * cj)
+                c2 = np.float64(cj * cj)
+                num_b += ac if large else 0.0
+                den_b += c2 if large else 0.0
+                num_s += 0.0 if large else ac
+                den_s += 0.0 if large else c2
+                buf[j] = np.uint8(d >= 0) | (np.uint8(large) << np.uint8(1))
+            ls = np.float32(num_s / den_s) if den_s > 0 else rv
+            lb = np.float32(num_b / den_b) if den_b > 0 else rv
+            small[r] = ls
+            big[r] = lb
+            for j in range(c):  # the row is in cache: reconstruct it
+                q = buf[j]
+                m = (lb if q & np.uint8(2) else ls) * col[j]
+                pv = _ld(pred, r, j)
+                _st(ref, r, j, pv + (m if q & np.uint8(1) else -m))
+            _pack_row(buf, codes, r, 2)
 
 
 @njit(cache=True, parallel=True)
-def _absmax_rows(x, pred, ref, codes, amax, qmax, lut):
+def _int2_apply(codes, small, big, col, pred, out):
+    n, c = out.shape
+    nb = min(n, 64)
+    per = (n + nb - 1) // nb
+    for b in prange(nb):
+        buf = np.empty(c, dtype=np.uint8)
+        for r in range(b * per, min(n, (b + 1) * per)):
+            _unpack_row(codes, r, 2, buf)
+            ls = small[r]
+            lb = big[r]
+            for j in range(c):
+                q = buf[j]
+                m = (lb if q & np.uint8(2) else ls) * col[j]
+                _st(out, r, j, _ld(pred, r, j) + (m if q & np.uint8(1) else -m))
+
+
+@njit(cache=True, parallel=True)
+def _minmax_rows(x, pred, ref, codes, bits, lo, span, qmax):
+    n, c = x.shape
+    nb = min(n, 64)
+    per = (n + nb - 1) // nb
+    for b in prange(nb):
+        buf = np.empty(c, dtype=np.uint8)
+        for r in range(b * per, min(n, (b + 1) * per)):
+            for j in range(c):
+                pv = _ld(pred, r, j)
+                d = _ld(x, r, j) - pv
+                sp = span[j]
+                safe = sp if sp > 0 else np.float32(1.0)
+                q = _rint((d - lo[j]) / safe * qmax)
+                q = min(max(q, np.float32(0.0)), qmax) if sp > 0 else np.float32(0.0)
+                buf[j] = np.uint8(q)
+                _st(ref, r, j, pv + (lo[j] + (q / qmax) * sp))
+            _pack_row(buf, codes, r, bits)
+
+
+@njit(cache=True, parallel=True)
+def _minmax_apply(codes, bits, lo, span, qmax, pred, out):
+    n, c = out.shape
+    nb = min(n, 64)
+    per = (n + nb - 1) // nb
+    for b in prange(nb):
+        buf = np.empty(c, dtype=np.uint8)
+        for r in range(b * per, min(n, (b + 1) * per)):
+            _unpack_row(codes, r, bits, buf)
+            for j in range(c):
+                q = np.float32(buf[j])
+                _st(out, r, j, _ld(pred, r, j) + (lo[j] + (q / qmax) * span[j]))
+
+
+@njit(cache=True, parallel=True)
+def _absmax_rows(x, pred, ref, codes, amax, qmax):
     n, c = x.shape
     for r in prange(n):
         for j in range(c):
-            pv = _load(pred[r, j], lut)
-            d = _load(x[r, j], lut) - pv
+            pv = _ld(pred, r, j)
+            d = _ld(x, r, j) - pv
             am = amax[j]
             safe = am if am > 0 else np.float32(1.0)
-            q = _rint(d / safe * qmax)
-            if q < -qmax:
-                q = -qmax
-            elif q > qmax:
-                q = qmax
+            q = min(max(_rint(d / safe * qmax), -qmax), qmax)
             codes[r, j] = np.uint8(q + qmax)
-            _store(ref, r, j, pv + (q / qmax) * am)
+            _st(ref, r, j, pv + (q / qmax) * am)
 
 
 @njit(cache=True, parallel=True)
-def _absmax_apply(codes, amax, qmax, pred, out, lut):
+def _absmax_apply(codes, amax, qmax, pred, out):
     n, c = out.shape
     for r in prange(n):
         for j in range(c):
             q = np.float32(codes[r, j]) - qmax
-            _store(out, r, j, _load(pred[r, j], lut) + (q / qmax) * amax[j])
+            _st(out, r, j, _ld(pred, r, j) + (q / qmax) * amax[j])
 
 
 # --------------------------------------------------------------------------- torch <-> numpy
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    """A zero-copy numpy view: float16 as uint16 bits, bfloat16 as int16 bits."""
+def _threads() -> None:
+    """Run the next kernels on as many threads as torch uses now (within numba's pool)."""
+    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != want:
+        numba.set_num_threads(want)
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray | None:
+    """A zero-copy numpy view (float16 as uint16 bits, bfloat16 as int16 bits); None stays."""
+    if t is None:
+        return None
     if t.dtype == torch.float16:
         return t.view(torch.int16).numpy().view(np.uint16)
     if t.dtype == torch.bfloat16:
@@ -426,56 +502,44 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _operands(x: torch.Tensor, pred: torch.Tensor | None, ref_out: torch.Tensor | None
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x, pred (zeros if None) and ref (a scratch array if None) as numpy arrays."""
-    xn = _np(x)
-    pn = _np(pred) if pred is not None else np.zeros_like(xn)
-    rn = _np(ref_out) if ref_out is not None else np.empty_like(xn)
-    return xn, pn, rn
+def _as2(t: torch.Tensor) -> np.ndarray:
+    a = _np(t)
+    return a.reshape(-1, a.shape[-1]) if a.ndim >= 2 else a.reshape(1, -1)
 
 
 def _parts(n: int, c: int, fill: float = 0.0) -> np.ndarray:
     return np.full((_blocks(n), c), fill, dtype=np.float64)
 
 
-def _row_codes(packed: torch.Tensor, n: int, c: int, bits: int) -> tuple[np.ndarray, int, bool]:
+def _row_codes(packed: torch.Tensor, n: int, c: int, bits: int) -> tuple[np.ndarray, bool]:
     """Where the row kernels write ``bits``-bit codes: the payload itself viewed (n, bytes per
-    row) if rows fill whole bytes, else a one-code-per-byte temporary (then packed)."""
+    row) if rows fill whole bytes, else a one-code-per-byte (n, c) temporary (then packed)."""
     if (c * bits) % 8 == 0:
-        return packed.numpy().reshape(n, c * bits // 8), bits, True
-    return np.empty((n, c), dtype=np.uint8), 8, False
+        return packed.numpy().reshape(n, c * bits // 8), True
+    return np.empty((n, c), dtype=np.uint8), False
 
 
-def _unpacked_rows(packed: torch.Tensor, n: int, c: int, bits: int) -> tuple[np.ndarray, int]:
+def _unpacked_rows(packed: torch.Tensor, n: int, c: int, bits: int) -> np.ndarray:
     if (c * bits) % 8 == 0:
-        return packed.numpy().reshape(n, c * bits // 8), bits
+        return packed.numpy().reshape(n, c * bits // 8)
     codes = np.empty(n * c, dtype=np.uint8)
     _unpack_flat(packed.numpy(), bits, codes)
-    return codes.reshape(n, c), 8
-
-
-def _pred_out(pred: torch.Tensor | None, out: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    on = _np(out)
-    return (_np(pred) if pred is not None else np.zeros_like(on)), on
+    return codes.reshape(n, c)
 
 
 # --------------------------------------------------------------------------- public kernels
 
 
-def _as2(t: torch.Tensor) -> np.ndarray:
-    a = _np(t)
-    return a.reshape(-1, a.shape[-1]) if a.ndim >= 2 else a.reshape(1, -1)
-
-
 def numba_all_finite(x: torch.Tensor) -> bool:
-    return x.numel() == 0 or _count_non_finite(_as2(x.contiguous()), _HALF_TO_FLOAT) == 0
+    _threads()
+    return x.numel() == 0 or _count_non_finite(_as2(x.detach().contiguous())) == 0
 
 
 def numba_error_norms(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.float32)
-    err, tot = _square_sums(_as2(x.contiguous()), _as2(ref.contiguous()), _HALF_TO_FLOAT)
+    _threads()
+    err, tot = _square_sums(_as2(x.detach().contiguous()), _as2(ref.contiguous()))
     tiny = float(np.finfo(np.float32).tiny)
     return torch.tensor(np.sqrt(err) / max(np.sqrt(tot), tiny), dtype=torch.float32)
 
@@ -484,97 +548,146 @@ def numba_pack_bits(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     if bits == 8:
         out.copy_(codes)
         return
+    _threads()
     _pack_flat(codes.numpy(), bits, out.numpy())
 
 
 def numba_unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 8:
         return packed[:numel]
+    _threads()
     out = np.empty(numel, dtype=np.uint8)
     _unpack_flat(packed.numpy(), bits, out)
     return torch.from_numpy(out)
 
 
 def numba_pack_uint(values: torch.Tensor, width: int, out: torch.Tensor) -> None:
+    _threads()
     _pack_uint(values.contiguous().numpy(), width, out.numpy())
 
 
 def numba_unpack_uint(packed: torch.Tensor, width: int, numel: int) -> torch.Tensor:
+    _threads()
     out = np.empty(numel, dtype=np.int64)
     _unpack_uint(packed.numpy(), width, out)
     return torch.from_numpy(out)
 
 
-def numba_binary_encode(x, pred, ref_out, bits, row, col) -> None:
-    xn, pn, rn = _operands(x, pred, ref_out)
+def _abs_scales(xn, pn, row: np.ndarray, col: np.ndarray, check: bool) -> bool:
+    """binary's ``row`` and ``col`` (False, writing nothing, if ``check`` finds NaN/Inf)."""
     n, c = xn.shape
     rows = np.empty(n, dtype=np.float64)
     parts = _parts(n, c)
-    _abs_sums(xn, pn, _HALF_TO_FLOAT, rows, parts)
-    cols = parts.sum(axis=0)
-    mean = rows.sum() / max(n * c, 1)
+    _abs_sums(xn, pn, rows, parts)
+    total = rows.sum()
+    if check and not np.isfinite(total):
+        return False
+    mean = total / max(n * c, 1)
     with np.errstate(invalid="ignore", divide="ignore"):  # non-finite input passed unchecked
-        row.copy_(torch.from_numpy(rows / max(c, 1)))
-        col.copy_(torch.from_numpy((cols / max(n, 1)) / mean if mean > 0 else np.zeros(c)))
-    codes, width, packed = _row_codes(bits, n, c, 1)
-    _binary_rows(xn, pn, rn, codes, width, row.numpy(), col.numpy(), _HALF_TO_FLOAT)
+        row[:] = rows / max(c, 1)
+        col[:] = (parts.sum(axis=0) / max(n, 1)) / mean if mean > 0 else 0.0
+    return True
+
+
+def _emit_rows(kernel, xn, codes: torch.Tensor, bits: int, *args) -> None:
+    """Run a row kernel that writes ``bits``-bit codes, packing them afterwards if needed."""
+    n, c = xn.shape
+    rows_out, packed = _row_codes(codes, n, c, bits)
+    kernel(xn, args[0], args[1], rows_out, *args[2:])
     if not packed:
-        _pack_flat(codes.reshape(-1), 1, bits.numpy())
+        _pack_flat(rows_out.reshape(-1), bits, codes.numpy())
+
+
+def numba_binary_encode(x, pred, ref_out, bits, row, col, check: bool = False) -> bool:
+    _threads()
+    xn, pn = _np(x), _np(pred)
+    if not _abs_scales(xn, pn, row.numpy(), col.numpy(), check):
+        return False
+    _emit_rows(_binary_rows, xn, bits, 1, pn, _np(ref_out), row.numpy(), col.numpy())
+    return True
 
 
 def numba_binary_decode(bits, row, col, pred, out) -> None:
-    pn, on = _pred_out(pred, out)
-    codes, width = _unpacked_rows(bits, *on.shape, 1)
-    _binary_apply(codes, width, row.numpy(), col.numpy(), pn, on, _HALF_TO_FLOAT)
+    _threads()
+    on = _np(out)
+    _binary_apply(_unpacked_rows(bits, *on.shape, 1), row.numpy(), col.numpy(), _np(pred), on)
 
 
-def numba_minmax_encode(x, pred, ref_out, codes, lo, span, bits: int) -> None:
-    xn, pn, rn = _operands(x, pred, ref_out)
+def numba_int2_encode(x, pred, ref_out, codes, small, big, col, check: bool = False) -> bool:
+    _threads()
+    xn, pn = _np(x), _np(pred)
+    row = np.empty(xn.shape[0], dtype=np.float32)
+    if not _abs_scales(xn, pn, row, col.numpy(), check):
+        return False
+    _emit_rows(_int2_rows, xn, codes, 2, pn, _np(ref_out), row, col.numpy(), small.numpy(),
+               big.numpy(), np.float32(INT2_SPLIT))
+    return True
+
+
+def numba_int2_decode(codes, small, big, col, pred, out) -> None:
+    _threads()
+    on = _np(out)
+    _int2_apply(_unpacked_rows(codes, *on.shape, 2), small.numpy(), big.numpy(), col.numpy(),
+                _np(pred), on)
+
+
+def numba_minmax_encode(x, pred, ref_out, codes, lo, span, bits: int,
+                        check: bool = False) -> bool:
+    _threads()
+    xn, pn = _np(x), _np(pred)
     n, c = xn.shape
     if n == 0:
         lo.zero_()
         span.zero_()
     else:
         lo_parts, hi_parts = _parts(n, c, np.inf), _parts(n, c, -np.inf)
-        _col_min_max(xn, pn, _HALF_TO_FLOAT, lo_parts, hi_parts)
-        lo.copy_(torch.from_numpy(np.minimum.reduce(lo_parts, axis=0).astype(np.float32)))
-        hi = torch.from_numpy(np.maximum.reduce(hi_parts, axis=0).astype(np.float32))
-        span.copy_(hi - lo)
-    rows, width, packed = _row_codes(codes, n, c, bits)
-    _minmax_rows(xn, pn, rn, rows, width, lo.numpy(), span.numpy(),
-                 np.float32((1 << bits) - 1), _HALF_TO_FLOAT)
-    if not packed:
-        _pack_flat(rows.reshape(-1), bits, codes.numpy())
+        _col_min_max(xn, pn, lo_parts, hi_parts)
+        lo_n = np.minimum.reduce(lo_parts, axis=0).astype(np.float32)
+        hi_n = np.maximum.reduce(hi_parts, axis=0).astype(np.float32)
+        if check and not (np.isfinite(lo_n).all() and np.isfinite(hi_n).all()):
+            return False
+        lo.numpy()[:] = lo_n
+        with np.errstate(invalid="ignore", over="ignore"):
+            span.numpy()[:] = hi_n - lo_n
+    _emit_rows(_minmax_rows, xn, codes, bits, pn, _np(ref_out), bits, lo.numpy(), span.numpy(),
+               np.float32((1 << bits) - 1))
+    return True
 
 
 def numba_minmax_decode(codes, lo, span, bits: int, pred, out) -> None:
-    pn, on = _pred_out(pred, out)
-    rows, width = _unpacked_rows(codes, *on.shape, bits)
-    _minmax_apply(rows, width, lo.numpy(), span.numpy(), np.float32((1 << bits) - 1), pn, on,
-                  _HALF_TO_FLOAT)
+    _threads()
+    on = _np(out)
+    _minmax_apply(_unpacked_rows(codes, *on.shape, bits), bits, lo.numpy(), span.numpy(),
+                  np.float32((1 << bits) - 1), _np(pred), on)
 
 
-def numba_absmax_encode(x, pred, ref_out, codes, amax, bits: int) -> None:
+def numba_absmax_encode(x, pred, ref_out, codes, amax, bits: int, check: bool = False) -> bool:
     if bits != 8:
         raise ValueError(f"numba absmax kernels take 8-bit codes, got {bits}")
-    xn, pn, rn = _operands(x, pred, ref_out)
+    _threads()
+    xn, pn = _np(x), _np(pred)
     n, c = xn.shape
     if n == 0:
         amax.zero_()
     else:
         parts = _parts(n, c)
-        _col_abs_max(xn, pn, _HALF_TO_FLOAT, parts)
-        amax.copy_(torch.from_numpy(np.maximum.reduce(parts, axis=0).astype(np.float32)))
-    _absmax_rows(xn, pn, rn, codes.numpy().reshape(n, c), amax.numpy(), np.float32(127),
-                 _HALF_TO_FLOAT)
+        _col_abs_max(xn, pn, parts)
+        amax_n = np.maximum.reduce(parts, axis=0).astype(np.float32)
+        if check and not np.isfinite(amax_n).all():
+            return False
+        amax.numpy()[:] = amax_n
+    _absmax_rows(xn, pn, _np(ref_out), codes.numpy().reshape(n, c), amax.numpy(),
+                 np.float32(127))
+    return True
 
 
 def numba_absmax_decode(codes, amax, bits: int, pred, out) -> None:
     if bits != 8:
         raise ValueError(f"numba absmax kernels take 8-bit codes, got {bits}")
-    pn, on = _pred_out(pred, out)
-    _absmax_apply(codes.numpy().reshape(on.shape), amax.numpy(), np.float32(127), pn, on,
-                  _HALF_TO_FLOAT)
+    _threads()
+    on = _np(out)
+    _absmax_apply(codes.numpy().reshape(on.shape), amax.numpy(), np.float32(127), _np(pred), on)
+
 
 def numba_kernels():
     """The :class:`~compressed_comm.kernels.Kernels` bundle of this module."""
@@ -584,6 +697,7 @@ def numba_kernels():
         pack_bits=numba_pack_bits, unpack_bits=numba_unpack_bits,
         pack_uint=numba_pack_uint, unpack_uint=numba_unpack_uint,
         binary_encode=numba_binary_encode, binary_decode=numba_binary_decode,
+        int2_encode=numba_int2_encode, int2_decode=numba_int2_decode,
         minmax_encode=numba_minmax_encode, minmax_decode=numba_minmax_decode,
         absmax_encode=numba_absmax_encode, absmax_decode=numba_absmax_decode)
 

@@ -30,6 +30,8 @@ __all__ = [
     "torch_unpack_uint",
     "torch_binary_encode",
     "torch_binary_decode",
+    "torch_int2_encode",
+    "torch_int2_decode",
     "torch_minmax_encode",
     "torch_minmax_decode",
     "torch_absmax_encode",
@@ -129,7 +131,28 @@ def torch_error_norms(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(xf - ref.float()) / torch.linalg.vector_norm(xf).clamp_min(tiny)
 
 
-# --------------------------------------------------------------------------- binary
+# --------------------------------------------------------------------------- binary and int2
+
+#: int2 splits each row's residuals at ``|d| = INT2_SPLIT * row[n] * col[c]``: the decision
+#: threshold of the optimal 2-bit quantiser of a Gaussian in units of ``E|d|``.
+INT2_SPLIT = 1.2302517
+
+
+def _abs_scales(d: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> None:
+    """``row = mean_c |d|`` and ``col = mean_n |d| / mean |d|`` (float64 sums, float32 out)."""
+    n, c = d.shape
+    a = d.abs()
+    row_sum = a.sum(1, dtype=torch.float64)
+    col_sum = a.sum(0, dtype=torch.float64)
+    mean = row_sum.sum() / max(n * c, 1)
+    row.copy_(row_sum / max(c, 1))
+    col.copy_(torch.where(mean > 0, (col_sum / max(n, 1)) / mean, torch.zeros_like(col_sum)))
+
+
+def _finite_residual(x: torch.Tensor, pred: torch.Tensor | None, check: bool
+                     ) -> torch.Tensor | None:
+    d = residual(x, pred)
+    return None if check and not bool(torch.isfinite(d).all()) else d
 
 
 def torch_binary_encode(
@@ -139,24 +162,23 @@ def torch_binary_encode(
     bits: torch.Tensor,
     row: torch.Tensor,
     col: torch.Tensor,
-) -> None:
+    check: bool = False,
+) -> bool:
     """1-bit sign code with a rank-1 magnitude: ``dhat[n, c] = sign(d) * row[n] * col[c]``.
 
     ``row[n] = mean_c |d[n, c]|`` and ``col[c] = mean_n |d[n, c]| / mean |d|`` (0 if
     ``d == 0``), both float32, accumulated in float64 so that constant inputs are exact.
-    Zero maps to ``+``.
+    Zero maps to ``+``. With ``check``, a non-finite residual returns False before anything
+    is written; otherwise returns True.
     """
-    d = residual(x, pred)
-    n, c = d.shape
-    a = d.abs()
-    row_sum = a.sum(1, dtype=torch.float64)
-    col_sum = a.sum(0, dtype=torch.float64)
-    mean = row_sum.sum() / max(n * c, 1)
-    row.copy_(row_sum / max(c, 1))
-    col.copy_(torch.where(mean > 0, (col_sum / max(n, 1)) / mean, torch.zeros_like(col_sum)))
+    d = _finite_residual(x, pred, check)
+    if d is None:
+        return False
+    _abs_scales(d, row, col)
     torch_pack_bits((d >= 0).to(torch.uint8).view(-1), 1, bits)
     if ref_out is not None:
         torch_binary_decode(bits, row, col, pred, ref_out)
+    return True
 
 
 def torch_binary_decode(
@@ -173,6 +195,63 @@ def torch_binary_decode(
     write_reconstruction(out, pred, torch.where(positive, scale, -scale))
 
 
+def torch_int2_encode(
+    x: torch.Tensor,
+    pred: torch.Tensor | None,
+    ref_out: torch.Tensor | None,
+    codes: torch.Tensor,
+    small: torch.Tensor,
+    big: torch.Tensor,
+    col: torch.Tensor,
+    check: bool = False,
+) -> bool:
+    """2-bit code: the sign and one magnitude bit, ``dhat[n, c] = sign(d) * lv[n] * col[c]``.
+
+    ``row`` and ``col`` are binary's (:func:`torch_binary_encode`). Bit 1 of a code marks
+    ``|d| >= INT2_SPLIT * row[n] * col[c]``; in each row the two groups get the
+    least-squares levels ``lv = sum |d| * col / sum col**2`` over the group (float64 sums,
+    float32 ``small[n]`` and ``big[n]``; ``row[n]`` for an empty group). Binary's
+    ``lv = row[n]`` is one choice of levels, so int2's squared error is at most binary's
+    in every row; constant tensors are exact. Code = sign bit (zero maps to ``+``) |
+    magnitude bit << 1. With ``check``, a non-finite residual returns False before anything
+    is written.
+    """
+    d = _finite_residual(x, pred, check)
+    if d is None:
+        return False
+    n, c = d.shape
+    row = torch.empty(n, dtype=torch.float32, device=d.device)
+    _abs_scales(d, row, col)
+    a = d.abs()
+    large = a >= (row[:, None] * col[None, :]) * torch.tensor(INT2_SPLIT, device=d.device)
+    ad, c2 = (a * col).double(), (col * col).double().expand(n, c)
+    for levels, group in ((small, ~large), (big, large)):
+        num = torch.where(group, ad, 0.0).sum(1)
+        den = torch.where(group, c2, 0.0).sum(1)
+        safe = torch.where(den > 0, den, torch.ones_like(den))
+        levels.copy_(torch.where(den > 0, num / safe, row.double()))
+    q = (d >= 0).to(torch.uint8) | (large.to(torch.uint8) << 1)
+    torch_pack_bits(q.view(-1), 2, codes)
+    if ref_out is not None:
+        torch_int2_decode(codes, small, big, col, pred, ref_out)
+    return True
+
+
+def torch_int2_decode(
+    codes: torch.Tensor,
+    small: torch.Tensor,
+    big: torch.Tensor,
+    col: torch.Tensor,
+    pred: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """Write ``pred + sign * (small or big)[n] * col[c]`` into ``out``."""
+    n, c = out.shape
+    q = torch_unpack_bits(codes, 2, n * c).view(n, c)
+    mag = torch.where((q & 2) != 0, big[:, None], small[:, None]) * col[None, :]
+    write_reconstruction(out, pred, torch.where((q & 1) != 0, mag, -mag))
+
+
 # --------------------------------------------------------------------------- min-max int-k
 
 
@@ -184,15 +263,19 @@ def torch_minmax_encode(
     lo: torch.Tensor,
     span: torch.Tensor,
     bits: int,
-) -> None:
+    check: bool = False,
+) -> bool:
     """Asymmetric per-channel ``bits``-bit quantisation of the residual.
 
     Per channel ``c``: ``lo = min_n d``, ``span = max_n d - lo`` (float32), code
     ``q = round((d - lo) / span * (2**bits - 1))`` (half to even), and
     ``dhat = lo + (q / (2**bits - 1)) * span``. A constant channel has ``span = 0`` and is
     reproduced exactly. Error bound: ``|d - dhat| <= span / (2 * (2**bits - 1))`` plus rounding.
+    With ``check``, a non-finite residual returns False before anything is written.
     """
     d = residual(x, pred)
+    if check and not bool(torch.isfinite(d).all()):
+        return False
     qmax = (1 << bits) - 1
     if d.shape[0] == 0:
         lo.zero_()
@@ -205,6 +288,7 @@ def torch_minmax_encode(
     torch_pack_bits(q.clamp_(0, qmax).to(torch.uint8).view(-1), bits, codes)
     if ref_out is not None:
         torch_minmax_decode(codes, lo, span, bits, pred, ref_out)
+    return True
 
 
 def torch_minmax_decode(
@@ -232,15 +316,19 @@ def torch_absmax_encode(
     codes: torch.Tensor,
     amax: torch.Tensor,
     bits: int,
-) -> None:
+    check: bool = False,
+) -> bool:
     """Symmetric per-channel ``bits``-bit quantisation of the residual.
 
     Per channel ``c``: ``amax = max_n |d|`` (float32), ``q = round(d / amax * qmax)`` with
     ``qmax = 2**(bits-1) - 1`` (half to even) stored as ``q + qmax``, and
     ``dhat = (q / qmax) * amax``. Zero maps to zero exactly. Error bound:
-    ``|d - dhat| <= amax / (2 * qmax)`` plus rounding.
+    ``|d - dhat| <= amax / (2 * qmax)`` plus rounding. With ``check``, a non-finite residual
+    returns False before anything is written.
     """
     d = residual(x, pred)
+    if check and not bool(torch.isfinite(d).all()):
+        return False
     qmax = (1 << (bits - 1)) - 1
     if d.shape[0] == 0:
         amax.zero_()
@@ -251,6 +339,7 @@ def torch_absmax_encode(
     torch_pack_bits(q.to(torch.uint8).view(-1), bits, codes)
     if ref_out is not None:
         torch_absmax_decode(codes, amax, bits, pred, ref_out)
+    return True
 
 
 def torch_absmax_decode(

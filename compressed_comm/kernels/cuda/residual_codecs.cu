@@ -270,6 +270,71 @@ __device__ void absmax_apply(const unsigned char* codes, const float* amax, cons
     store(out + i, prediction(pred, has_pred, i) + __fmul_rn(__fdiv_rn(q, qmax), amax[i % c]));
 }
 
+// ---------------------------------------------------------------------------- int2
+
+// one block per row: the least-squares level of each group (|d| below or above split * s)
+template <typename T>
+__device__ void int2_levels(const T* x, const T* pred, int has_pred, const float* row,
+                            const float* col, float split, i64 n, i64 c, float* small,
+                            float* big) {
+    i64 r = blockIdx.x;
+    if (r >= n) return;
+    float rv = row[r];
+    double ns = 0.0, ds = 0.0, nb = 0.0, db = 0.0;
+    for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
+        float a = fabsf(residual(x, pred, has_pred, r * c + j));
+        float cj = col[j];
+        double ac = (double)(a * cj), c2 = (double)(cj * cj);
+        if (a >= (rv * cj) * split) { nb += ac; db += c2; } else { ns += ac; ds += c2; }
+    }
+    ns = block_sum(ns); ds = block_sum(ds); nb = block_sum(nb); db = block_sum(db);
+    if (threadIdx.x == 0) {
+        small[r] = ds > 0.0 ? (float)(ns / ds) : rv;
+        big[r] = db > 0.0 ? (float)(nb / db) : rv;
+    }
+}
+
+// one thread per output byte: 4 consecutive elements of the flattened (N, C) array
+template <typename T>
+__device__ void int2_pack(const T* x, const T* pred, int has_pred, T* ref, int has_ref,
+                          unsigned char* codes, const float* row, const float* col,
+                          const float* small, const float* big, float split, i64 n, i64 c) {
+    i64 b = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    i64 total = n * c;
+    if (b * 4 >= total) return;
+    i64 i = b * 4, r = i / c, j = i - r * c;
+    unsigned char byte = 0;
+    for (int k = 0; k < 4 && i < total; ++k, ++i) {
+        float pv = prediction(pred, has_pred, i);
+        float d = to_f32(x[i]) - pv;
+        bool large = fabsf(d) >= (row[r] * col[j]) * split;
+        bool pos = d >= 0.0f;
+        byte |= (unsigned char)(pos | (large << 1)) << (2 * k);
+        if (has_ref) {
+            float m = (large ? big[r] : small[r]) * col[j];
+            store(ref + i, pv + (pos ? m : -m));
+        }
+        if (++j == c) { j = 0; ++r; }
+    }
+    codes[b] = byte;
+}
+
+template <typename T>
+__device__ void int2_apply(const unsigned char* codes, const float* small, const float* big,
+                           const float* col, const T* pred, int has_pred, T* out, i64 n, i64 c) {
+    i64 b = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    i64 total = n * c;
+    if (b * 4 >= total) return;
+    i64 i = b * 4, r = i / c, j = i - r * c;
+    unsigned char byte = codes[b];
+    for (int k = 0; k < 4 && i < total; ++k, ++i) {
+        unsigned q = (byte >> (2 * k)) & 3u;
+        float m = ((q & 2u) ? big[r] : small[r]) * col[j];
+        store(out + i, prediction(pred, has_pred, i) + ((q & 1u) ? m : -m));
+        if (++j == c) { j = 0; ++r; }
+    }
+}
+
 // ---------------------------------------------------------------------------- entry points
 
 #define ENTRY_POINTS(S, T)                                                                        \
@@ -288,6 +353,16 @@ extern "C" __global__ void binary_pack_##S(const T* x, const T* pred, int has_pr
 extern "C" __global__ void binary_apply_##S(const unsigned char* bits, const float* row,          \
         const float* col, const T* pred, int has_pred, T* out, i64 n, i64 c) {                    \
     binary_apply<T>(bits, row, col, pred, has_pred, out, n, c); }                                 \
+extern "C" __global__ void int2_levels_##S(const T* x, const T* pred, int has_pred,            \
+        const float* row, const float* col, float split, i64 n, i64 c, float* small, float* big) { \
+    int2_levels<T>(x, pred, has_pred, row, col, split, n, c, small, big); }                       \
+extern "C" __global__ void int2_pack_##S(const T* x, const T* pred, int has_pred, T* ref,         \
+        int has_ref, unsigned char* codes, const float* row, const float* col, const float* small, \
+        const float* big, float split, i64 n, i64 c) {                                             \
+    int2_pack<T>(x, pred, has_pred, ref, has_ref, codes, row, col, small, big, split, n, c); }    \
+extern "C" __global__ void int2_apply_##S(const unsigned char* codes, const float* small,         \
+        const float* big, const float* col, const T* pred, int has_pred, T* out, i64 n, i64 c) {  \
+    int2_apply<T>(codes, small, big, col, pred, has_pred, out, n, c); }                           \
 extern "C" __global__ void minmax_pack_##S(const T* x, const T* pred, int has_pred, T* ref,       \
         int has_ref, unsigned char* codes, const float* lo, const float* span, int bits, i64 n,   \
         i64 c) {                                                                                   \
