@@ -13,7 +13,8 @@ Core API:
 * :class:`CompressionConfig` -- every knob in one frozen dataclass;
 * :class:`CompressedGroup` -- compressed send/recv, all-gather, ring pass and all-to-all
   over a :class:`Transport` (:class:`TorchDistTransport` for torch.distributed);
-* :func:`wrap_process_group` -- a drop-in process group for plain ``torch.distributed`` code.
+* :func:`wrap_process_group` -- a drop-in process group for plain ``torch.distributed`` code;
+* :func:`warmup` -- compile the kernels ahead of the first request.
 """
 
 from .codecs import Codec, available_codecs, get_codec
@@ -33,6 +34,7 @@ from .process_group import CompressedProcessGroup, wrap_process_group
 from .session import Session, SessionStats
 from .stream import StreamDecoder, StreamEncoder, StreamStats
 from .transport import P2POp, TorchDistTransport, Transport, Work
+from .warmup import warmup
 from .wire import Header, read_header
 
 __version__ = "0.1.0"
@@ -66,4 +68,5 @@ __all__ = [
     "UnsupportedDtypeError",
     "CommError",
     "CommTimeoutError",
+    "warmup",
 ]
