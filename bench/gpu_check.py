@@ -7,8 +7,12 @@
    compiles the CUDA source with nvcc);
 2. times each fused kernel against the torch reference on the same GPU and reports the
    achieved GB/s against a device-to-device copy of the same bytes (bench/kernels.py);
-3. runs a short compressed all-gather through the streams on the GPU and checks that sender
-   and receiver references stay bit-identical.
+3. runs short closed-loop streams on the GPU and checks that sender and receiver references
+   stay bit-identical;
+4. checks that encode and decode make no host synchronisation (``torch.cuda.
+   set_sync_debug_mode("error")``) with ``check_finite=False`` (the NaN/Inf check on CUDA
+   synchronises, as documented);
+5. prints the stream table of what users get (bench/stream.py on the GPU).
 Everything printed is also written to DIR/gpu_check.txt (default: the current folder).
 """
 
@@ -32,6 +36,9 @@ def main() -> int:
         [sys.executable, "bench/kernels.py", "--device", "cuda", "--impls", "torch,cupy",
          "--dtypes", "float16,bfloat16,float32", "--repeat", "20"],
         [sys.executable, "-c", STREAM_CHECK],
+        [sys.executable, "-c", SYNC_CHECK],
+        [sys.executable, "bench/stream.py", "--device", "cuda", "--threads", "1",
+         "--repeat", "20"],
     ]
     log = []
     status = 0
@@ -62,6 +69,29 @@ for codec in ('binary', 'int2', 'int4', 'int8'):
             assert torch.equal(enc.reference, dec.reference), (codec, dtype, step)
         err = float((enc.reference.float() - x.float()).norm() / x.float().norm())
         print(f'{codec:<7} {str(dtype):<15} 10 steps bit-identical, rel. error {err:.3e}')
+"""
+SYNC_CHECK = """
+import torch
+from compressed_comm import CompressionConfig, Session
+for codec in ('binary', 'int2', 'int4', 'int8', 'lowrank:8'):
+    x = torch.randn(4096, 3072, device='cuda').half()
+    cfg = CompressionConfig(codec=codec, check_finite=False)
+    enc = Session(cfg, rank=0).encoder('kv', x)
+    dec = Session(cfg, rank=1).decoder('kv', 0, x)
+    dec.decode(enc.encode(x))  # the keyframe
+    payload = enc.encode(x)
+    torch.cuda.synchronize()
+    found = {}
+    for what, call in (('decode', lambda: dec.decode(payload)), ('encode', lambda: enc.encode(x))):
+        torch.cuda.set_sync_debug_mode('error')
+        try:
+            call()
+            found[what] = 'no host sync'
+        except RuntimeError as e:
+            found[what] = 'host sync: ' + str(e).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    print(f'{codec:<10} encode: {found["encode"]}; decode: {found["decode"]}')
 """
 
 if __name__ == "__main__":
