@@ -1,33 +1,55 @@
 """Compressed vs raw collectives over real gloo, measured side by side in one run.
 
-    python bench/collectives.py [--world 4] [--shape 4096 3072] [--codecs binary,int4] [--repeat 3]
+    python bench/collectives.py [--world 4] [--shape 4096 3072] [--dtype float16]
+        [--codecs binary,int2,int4,lowrank:8] [--repeat 5] [--rate R] [--timeout 1800]
+    python bench/collectives.py --rate 1gbit      # the ranks share a 1 Gbit/s link
+    python bench/collectives.py --rate 100mbit    # ... a 100 Mbit/s link
+    python bench/collectives.py --rate 10gbit     # ... a 10 Gbit/s link
 
-Spawns ``world`` processes on this machine (gloo over loopback). Each rank holds a
-(4096, 3072) float16 activation that drifts a little every step. For the plain
-``torch.distributed`` all-gather and ring pass (raw) and for :class:`CompressedGroup` with each
-codec, it reports the median wall time per call (encode + transfer + decode, residual order 1,
-after the warmup keyframe), the time ratio raw / compressed, and the bytes each rank sends.
-On loopback the link is fast and the torch reference kernels are slow, so this mostly
-measures kernel cost; on a real network the byte ratio dominates.
+Spawns ``world`` processes on this machine (gloo over loopback, one torch and one numba
+thread each; all are killed after ``--timeout`` seconds). Each rank holds a (4096, 3072)
+float16 activation that drifts a little every step. For the plain ``torch.distributed``
+all-gather and a ``batch_isend_irecv`` ring pass (raw) and for :class:`CompressedGroup` with
+each codec (default config, residual order 1, after the warmup keyframe), it reports the
+median wall time per call of the slowest rank (encode + transfer + decode), the speedup
+raw / compressed, and the bytes each rank sends per call.
+
+Without ``--rate`` the link is plain loopback: fast, so this mostly measures kernel cost.
+With ``--rate R`` (a ``tc`` rate) the ranks run in a fresh network namespace whose loopback
+is shaped by a token bucket (``tc qdisc ... tbf rate R burst 256kb``). All ranks' traffic
+shares that one bucket: it models one link of rate R for the whole group, not R per rank, so
+while every rank sends at once each gets about R / world (and the 256 kB burst lets small
+messages through unshaped). This needs root and iproute2 (``ip``, ``tc``); the namespace is
+deleted afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from compressed_comm import CompressedGroup, CompressionConfig, get_codec
+from compressed_comm import CompressedGroup, CompressionConfig
+
+OP_TIMEOUT_S = 300  # gloo and CompressedGroup: no single collective waits longer than this
+Row = tuple[str, str, float, int]  # op, method, seconds per call, bytes sent per rank per call
 
 
-def _median_s(fn, repeat: int) -> float:
+def _median_s(fn: Callable[[], object], repeat: int) -> float:
     times = []
     for _ in range(repeat):
         dist.barrier()
@@ -51,61 +73,131 @@ def _raw_ring(x: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _worker(rank: int, world: int, init: str, shape: tuple[int, int], codecs: list[str],
-            repeat: int) -> None:
+def _time_compressed(op: str, codec: str, drift: list[torch.Tensor], repeat: int) -> Row:
+    """Time ``CompressedGroup.all_gather`` or ``.ring_pass`` (default config) after warmup."""
+    group = CompressedGroup(None, CompressionConfig(codec=codec), timeout=OP_TIMEOUT_S)
+    call = group.all_gather if op == "all_gather" else group.ring_pass
+    call(drift[0], stream="kv")  # warmup keyframe (sent in full)
+    steps, sent = iter(drift[1:]), group.bytes_sent
+    seconds = _median_s(lambda: call(next(steps), stream="kv"), repeat)
+    return op, codec, seconds, (group.bytes_sent - sent) // repeat
+
+
+def _worker(rank: int, args: argparse.Namespace, init: str) -> None:
     torch.set_num_threads(1)
+    world, shape, dtype = args.world, tuple(args.shape), getattr(torch, args.dtype)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=600))
+                            timeout=datetime.timedelta(seconds=OP_TIMEOUT_S))
     gen = torch.Generator().manual_seed(rank)
     base = torch.randn(*shape, generator=gen)
-    drift = [(base + 0.02 * i * torch.randn(*shape, generator=gen)).half()
-             for i in range(repeat + 1)]
+    drift = [(base + 0.02 * i * torch.randn(*shape, generator=gen)).to(dtype)
+             for i in range(args.repeat + 1)]
     x = drift[0]
-    rows = []
-    raw_bytes = x.nbytes * (world - 1)
+    raw_bytes = x.nbytes * (world - 1)  # gloo's all-gather is a ring too: world - 1 blocks
 
     def gather_raw() -> None:
-        outs = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(outs, x)
+        dist.all_gather([torch.empty_like(x) for _ in range(world)], x)
 
-    rows.append(("all_gather", "raw", _median_s(gather_raw, repeat), raw_bytes))
-    rows.append(("ring", "raw", _median_s(lambda: _raw_ring(x), repeat), raw_bytes))
-    for codec in codecs:
-        for op in ("all_gather", "ring"):
-            group = CompressedGroup(None, CompressionConfig(codec=codec, track_error=False),
-                                    timeout=600)
-            call = group.all_gather if op == "all_gather" else group.ring_pass
-            call(drift[0], stream="kv")  # warmup keyframe
-            steps = iter(drift[1:])
-            seconds = _median_s(lambda: call(next(steps), stream="kv"), repeat)
-            # both move world - 1 payloads per rank (gloo's all-gather is a ring too)
-            payload = get_codec(codec).payload_nbytes(shape, torch.float16)
-            rows.append((op, codec, seconds, payload * (world - 1)))
+    rows: list[Row] = [("all_gather", "raw", _median_s(gather_raw, args.repeat), raw_bytes),
+                       ("ring", "raw", _median_s(lambda: _raw_ring(x), args.repeat), raw_bytes)]
+    rows += [_time_compressed(op, codec, drift, args.repeat)
+             for codec in args.codecs.split(",") for op in ("all_gather", "ring")]
+    slowest = torch.tensor([seconds for _, _, seconds, _ in rows], dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     if rank == 0:
-        raw_time = {op: s for op, c, s, _ in rows if c == "raw"}
-        print(f"{world} ranks, gloo over loopback, ({shape[0]}, {shape[1]}) float16 per rank, "
-              f"median of {repeat} calls, torch threads 1 per rank")
-        head = (f"{'op':<11} {'method':<8} {'ms/call':>9} {'speedup':>8} "
-                f"{'bytes sent/rank':>16} {'byte ratio':>10}")
-        print(head)
-        print("-" * len(head))
-        for op, codec, seconds, sent_bytes in rows:
-            print(f"{op:<11} {codec:<8} {1e3 * seconds:>9.1f} {raw_time[op] / seconds:>7.2f}x "
-                  f"{sent_bytes:>16,} {raw_bytes / sent_bytes:>9.1f}x")
+        _print_table([(op, m, s, b) for (op, m, _, b), s in zip(rows, slowest.tolist())], args)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _print_table(rows: list[Row], args: argparse.Namespace) -> None:
+    link = f"loopback shaped to {args.rate} (tbf)" if args.rate else "loopback (no --rate)"
+    print(f"{args.world} ranks, gloo over {link}, "
+          f"({args.shape[0]}, {args.shape[1]}) {args.dtype} per rank, median of {args.repeat} "
+          "calls (slowest rank), 1 thread per rank")
+    head = (f"{'op':<11} {'method':<10} {'ms/call':>9} {'speedup':>8} "
+            f"{'bytes sent/rank':>16} {'byte ratio':>10}")
+    print(head + "\n" + "-" * len(head))
+    raw = {op: (seconds, nbytes) for op, method, seconds, nbytes in rows if method == "raw"}
+    for op, method, seconds, nbytes in rows:
+        print(f"{op:<11} {method:<10} {1e3 * seconds:>9.1f} {raw[op][0] / seconds:>7.2f}x "
+              f"{nbytes:>16,} {raw[op][1] / nbytes:>9.1f}x", flush=True)
+
+
+def _fail(why: str) -> NoReturn:
+    """Say why ``--rate`` cannot be set up and exit with status 2."""
+    print(f"collectives.py: --rate {why}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _netns_problem() -> str | None:
+    """Why a rate-limited namespace cannot be made here (None: it can be tried)."""
+    if os.geteuid() != 0:
+        return "not running as root"
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    return f"{' and '.join(missing)} not found on PATH" if missing else None
+
+
+def _setup(*cmd: str) -> None:
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if done.returncode:
+        _fail(f"set-up failed: `{' '.join(cmd)}`: {done.stderr.strip() or done.returncode}")
+
+
+@contextlib.contextmanager
+def _shaped_netns(rate: str) -> Iterator[str]:
+    """A fresh network namespace whose loopback (up) sends at most ``rate``; deleted on exit."""
+    if problem := _netns_problem():
+        _fail(f"needs root and iproute2 (ip, tc) for a shaped network namespace: {problem}")
+    name = f"ccbench{os.getpid()}"
+    _setup("ip", "netns", "add", name)
+    try:
+        _setup("ip", "-n", name, "link", "set", "lo", "up")
+        _setup("ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
+               "rate", rate, "burst", "256kb", "latency", "50ms")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def _run_ranks(cmd: list[str], timeout: float) -> int:
+    """Run ``cmd`` (which spawns the ranks) in its own process group, killed after ``timeout``,
+    with one OpenMP and numba thread per rank (set before numba is imported), gloo on lo."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"collectives.py: timed out after {timeout:.0f} s (--timeout); killed the ranks",
+              file=sys.stderr)
+        return 124
+    finally:
+        if proc.returncode is None:  # timed out or interrupted: end the ranks' process group
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--shape", type=int, nargs=2, default=(4096, 3072))
-    p.add_argument("--codecs", default="binary,int4")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    p.add_argument("--codecs", default="binary,int2,int4,lowrank:8")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--rate", help="shape loopback to this tc rate (1gbit, 100mbit, 10gbit)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="kill the run after (s)")
+    p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)  # run the ranks here
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(args.world, os.path.join(tmp, "store"), tuple(args.shape),
-                                args.codecs.split(","), args.repeat), nprocs=args.world)
+    if args.inner:
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_worker, args=(args, os.path.join(tmp, "store")), nprocs=args.world)
+        return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still kill ranks, delete netns
+    inner = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--inner"]
+    with contextlib.ExitStack() as stack:
+        if args.rate:
+            inner = ["ip", "netns", "exec", stack.enter_context(_shaped_netns(args.rate)), *inner]
+        sys.exit(_run_ranks(inner, args.timeout))
 
 
 if __name__ == "__main__":
