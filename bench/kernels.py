@@ -2,9 +2,11 @@
 
     python bench/kernels.py [--shape 4096 3072] [--dtypes float32,float16] [--impls torch,numba]
 
-For each codec's kernels (binary, int2, int4, int8) it times one closed-loop encode (residual
-against a prediction, scales, quantise, pack, update the reference) and one decode (unpack,
-dequantise, add into the reference) per implementation, and reports:
+For each codec's kernels (binary, int2, int4, int8), called through the codec's
+``encode_into``/``decode_into`` (no payload header, no stream: ``bench/stream.py`` measures
+what users get), it times one closed-loop encode (residual against a prediction, scales,
+quantise, pack, update the reference) and one decode (unpack, dequantise, add into the
+reference) per implementation, and reports:
 
 * ms per call and the speedup over the torch reference;
 * achieved bandwidth: the bytes the operation must read and write (encode: x and the
@@ -23,10 +25,11 @@ import time
 
 import torch
 
-from compressed_comm.kernels import get_kernels, packed_nbytes
+from compressed_comm import get_codec
+from compressed_comm.kernels import get_kernels
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CODECS = {"binary": 1, "int2": 2, "int4": 4, "int8": 8}
+CODECS = ("binary", "int2", "int4", "int8")
 
 
 def _sync(device: torch.device) -> None:
@@ -46,34 +49,11 @@ def median_ms(fn, device: torch.device, repeat: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def sections(codec: str, n: int, c: int, device: torch.device) -> dict[str, torch.Tensor]:
-    bits = CODECS[codec]
-    out = {"codes": torch.empty(packed_nbytes(n * c, bits), dtype=torch.uint8, device=device)}
-    if codec == "binary":
-        out.update(row=torch.empty(n, device=device), col=torch.empty(c, device=device))
-    elif codec == "int8":
-        out.update(amax=torch.empty(c, device=device))
-    else:
-        out.update(lo=torch.empty(c, device=device), span=torch.empty(c, device=device))
-    return out
-
-
-def encode(k, codec, x, pred, ref, s):
-    if codec == "binary":
-        k.binary_encode(x, pred, ref, s["codes"], s["row"], s["col"])
-    elif codec == "int8":
-        k.absmax_encode(x, pred, ref, s["codes"], s["amax"], 8)
-    else:
-        k.minmax_encode(x, pred, ref, s["codes"], s["lo"], s["span"], CODECS[codec])
-
-
-def decode(k, codec, pred, out, s):
-    if codec == "binary":
-        k.binary_decode(s["codes"], s["row"], s["col"], pred, out)
-    elif codec == "int8":
-        k.absmax_decode(s["codes"], s["amax"], 8, pred, out)
-    else:
-        k.minmax_decode(s["codes"], s["lo"], s["span"], CODECS[codec], pred, out)
+def sections(codec: str, n: int, c: int, dtype: torch.dtype,
+             device: torch.device) -> dict[str, torch.Tensor]:
+    """The codec's body sections for an ``(n, c)`` tensor, as views into one buffer."""
+    layout = get_codec(codec).layout(n, c, dtype)
+    return layout.views(torch.zeros(layout.nbytes, dtype=torch.uint8, device=device))
 
 
 def main() -> None:
@@ -104,7 +84,7 @@ def main() -> None:
         print(head)
         print("-" * len(head))
         for codec in args.codecs.split(","):
-            s = sections(codec, n, c, device)
+            s = sections(codec, n, c, dtype, device)
             payload = sum(t.nbytes for t in s.values())
             moved = {"encode": 2 * x.nbytes + x.nbytes + payload,
                      "decode": payload + 2 * x.nbytes}
@@ -115,9 +95,10 @@ def main() -> None:
                     print(f"{name:<9} {codec:<7} {'-':<7} {impl:<6} not available here")
                     continue
                 ref, out = pred.clone(), torch.empty_like(x)
-                ms = {"encode": median_ms(lambda: encode(k, codec, x, pred, ref, s), device,
-                                          args.repeat),
-                      "decode": median_ms(lambda: decode(k, codec, pred, out, s), device,
+                kernels = get_codec(codec, kernels=impl)
+                ms = {"encode": median_ms(lambda: kernels.encode_into(x, pred, ref, s, None),
+                                          device, args.repeat),
+                      "decode": median_ms(lambda: kernels.decode_into(s, pred, out), device,
                                           args.repeat)}
                 ms["enc+dec"] = ms["encode"] + ms["decode"]
                 moved["enc+dec"] = moved["encode"] + moved["decode"]
