@@ -16,10 +16,10 @@ from compressed_comm.codecs import available_codecs, get_codec
 from compressed_comm.errors import NonFiniteError, UnsupportedDtypeError, WireFormatError
 
 SPECS = ["identity", "fp8", "int8", "int4", "int2", "binary", "lowrank:4", "lowrankq:4",
-         "lowrank:3:warm", "topk:0.05"]
+         "lowrank:3", "topk:0.05"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EXACT_CONSTANT = ["fp8", "int8", "int4", "int2", "binary"]
-LOWRANK = ["lowrank:4", "lowrank:3:warm"]
+LOWRANK = ["lowrank:4", "lowrank:3"]
 LOWRANKQ = ["lowrankq:4"]
 TOPK = ["topk:0.05", "topk:0.3", "topk:1"]
 # The codec ids of the registry table in ``compressed_comm.codecs``.
@@ -685,7 +685,7 @@ def test_decode_other_codecs_payload(spec, shape):
 
 
 @pytest.mark.parametrize("writer,reader", [
-    ("lowrank:4", "lowrank:3:warm"), ("lowrank:3:warm", "lowrank:4"),
+    ("lowrank:4", "lowrank:3"), ("lowrank:3", "lowrank:4"),
     ("lowrankq:4", "lowrankq:2"), ("topk:0.05", "topk:0.5"), ("topk:0.5", "topk:0.05"),
 ])
 def test_decode_same_codec_other_parameter(writer, reader):
@@ -744,8 +744,9 @@ def test_decode_out_mismatch(spec):
 
 
 @pytest.mark.parametrize("spec", ["nope", "", "int16", "lowrank", "lowrank:x", "lowrank:0",
-                                  "lowrank:-2", "lowrank:4:cold", "lowrank:4:warm:x",
-                                  "lowrankq", "lowrankq:1.5", "topk", "topk:0", "topk:1.5",
+                                  "lowrank:-2", "lowrank:4:cold", "lowrank:4:warm",
+                                  "lowrank:4:warm:x", "lowrankq", "lowrankq:1.5",
+                                  "lowrankq:4:warm", "topk", "topk:0", "topk:1.5",
                                   "topk:-0.1", "topk:x", "topk:0.1:2", "topk:nan", "int8:3",
                                   "identity:1", "binary:2", "fp8:e5m2"])
 def test_get_codec_bad_spec(spec):

@@ -18,7 +18,7 @@ from compressed_comm import (
 from simulator.inprocess import Fabric, run_ranks
 
 CODECS = ["identity", "fp8", "int8", "int4", "int2", "binary", "lowrank:4", "lowrankq:4",
-          "lowrank:3:warm", "topk:0.05"]
+          "lowrank:3", "topk:0.05"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 C = 6
 

@@ -21,7 +21,7 @@ from compressed_comm import (
 )
 
 CODECS = ["identity", "fp8", "int8", "int4", "int2", "binary", "lowrank:4", "lowrankq:4",
-          "lowrank:3:warm", "topk:0.05"]
+          "lowrank:3", "topk:0.05"]
 LOSSY = [c for c in CODECS if c != "identity"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

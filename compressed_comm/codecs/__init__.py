@@ -14,8 +14,8 @@ lowrankq:R     7     as lowrank, factors int4                                   
 topk:F         8     the fraction F of largest-magnitude entries + indices     varies
 =============  ====  =========================================================  ===========
 
-``lowrank:R:warm`` and ``lowrankq:R:warm`` warm-start the subspace iteration from the
-previous step's basis (per stream, sender side only).
+Within a stream, ``lowrank:R`` and ``lowrankq:R`` start each step's subspace iteration from
+the previous step's basis (sender side only; the wire format does not depend on it).
 """
 
 from __future__ import annotations
@@ -54,14 +54,16 @@ def _no_arg(name: str, args: list[str]) -> None:
 def _lowrank(quantized: bool) -> Callable[[str, list[str], str | None], Codec]:
     def build(spec: str, args: list[str], kernels: str | None) -> Codec:
         name = "lowrankq" if quantized else "lowrank"
-        if not args or len(args) > 2 or (len(args) == 2 and args[1] != "warm"):
-            raise ValueError(f"codec spec {spec!r}: expected {name}:R or {name}:R:warm, R a positive integer")
+        if len(args) == 2 and args[1] == "warm":
+            raise ValueError(f"codec spec {spec!r}: warm start is always on; use "
+                             f"{name}:{args[0]}")
+        if len(args) != 1:
+            raise ValueError(f"codec spec {spec!r}: expected {name}:R, R a positive integer")
         try:
             rank = int(args[0])
         except ValueError:
             raise ValueError(f"codec spec {spec!r}: rank {args[0]!r} is not an integer") from None
-        return LowRankCodec(spec, rank, quantized=quantized, warm_start=len(args) == 2,
-                            kernels=kernels)
+        return LowRankCodec(spec, rank, quantized=quantized, kernels=kernels)
     return build
 
 
