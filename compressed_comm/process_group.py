@@ -129,8 +129,9 @@ class CompressedProcessGroup(dist.ProcessGroup):
         if len(input_tensors) != 1 or not _compressible(x) or any(o.dtype != x.dtype for o in outs):
             return self.inner.allgather(output_tensors, input_tensors, *_opts(opts))
         shapes = [tuple(o.shape) for o in outs]
+        # named by what every rank knows alike: all the shapes, not this rank's own
         handle = self.compressed.all_gather_async(
-            x, stream=self._stream("all_gather", tuple(x.shape), x.dtype), shapes=shapes)
+            x, stream=self._stream("all_gather", tuple(shapes), x.dtype), shapes=shapes)
         return _Work(lambda: [o.copy_(r) for o, r in zip(outs, handle.wait())])
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor,
@@ -174,8 +175,10 @@ class CompressedProcessGroup(dist.ProcessGroup):
         world = self.size()
         in_sizes = list(input_split_sizes) or [input.shape[0] // world] * world
         out_sizes = list(output_split_sizes) or [output.shape[0] // world] * world
+        # rows per rank may differ: the name holds only what all ranks share (the streams
+        # of each (src, dst) pair then carry the chunk shape both of them know)
         handle = self.compressed.all_to_all_async(
-            input, stream=self._stream("all_to_all", tuple(input.shape), input.dtype),
+            input, stream=self._stream("all_to_all", tuple(input.shape[1:]), input.dtype),
             input_split_sizes=in_sizes, output_split_sizes=out_sizes)
         return _Work(lambda: output.copy_(handle.wait()))
 

@@ -62,6 +62,12 @@ def _lock_step(group, stream):
             assert torch.equal(s.reference, mine[s.origin]), f"{stream}: origin {s.origin}"
 
 
+def _uneven_rows(origin, step):
+    """Rank ``origin``'s (2 + origin, 6) tensor at ``step``, known to every rank."""
+    base = torch.randn(2 + origin, 6, generator=torch.Generator().manual_seed(100 + origin))
+    return base * (1 + 0.05 * step)
+
+
 def collectives_worker(rank, world, init_file, out_dir):
     _init(rank, world, init_file)
     summary = {}
@@ -75,7 +81,7 @@ def collectives_worker(rank, world, init_file, out_dir):
             x = torch.randn(8, 6, generator=gen)
             y = torch.randn(3 * world, 6, generator=gen).half()
             errors = {}
-            for _ in range(STEPS):
+            for step in range(STEPS):
                 x = x + 0.05 * torch.randn(8, 6, generator=gen)
                 y = (y.float() + 0.05 * torch.randn(3 * world, 6, generator=gen)).half()
                 nxt, prv = (rank + 1) % world, (rank - 1) % world
@@ -106,6 +112,22 @@ def collectives_worker(rank, world, init_file, out_dir):
                 a2a = torch.empty_like(y)
                 dist.all_to_all_single(a2a, y, group=wrapped)
                 _check(errors, "dist.all_to_all_single", a2a, raw_y, codec)
+                # uneven splits and a different number of rows on every rank
+                ins = [1 + rank + dst for dst in range(world)]
+                outs_sizes = [1 + src + rank for src in range(world)]
+                z = (y.float()[:1].expand(sum(ins), 6) * torch.arange(
+                    1, sum(ins) + 1).view(-1, 1) / 7).contiguous()
+                raw_z = torch.empty(sum(outs_sizes), 6)
+                dist.all_to_all_single(raw_z, z, outs_sizes, ins)
+                got_z = torch.empty(sum(outs_sizes), 6)
+                dist.all_to_all_single(got_z, z, outs_sizes, ins, group=wrapped)
+                _check(errors, "dist.all_to_all_single uneven", got_z, raw_z, codec)
+                # an all-gather of a different number of rows from every rank
+                every = [_uneven_rows(o, step) for o in range(world)]
+                gathered = [torch.empty_like(t) for t in every]
+                dist.all_gather(gathered, every[rank], group=wrapped)
+                for o, t in enumerate(gathered):
+                    _check(errors, "dist.all_gather uneven", t, every[o], codec)
                 recv = torch.empty_like(x)
                 reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, x, nxt, wrapped),
                                                dist.P2POp(dist.irecv, recv, prv, wrapped)])

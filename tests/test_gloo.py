@@ -12,7 +12,7 @@ import cc_gloo_workers as workers
 
 OPS = {"group.all_gather", "group.ring_pass", "group.all_to_all", "group.recv",
        "dist.all_gather", "dist.all_gather_into_tensor", "dist.all_to_all_single",
-       "dist.batch_isend_irecv"}
+       "dist.all_to_all_single uneven", "dist.all_gather uneven", "dist.batch_isend_irecv"}
 
 
 @pytest.mark.parametrize("world", [2, 3])
