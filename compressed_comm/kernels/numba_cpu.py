@@ -425,7 +425,7 @@ def _int2_apply(codes, small, big, col, pred, out):
 
 
 @njit(cache=True, parallel=True)
-def _minmax_rows(x, pred, ref, codes, bits, lo, span, qmax):
+def _minmax_rows(x, pred, ref, codes, bits, lo, inv, step, qmax):
     n, c = x.shape
     nb = min(n, 64)
     per = (n + nb - 1) // nb
@@ -434,18 +434,15 @@ def _minmax_rows(x, pred, ref, codes, bits, lo, span, qmax):
         for r in range(b * per, min(n, (b + 1) * per)):
             for j in range(c):
                 pv = _ld(pred, r, j)
-                d = _ld(x, r, j) - pv
-                sp = span[j]
-                safe = sp if sp > 0 else np.float32(1.0)
-                q = _rint((d - lo[j]) / safe * qmax)
-                q = min(max(q, np.float32(0.0)), qmax) if sp > 0 else np.float32(0.0)
+                q = _rint((_ld(x, r, j) - pv - lo[j]) * inv[j])
+                q = min(max(q, np.float32(0.0)), qmax)
                 buf[j] = np.uint8(q)
-                _st(ref, r, j, pv + (lo[j] + (q / qmax) * sp))
+                _st(ref, r, j, pv + (lo[j] + q * step[j]))
             _pack_row(buf, codes, r, bits)
 
 
 @njit(cache=True, parallel=True)
-def _minmax_apply(codes, bits, lo, span, qmax, pred, out):
+def _minmax_apply(codes, bits, lo, step, pred, out):
     n, c = out.shape
     nb = min(n, 64)
     per = (n + nb - 1) // nb
@@ -454,8 +451,7 @@ def _minmax_apply(codes, bits, lo, span, qmax, pred, out):
         for r in range(b * per, min(n, (b + 1) * per)):
             _unpack_row(codes, r, bits, buf)
             for j in range(c):
-                q = np.float32(buf[j])
-                _st(out, r, j, _ld(pred, r, j) + (lo[j] + (q / qmax) * span[j]))
+                _st(out, r, j, _ld(pred, r, j) + (lo[j] + np.float32(buf[j]) * step[j]))
 
 
 @njit(cache=True, parallel=True)
@@ -649,16 +645,24 @@ def numba_minmax_encode(x, pred, ref_out, codes, lo, span, bits: int,
         lo.numpy()[:] = lo_n
         with np.errstate(invalid="ignore", over="ignore"):
             span.numpy()[:] = hi_n - lo_n
-    _emit_rows(_minmax_rows, xn, codes, bits, pn, _np(ref_out), bits, lo.numpy(), span.numpy(),
-               np.float32((1 << bits) - 1))
+    qmax = np.float32((1 << bits) - 1)
+    inv, step = _minmax_factors(span.numpy(), qmax)
+    _emit_rows(_minmax_rows, xn, codes, bits, pn, _np(ref_out), bits, lo.numpy(), inv, step, qmax)
     return True
+
+
+def _minmax_factors(span: np.ndarray, qmax: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel ``qmax / span`` (0 where ``span`` is 0) and ``span / qmax``, float32."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(span > 0, qmax / np.where(span > 0, span, np.float32(1)), np.float32(0))
+    return inv.astype(np.float32), (span / qmax).astype(np.float32)
 
 
 def numba_minmax_decode(codes, lo, span, bits: int, pred, out) -> None:
     _threads()
     on = _np(out)
-    _minmax_apply(_unpacked_rows(codes, *on.shape, bits), bits, lo.numpy(), span.numpy(),
-                  np.float32((1 << bits) - 1), _np(pred), on)
+    _, step = _minmax_factors(span.numpy(), np.float32((1 << bits) - 1))
+    _minmax_apply(_unpacked_rows(codes, *on.shape, bits), bits, lo.numpy(), step, _np(pred), on)
 
 
 def numba_absmax_encode(x, pred, ref_out, codes, amax, bits: int, check: bool = False) -> bool:

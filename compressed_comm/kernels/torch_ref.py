@@ -268,9 +268,10 @@ def torch_minmax_encode(
     """Asymmetric per-channel ``bits``-bit quantisation of the residual.
 
     Per channel ``c``: ``lo = min_n d``, ``span = max_n d - lo`` (float32), code
-    ``q = round((d - lo) / span * (2**bits - 1))`` (half to even), and
-    ``dhat = lo + (q / (2**bits - 1)) * span``. A constant channel has ``span = 0`` and is
-    reproduced exactly. Error bound: ``|d - dhat| <= span / (2 * (2**bits - 1))`` plus rounding.
+    ``q = round((d - lo) * (qmax / span))`` (half to even; ``qmax = 2**bits - 1``), and
+    ``dhat = lo + q * (span / qmax)``, the two per-channel factors rounded to float32 once
+    (multiplications in the per-element loops, no divisions). A constant channel has
+    ``span = 0`` and is reproduced exactly. Error bound: ``|d - dhat| <= span / (2 * (2**bits - 1))`` plus rounding.
     With ``check``, a non-finite residual returns False before anything is written.
     """
     d = residual(x, pred)
@@ -283,8 +284,8 @@ def torch_minmax_encode(
     else:
         lo.copy_(d.amin(0))
         span.copy_(d.amax(0) - lo)
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    q = torch.where(span > 0, ((d - lo) / safe * qmax).round(), torch.zeros_like(d))
+    inv, _ = _minmax_factors(span, qmax)
+    q = ((d - lo) * inv).round()
     torch_pack_bits(q.clamp_(0, qmax).to(torch.uint8).view(-1), bits, codes)
     if ref_out is not None:
         torch_minmax_decode(codes, lo, span, bits, pred, ref_out)
@@ -299,11 +300,22 @@ def torch_minmax_decode(
     pred: torch.Tensor | None,
     out: torch.Tensor,
 ) -> None:
-    """Write ``pred + lo[c] + (q / qmax) * span[c]`` into ``out``."""
+    """Write ``pred + lo[c] + q * (span[c] / qmax)`` into ``out``."""
     n, c = out.shape
     qmax = (1 << bits) - 1
     q = torch_unpack_bits(codes, bits, n * c).view(n, c).float()
-    write_reconstruction(out, pred, lo + (q / qmax) * span)
+    _, step = _minmax_factors(span, qmax)
+    write_reconstruction(out, pred, lo + q * step)
+
+
+def _minmax_factors(span: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel ``qmax / span`` (0 where ``span`` is 0) and ``span / qmax``, each one
+    correctly rounded float32 division (tensor by tensor: torch turns a scalar numerator
+    into a reciprocal and a product, which rounds differently)."""
+    q = torch.full_like(span, qmax)
+    inv = torch.where(span > 0, q / torch.where(span > 0, span, torch.ones_like(span)),
+                      torch.zeros_like(span))
+    return inv, span / q
 
 
 # --------------------------------------------------------------------------- abs-max int-k

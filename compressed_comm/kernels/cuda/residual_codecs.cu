@@ -215,11 +215,11 @@ __device__ void minmax_pack(const T* x, const T* pred, int has_pred, T* ref, int
         float d = to_f32(x[i]) - pv;
         float sp = span[j], q = 0.0f;
         if (sp > 0.0f) {
-            q = rintf(__fmul_rn(__fdiv_rn(d - lo[j], sp), qmax));
+            q = rintf(__fmul_rn(d - lo[j], __fdiv_rn(qmax, sp)));
             q = q < 0.0f ? 0.0f : (q > qmax ? qmax : q);
         }
         byte |= (unsigned char)q << (k * bits);
-        if (has_ref) store(ref + i, pv + (lo[j] + __fmul_rn(__fdiv_rn(q, qmax), sp)));
+        if (has_ref) store(ref + i, pv + (lo[j] + __fmul_rn(q, __fdiv_rn(sp, qmax))));
         if (++j == c) { j = 0; ++r; }
     }
     codes[b] = byte;
@@ -237,7 +237,7 @@ __device__ void minmax_apply(const unsigned char* codes, const float* lo, const 
     unsigned char byte = codes[b];
     for (int k = 0; k < per && i < total; ++k, ++i) {
         float q = (float)((byte >> (k * bits)) & ((1 << bits) - 1));
-        store(out + i, prediction(pred, has_pred, i) + (lo[j] + __fmul_rn(__fdiv_rn(q, qmax), span[j])));
+        store(out + i, prediction(pred, has_pred, i) + (lo[j] + __fmul_rn(q, __fdiv_rn(span[j], qmax))));
         if (++j == c) { j = 0; ++r; }
     }
 }
