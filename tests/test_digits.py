@@ -155,3 +155,17 @@ def test_dataset_round_trips_through_to_8x8():
     assert back.shape == (1797, 64)
     # bilinear up then 4x4 mean down blurs a little: on average about 1.1 of 16
     assert np.abs(back - load_digits().data).mean() < 1.5
+
+
+def test_training_writes_beside_the_user_not_over_the_shipped_weights(tmp_path, monkeypatch,
+                                                                      capsys):
+    from simulator import train_digits
+
+    shipped = WEIGHTS.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert train_digits.main(["--steps", "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "about 9 minutes" in out and "digits_sd3.safetensors" in out
+    written = tmp_path / "digits_sd3.safetensors"
+    assert written.is_file() and written.read_bytes() != shipped
+    assert WEIGHTS.read_bytes() == shipped

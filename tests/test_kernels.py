@@ -166,6 +166,12 @@ def test_env_unknown_impl(monkeypatch):
     assert get_kernels("cpu", "torch").name == "torch"
 
 
+@pytest.mark.parametrize("value", ["", "  ", "AUTO"])
+def test_env_empty_or_auto_means_auto(monkeypatch, value):
+    monkeypatch.setenv(KERNELS_ENV, value)
+    assert get_kernels("cpu").name == "numba"
+
+
 def test_env_torch(monkeypatch):
     monkeypatch.setenv("COMPRESSED_COMM_KERNELS", "torch")
     assert get_kernels("cpu").name == "torch"

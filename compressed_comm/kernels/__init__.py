@@ -78,9 +78,10 @@ TORCH_KERNELS = Kernels(
 
 
 def resolve_impl(impl: str | None = None) -> str:
-    """The implementation name to use: ``impl``, else ``$COMPRESSED_COMM_KERNELS``, else auto."""
-    name = impl if impl is not None else os.environ.get(KERNELS_ENV, "auto")
-    name = name.strip().lower()
+    """The implementation name to use: ``impl``, else ``$COMPRESSED_COMM_KERNELS`` (unset or
+    empty: auto), else auto."""
+    name = impl if impl is not None else os.environ.get(KERNELS_ENV, "")
+    name = name.strip().lower() or "auto"  # an empty variable means auto too
     if name not in ("auto", *IMPLEMENTATIONS):
         source = "kernels" if impl is not None else f"${KERNELS_ENV}"
         raise ValueError(
