@@ -1,0 +1,49 @@
+"""The README's Python blocks marked runnable run as written (in process, or on 2 gloo ranks)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import socket
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCK = re.compile(r"<!-- runnable(?:: (\d+) ranks)? -->\s*```python\n(.*?)```", re.S)
+
+
+def blocks() -> list[tuple[int, str]]:
+    return [(int(ranks or 1), code) for ranks, code in BLOCK.findall(README.read_text())]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_rank(rank: int, world: int, port: int, code: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+    Path(out_dir, f"rank{rank}.txt").write_text(printed.getvalue())
+
+
+def test_the_readme_has_runnable_blocks_of_both_kinds():
+    kinds = [ranks for ranks, _ in blocks()]
+    assert kinds.count(1) >= 2 and kinds.count(2) >= 2
+
+
+@pytest.mark.parametrize("index", range(len(blocks())))
+def test_readme_block_runs_as_written(index, tmp_path):
+    ranks, code = blocks()[index]
+    mp.spawn(_run_rank, args=(ranks, _free_port(), code, str(tmp_path)), nprocs=ranks, join=True)
+    printed = [(tmp_path / f"rank{r}.txt").read_text() for r in range(ranks)]
+    for line in re.findall(r"print\((.*)\)", code):  # whatever a block prints, it printed
+        assert all(p.strip() for p in printed), line
