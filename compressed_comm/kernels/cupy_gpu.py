@@ -113,16 +113,23 @@ def _unchecked(x: torch.Tensor, check: bool) -> bool:
     return not check or torch_all_finite(x)
 
 
-def cupy_binary_encode(x, pred, ref_out, bits, row, col, check: bool = False) -> bool:
-    if not _unchecked(x, check):
-        return False
+def _abs_scales(x: torch.Tensor, p: torch.Tensor, has_p: Any, row: torch.Tensor,
+                col: torch.Tensor) -> None:
+    """binary's ``row`` and ``col`` scales of the residual (two launches)."""
     n, c = x.shape
     tiles = (n + TILE - 1) // TILE
     rows = torch.empty(n, dtype=torch.float64, device=x.device)
     partials = torch.empty(max(tiles, 1), c, dtype=torch.float64, device=x.device)
-    p, has_p, r, has_r = _pred_ref(x, pred, ref_out)
     _launch("abs_sums", x.dtype, tiles, THREADS, x, p, has_p, n, c, rows, partials)
     _launch("binary_scales_finish", None, 1, 1024, rows, partials, n, c, tiles, row, col)
+
+
+def cupy_binary_encode(x, pred, ref_out, bits, row, col, check: bool = False) -> bool:
+    if not _unchecked(x, check):
+        return False
+    n, c = x.shape
+    p, has_p, r, has_r = _pred_ref(x, pred, ref_out)
+    _abs_scales(x, p, has_p, row, col)
     _launch("binary_pack", x.dtype, _grid((n * c + 7) // 8), THREADS, x, p, has_p, r, has_r,
             bits, row, col, n, c)
     return True
@@ -140,14 +147,10 @@ def cupy_int2_encode(x, pred, ref_out, codes, small, big, col, check: bool = Fal
     if not _unchecked(x, check):
         return False
     n, c = x.shape
-    tiles = (n + TILE - 1) // TILE
-    rows = torch.empty(n, dtype=torch.float64, device=x.device)
-    partials = torch.empty(max(tiles, 1), c, dtype=torch.float64, device=x.device)
     row = torch.empty(n, dtype=torch.float32, device=x.device)
     p, has_p, r, has_r = _pred_ref(x, pred, ref_out)
     split = np.float32(INT2_SPLIT)
-    _launch("abs_sums", x.dtype, tiles, THREADS, x, p, has_p, n, c, rows, partials)
-    _launch("binary_scales_finish", None, 1, 1024, rows, partials, n, c, tiles, row, col)
+    _abs_scales(x, p, has_p, row, col)
     _launch("int2_levels", x.dtype, n, THREADS, x, p, has_p, row, col, split, n, c, small, big)
     _launch("int2_pack", x.dtype, _grid((n * c + 3) // 4), THREADS, x, p, has_p, r, has_r,
             codes, row, col, small, big, split, n, c)
