@@ -138,8 +138,7 @@ class _Stream:
     def reference_bytes(self) -> int:
         """Device memory held by this stream's references."""
         total = self._ref.nbytes + (self._prev.nbytes if self._prev is not None else 0)
-        basis = getattr(self._codec_state, "basis", None)
-        return total + (basis.nbytes if basis is not None else 0)
+        return total + getattr(self._codec_state, "nbytes", 0)  # a codec's own state
 
     def stats(self) -> StreamStats:
         return StreamStats(name=self.name, origin=self.origin, role=self.role,

@@ -211,6 +211,16 @@ def test_order2_holds_two_references():
     assert StreamEncoder("s", x, CompressionConfig(residual_order=1)).reference_bytes == x.nbytes
 
 
+def test_reference_bytes_count_the_low_rank_state():
+    x = torch.randn(64, 48)
+    enc = StreamEncoder("s", x, CompressionConfig(codec="lowrank:4"))
+    for step in range(3):
+        enc.encode(x * (1 + 0.1 * step))
+    state = enc._codec_state
+    assert state.basis is not None and state.test_matrix is not None
+    assert enc.reference_bytes == x.nbytes + state.basis.nbytes + state.test_matrix.nbytes
+
+
 def test_non_contiguous_input_encodes_like_its_contiguous_copy():
     x = torch.randn(12, 10).t()
     assert not x.is_contiguous()

@@ -42,6 +42,11 @@ class LowRankState:
     shape: tuple[int, int] | None = None
     test_matrix: torch.Tensor | None = None
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held: the basis and the test matrix."""
+        return sum(t.nbytes for t in (self.basis, self.test_matrix) if t is not None)
+
 
 class LowRankCodec(Codec):
     """Rank-``R`` approximation ``dhat = U diag(s) V^T`` of the ``(N, C)`` residual.
