@@ -9,9 +9,9 @@
    achieved GB/s against a device-to-device copy of the same bytes (bench/kernels.py);
 3. runs short closed-loop streams on the GPU and checks that sender and receiver references
    stay bit-identical;
-4. checks that encode and decode make no host synchronisation (``torch.cuda.
-   set_sync_debug_mode("error")``) with ``check_finite=False`` (the NaN/Inf check on CUDA
-   synchronises, as documented);
+4. reports whether encode and decode synchronise with the host (``torch.cuda.
+   set_sync_debug_mode("error")``, ``check_finite=False``; the NaN/Inf check and the header
+   read on CUDA synchronise today, as documented);
 5. prints the stream table of what users get (bench/stream.py on the GPU).
 Everything printed is also written to DIR/gpu_check.txt (default: the current folder).
 """

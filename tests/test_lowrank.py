@@ -26,14 +26,19 @@ BLOCKS = [None, 64]
 
 
 @contextlib.contextmanager
-def block_elems(elems):
-    old = lowrank._CPU_BLOCK_ELEMS
-    if elems is not None:
-        lowrank._CPU_BLOCK_ELEMS = elems
+def patched(name, value):
+    """``lowrank.<name>`` set to ``value`` inside the block (unchanged for None)."""
+    old = getattr(lowrank, name)
+    if value is not None:
+        setattr(lowrank, name, value)
     try:
         yield
     finally:
-        lowrank._CPU_BLOCK_ELEMS = old
+        setattr(lowrank, name, old)
+
+
+def block_elems(elems):
+    return patched("_CPU_BLOCK_ELEMS", elems)
 
 
 def drifting(n, c, k, steps, seed, dtype=torch.float32, noise=0.01, speed=0.05):
@@ -250,15 +255,8 @@ def test_cold_start_closed_form(blocks, n, c, rank, seed):
     assert rel_err(want, got) < 2e-3
 
 
-@contextlib.contextmanager
 def one_pass_cond(cond):
-    old = lowrank._ONE_PASS_COND
-    if cond is not None:
-        lowrank._ONE_PASS_COND = cond
-    try:
-        yield
-    finally:
-        lowrank._ONE_PASS_COND = old
+    return patched("_ONE_PASS_COND", cond)
 
 
 @pytest.mark.parametrize("blocks", BLOCKS)

@@ -71,6 +71,7 @@ class Codec(ABC):
     def __init__(self, spec: str, kernels: str | None = None) -> None:
         self.spec = spec
         self.kernels_impl = kernels
+        self._kernels: dict[str, Kernels] = {}  # by device type, resolved on first use
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r})"
@@ -117,10 +118,9 @@ class Codec(ABC):
     def kernels(self, device: torch.device) -> Kernels:
         """The kernel implementation this codec uses on ``device`` (resolved once per device
         type, from ``kernels`` or ``$COMPRESSED_COMM_KERNELS`` as they were then)."""
-        cache = self.__dict__.setdefault("_kernels", {})
-        found = cache.get(device.type)
+        found = self._kernels.get(device.type)
         if found is None:
-            found = cache[device.type] = get_kernels(device, self.kernels_impl)
+            found = self._kernels[device.type] = get_kernels(device, self.kernels_impl)
         return found
 
     def payload_nbytes(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> int:

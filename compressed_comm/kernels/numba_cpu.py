@@ -5,12 +5,14 @@ for ``torch_<op>``): residual, scales, quantisation, packing and -- on the sende
 reference update happen in two passes over memory for encoders (one to reduce the scales,
 one to quantise) and one pass for decoders. Packed bits and codes are bit-exact with the
 reference; reconstructions use the same float32 operations in the same order, so they are
-equal to the reference up to the float64 summation order of the binary codec's scales.
+equal to the reference up to the float64 summation order of the binary and int2 scales
+and levels. A NaN/Inf found by the scale pass ends an encode before the reference is written.
 
 float16 and bfloat16 have no numba type: their tensors are passed as ``uint16`` (float16)
-and ``int16`` (bfloat16) bit patterns, decoded with an exact lookup table (float16) or a
-shift (bfloat16), and encoded with round-to-nearest-even like torch. Compiled on first use
-and cached on disk (``cache=True``).
+and ``int16`` (bfloat16) bit patterns, widened and narrowed in registers (LLVM's half
+conversions, F16C on x86) or by a shift and round-to-nearest-even (bfloat16), exactly like
+torch. Compiled on first use and cached on disk (``cache=True``);
+:func:`compressed_comm.warmup` compiles ahead of time.
 
 Each call runs on as many numba threads as torch uses at that moment
 (``torch.get_num_threads()``, which follows ``OMP_NUM_THREADS`` and ``torch.set_num_threads``),
@@ -70,6 +72,9 @@ def _ld(a, r, j):
     """``a[r, j]`` as float32 (float16 bits as uint16, bfloat16 bits as int16); 0 if a is None."""
 
 
+# The overloads are not inline="always": numba 0.68 then dropped the stores of a kernel
+# whose argument held a conditional expression (silently, in a sign decoder). LLVM
+# inlines them anyway, and the loops still vectorise.
 @overload(_ld)
 def _ld_impl(a, r, j):
     if isinstance(a, types.NoneType):
@@ -134,6 +139,10 @@ _ROUND_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
 def _rint(v):
     # round half to even for |v| < 2**22 (codes are at most 255), vectorisable unlike rint
     return (v + _ROUND_MAGIC) - _ROUND_MAGIC
+
+
+#: Row blocks of the row kernels (each thread takes whole blocks and one row buffer per block).
+_ROW_BLOCKS = 64
 
 
 def _blocks(n: int) -> int:
@@ -340,7 +349,7 @@ def _unpack_row(codes, r, bits, buf):
 @njit(cache=True, parallel=True)
 def _binary_rows(x, pred, ref, codes, row, col):
     n, c = x.shape
-    nb = min(n, 64)
+    nb = min(n, _ROW_BLOCKS)
     per = (n + nb - 1) // nb
     for b in prange(nb):
         buf = np.empty(c, dtype=np.uint8)
@@ -358,7 +367,7 @@ def _binary_rows(x, pred, ref, codes, row, col):
 @njit(cache=True, parallel=True)
 def _binary_apply(codes, row, col, pred, out):
     n, c = out.shape
-    nb = min(n, 64)
+    nb = min(n, _ROW_BLOCKS)
     per = (n + nb - 1) // nb
     for b in prange(nb):
         buf = np.empty(c, dtype=np.uint8)
@@ -373,7 +382,7 @@ def _binary_apply(codes, row, col, pred, out):
 @njit(cache=True, parallel=True, fastmath={"reassoc"})
 def _int2_rows(x, pred, ref, codes, row, col, small, big, split):
     n, c = x.shape
-    nb = min(n, 64)
+    nb = min(n, _ROW_BLOCKS)
     per = (n + nb - 1) // nb
     for b in prange(nb):
         buf = np.empty(c, dtype=np.uint8)
@@ -410,7 +419,7 @@ def _int2_rows(x, pred, ref, codes, row, col, small, big, split):
 @njit(cache=True, parallel=True)
 def _int2_apply(codes, small, big, col, pred, out):
     n, c = out.shape
-    nb = min(n, 64)
+    nb = min(n, _ROW_BLOCKS)
     per = (n + nb - 1) // nb
     for b in prange(nb):
         buf = np.empty(c, dtype=np.uint8)
@@ -427,7 +436,7 @@ def _int2_apply(codes, small, big, col, pred, out):
 @njit(cache=True, parallel=True)
 def _minmax_rows(x, pred, ref, codes, bits, lo, inv, step, qmax):
     n, c = x.shape
-    nb = min(n, 64)
+    nb = min(n, _ROW_BLOCKS)
     per = (n + nb - 1) // nb
     for b in prange(nb):
         buf = np.empty(c, dtype=np.uint8)
@@ -444,7 +453,7 @@ def _minmax_rows(x, pred, ref, codes, bits, lo, inv, step, qmax):
 @njit(cache=True, parallel=True)
 def _minmax_apply(codes, bits, lo, step, pred, out):
     n, c = out.shape
-    nb = min(n, 64)
+    nb = min(n, _ROW_BLOCKS)
     per = (n + nb - 1) // nb
     for b in prange(nb):
         buf = np.empty(c, dtype=np.uint8)
@@ -585,11 +594,12 @@ def _abs_scales(xn, pn, row: np.ndarray, col: np.ndarray, check: bool) -> bool:
     return True
 
 
-def _emit_rows(kernel, xn, codes: torch.Tensor, bits: int, *args) -> None:
-    """Run a row kernel that writes ``bits``-bit codes, packing them afterwards if needed."""
+def _emit_rows(kernel, xn, pn, rn, codes: torch.Tensor, bits: int, *rest) -> None:
+    """``kernel(x, pred, ref, codes, *rest)`` writing ``bits``-bit codes into ``codes``,
+    packed afterwards if rows do not fill whole bytes."""
     n, c = xn.shape
     rows_out, packed = _row_codes(codes, n, c, bits)
-    kernel(xn, args[0], args[1], rows_out, *args[2:])
+    kernel(xn, pn, rn, rows_out, *rest)
     if not packed:
         _pack_flat(rows_out.reshape(-1), bits, codes.numpy())
 
@@ -599,7 +609,7 @@ def numba_binary_encode(x, pred, ref_out, bits, row, col, check: bool = False) -
     xn, pn = _np(x), _np(pred)
     if not _abs_scales(xn, pn, row.numpy(), col.numpy(), check):
         return False
-    _emit_rows(_binary_rows, xn, bits, 1, pn, _np(ref_out), row.numpy(), col.numpy())
+    _emit_rows(_binary_rows, xn, pn, _np(ref_out), bits, 1, row.numpy(), col.numpy())
     return True
 
 
@@ -615,7 +625,7 @@ def numba_int2_encode(x, pred, ref_out, codes, small, big, col, check: bool = Fa
     row = np.empty(xn.shape[0], dtype=np.float32)
     if not _abs_scales(xn, pn, row, col.numpy(), check):
         return False
-    _emit_rows(_int2_rows, xn, codes, 2, pn, _np(ref_out), row, col.numpy(), small.numpy(),
+    _emit_rows(_int2_rows, xn, pn, _np(ref_out), codes, 2, row, col.numpy(), small.numpy(),
                big.numpy(), np.float32(INT2_SPLIT))
     return True
 
@@ -647,7 +657,8 @@ def numba_minmax_encode(x, pred, ref_out, codes, lo, span, bits: int,
             span.numpy()[:] = hi_n - lo_n
     qmax = np.float32((1 << bits) - 1)
     inv, step = _minmax_factors(span.numpy(), qmax)
-    _emit_rows(_minmax_rows, xn, codes, bits, pn, _np(ref_out), bits, lo.numpy(), inv, step, qmax)
+    _emit_rows(_minmax_rows, xn, pn, _np(ref_out), codes, bits, bits, lo.numpy(), inv, step,
+               qmax)
     return True
 
 

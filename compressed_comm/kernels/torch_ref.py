@@ -271,11 +271,11 @@ def torch_minmax_encode(
     ``q = round((d - lo) * (qmax / span))`` (half to even; ``qmax = 2**bits - 1``), and
     ``dhat = lo + q * (span / qmax)``, the two per-channel factors rounded to float32 once
     (multiplications in the per-element loops, no divisions). A constant channel has
-    ``span = 0`` and is reproduced exactly. Error bound: ``|d - dhat| <= span / (2 * (2**bits - 1))`` plus rounding.
-    With ``check``, a non-finite residual returns False before anything is written.
+    ``span = 0`` and is reproduced exactly. Error bound:
+    ``|d - dhat| <= span / (2 * (2**bits - 1))`` plus rounding. With ``check``, a non-finite residual returns False before anything is written.
     """
-    d = residual(x, pred)
-    if check and not bool(torch.isfinite(d).all()):
+    d = _finite_residual(x, pred, check)
+    if d is None:
         return False
     qmax = (1 << bits) - 1
     if d.shape[0] == 0:
@@ -338,8 +338,8 @@ def torch_absmax_encode(
     ``|d - dhat| <= amax / (2 * qmax)`` plus rounding. With ``check``, a non-finite residual
     returns False before anything is written.
     """
-    d = residual(x, pred)
-    if check and not bool(torch.isfinite(d).all()):
+    d = _finite_residual(x, pred, check)
+    if d is None:
         return False
     qmax = (1 << (bits - 1)) - 1
     if d.shape[0] == 0:
