@@ -20,10 +20,13 @@ Core API:
 from .codecs import Codec, available_codecs, get_codec
 from .config import CompressionConfig
 from .errors import (
+    CancelledError,
     CommError,
     CommTimeoutError,
     CompressedCommError,
+    GroupFailedError,
     NonFiniteError,
+    StaleMessageError,
     StreamMismatchError,
     StreamOrderError,
     UnsupportedDtypeError,
@@ -64,9 +67,12 @@ __all__ = [
     "WireFormatError",
     "StreamMismatchError",
     "StreamOrderError",
+    "StaleMessageError",
     "NonFiniteError",
     "UnsupportedDtypeError",
     "CommError",
     "CommTimeoutError",
+    "GroupFailedError",
+    "CancelledError",
     "warmup",
 ]

@@ -42,6 +42,15 @@ class CompressionConfig:
     11. ``track_error`` -- senders record the relative L2 error of each reconstruction
         in :attr:`StreamStats.last_rel_error` (one extra pass over the tensor per message;
         off by default, and then ``last_rel_error`` is None).
+    12. ``checksum`` -- every payload carries a CRC-32 of its body, checked on decode: a
+        corrupted payload raises :class:`~compressed_comm.WireFormatError` instead of
+        entering the reference. Off by default: NCCL and TCP already protect the bytes in
+        transit; the CRC costs a pass over the payload on each side (a host copy on CUDA).
+        The header (codec, stream, session, step, config) is always checked.
+
+    All ranks of a group must use the same settings for 1-8 and 12: every payload
+    header carries them (skip and min_bytes as the codec a stream uses) and a receiver whose config differs raises
+    :class:`~compressed_comm.WireFormatError` naming the fields.
     """
 
     codec: str = "binary"
@@ -55,6 +64,7 @@ class CompressionConfig:
     check_finite: bool = True
     kernels: str | None = None
     track_error: bool = False
+    checksum: bool = False
 
     def __post_init__(self) -> None:
         get_codec(self.codec)  # raises ValueError naming the valid specs

@@ -12,10 +12,13 @@ __all__ = [
     "WireFormatError",
     "StreamMismatchError",
     "StreamOrderError",
+    "StaleMessageError",
     "NonFiniteError",
     "UnsupportedDtypeError",
     "CommError",
     "CommTimeoutError",
+    "GroupFailedError",
+    "CancelledError",
 ]
 
 
@@ -35,6 +38,10 @@ class StreamOrderError(CompressedCommError, ValueError):
     """A stream payload arrived out of order (a message was missed or repeated)."""
 
 
+class StaleMessageError(StreamOrderError):
+    """A payload belongs to another session (an earlier request): it is never used as data."""
+
+
 class NonFiniteError(CompressedCommError, ValueError):
     """An input to be compressed contains NaN or Inf."""
 
@@ -49,3 +56,12 @@ class CommError(CompressedCommError, RuntimeError):
 
 class CommTimeoutError(CommError, TimeoutError):
     """A transfer did not complete within its timeout (a peer that never sends)."""
+
+
+class GroupFailedError(CommError):
+    """An earlier transfer of this group failed; the group refuses work until
+    ``new_session()`` (or ``abort()``). The message names the original failure."""
+
+
+class CancelledError(CommError):
+    """A transfer was cancelled: its session was ended by ``new_session()`` or ``abort()``."""

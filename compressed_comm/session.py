@@ -56,19 +56,25 @@ class Session:
     agree. Call :meth:`reset` between requests: sessions never share state, so two
     concurrent requests simply use two sessions.
 
+    Every session has an :attr:`id`, written into each payload header and advanced by
+    :meth:`reset`, so a message of an earlier request is never taken for this one's.
+
     Which codec a stream gets: raw (identity) if its name matches ``config.skip`` or the
     tensor is smaller than ``config.min_bytes``; otherwise ``config.codec``.
     """
 
-    def __init__(self, config: CompressionConfig | None = None, *, rank: int = 0) -> None:
+    def __init__(self, config: CompressionConfig | None = None, *, rank: int = 0,
+                 session_id: int = 0) -> None:
         self.config = config or CompressionConfig()
         self.rank = int(rank)
+        #: the id in this session's payload headers (ranks of a group agree on it)
+        self.id = int(session_id)
         self._codec = get_codec(self.config.codec, kernels=self.config.kernels)
         self._raw = IdentityCodec("identity")
         self._streams: dict[tuple[str, int], _Stream] = {}
 
     def __repr__(self) -> str:
-        return (f"Session(rank={self.rank}, codec={self.config.codec!r}, "
+        return (f"Session(rank={self.rank}, id={self.id}, codec={self.config.codec!r}, "
                 f"streams={len(self._streams)})")
 
     def __len__(self) -> int:
@@ -98,7 +104,7 @@ class Session:
             if not isinstance(like, torch.Tensor):
                 raise TypeError(f"stream {name!r}: like must be a tensor, got {type(like).__name__}")
             codec = self.codec_for(name, like.nbytes)
-            stream = cls(name, like, self.config, origin=origin, codec=codec)
+            stream = cls(name, like, self.config, origin=origin, codec=codec, session=self.id)
             self._streams[key] = stream
             return stream
         if not isinstance(stream, cls):
@@ -116,8 +122,10 @@ class Session:
         return stream
 
     def reset(self) -> None:
-        """Drop every stream (and its references): the next request starts from scratch."""
+        """Drop every stream (and its references) and advance :attr:`id`: the next request
+        starts from scratch, and payloads of this one are rejected by the next one's streams."""
         self._streams.clear()
+        self.id = (self.id + 1) & 0xFFFFFFFF
 
     def stats(self) -> SessionStats:
         """Traffic, accuracy and memory of every stream."""

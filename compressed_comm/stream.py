@@ -24,8 +24,9 @@ import torch
 from .codecs import Codec, IdentityCodec, get_codec
 from .codecs.base import as_2d, check_finite
 from .config import CompressionConfig
-from .errors import StreamMismatchError, StreamOrderError, WireFormatError
-from .wire import FLAG_KEYFRAME, Header, check_dtype, read_header, stream_tag
+from .errors import StaleMessageError, StreamMismatchError, StreamOrderError, WireFormatError
+from .wire import (CONFIG_FIELDS, FLAG_CHECKSUM, FLAG_KEYFRAME, Header, check_dtype,
+                   contiguous_payload, read_header, stream_tag, verify_checksum)
 
 __all__ = ["StreamEncoder", "StreamDecoder", "StreamStats"]
 
@@ -64,6 +65,7 @@ class _Stream:
         *,
         origin: int = 0,
         codec: Codec | None = None,
+        session: int = 0,
     ) -> None:
         config = config or CompressionConfig()
         if not isinstance(like, torch.Tensor):
@@ -76,6 +78,7 @@ class _Stream:
         self.dtype = like.dtype
         self.device = like.device
         self.tag = stream_tag(name, self.origin)
+        self.session = int(session)
         # what is sent
         self.codec = codec if codec is not None else get_codec(config.codec, kernels=config.kernels)
         self.order = 0 if self.codec.lossless else config.residual_order
@@ -83,6 +86,8 @@ class _Stream:
         self.warmup_steps = 0 if self.codec.lossless else config.warmup_steps
         self.keyframe_period = 0 if self.codec.lossless else config.keyframe_period
         self.check_finite = config.check_finite
+        self.closed_loop = config.closed_loop
+        self.checksum = config.checksum
         self._keyframe_codec = IdentityCodec("identity")
         # state: reference (and the previous one for order 2), codec state, step counter
         self._ref = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
@@ -126,9 +131,13 @@ class _Stream:
         """The header of message ``step`` (default: the next one)."""
         step = self._step if step is None else step
         codec = self._keyframe_codec if self.is_keyframe(step) else self.codec
-        flags = FLAG_KEYFRAME if self.is_keyframe(step) else 0
+        flags = (FLAG_KEYFRAME if self.is_keyframe(step) else 0) | (
+            FLAG_CHECKSUM if self.checksum else 0)
         return codec.header(self.shape, self.dtype, seq=step & 0xFFFFFFFF, tag=self.tag,
-                            flags=flags)
+                            flags=flags, session=self.session & 0xFFFFFFFF,
+                            residual_order=self.order, closed_loop=self.closed_loop,
+                            warmup_steps=self.warmup_steps, keyframe_period=self.keyframe_period,
+                            decay=self.decay if self.order == 2 else 0.0)
 
     def payload_nbytes(self, step: int | None = None) -> int:
         """Size of the payload of message ``step`` (default: the next one)."""
@@ -185,11 +194,9 @@ class StreamEncoder(_Stream):
     role = "encoder"
 
     def __init__(self, name: str, like: torch.Tensor, config: CompressionConfig | None = None,
-                 *, origin: int = 0, codec: Codec | None = None) -> None:
-        super().__init__(name, like, config, origin=origin, codec=codec)
-        config = config or CompressionConfig()
-        self.closed_loop = config.closed_loop
-        self.track_error = config.track_error
+                 *, origin: int = 0, codec: Codec | None = None, session: int = 0) -> None:
+        super().__init__(name, like, config, origin=origin, codec=codec, session=session)
+        self.track_error = (config or CompressionConfig()).track_error
         self._err: torch.Tensor | None = None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,11 +257,17 @@ class StreamDecoder(_Stream):
             header = read_header(payload)
         except WireFormatError as e:
             raise WireFormatError(f"{self.what}: {e}") from None
+        payload = contiguous_payload(payload)
         expected = self.header()
         if header.tag != expected.tag:
             raise WireFormatError(
                 f"{self.what}: payload belongs to another stream (tag {header.tag:#010x}, "
                 f"expected {expected.tag:#010x})"
+            )
+        if header.session != expected.session:
+            raise StaleMessageError(
+                f"{self.what}: payload belongs to session {header.session}, this is session "
+                f"{expected.session} (a message of an earlier or later request; discarded)"
             )
         if header.seq != expected.seq:
             kind = "missed" if header.seq > expected.seq else "repeated or stale"
@@ -263,8 +276,15 @@ class StreamDecoder(_Stream):
                 f"{header.seq} (a {kind} message)"
             )
         bad = header.mismatches(expected)
+        config = [b for b in bad if b.split("=")[0] in CONFIG_FIELDS]
+        if config:
+            raise WireFormatError(
+                f"{self.what}: the sender's CompressionConfig differs from this rank's: "
+                f"{', '.join(config)}; every rank must use the same config"
+            )
         if bad:
             raise WireFormatError(f"{self.what}: payload does not match the stream: {', '.join(bad)}")
+        verify_checksum(payload, header, self.what)
         pred, target, codec = self._begin()
         codec.absorb(payload, header, pred, target)
         self._wire_bytes += payload.numel()

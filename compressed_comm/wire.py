@@ -4,23 +4,29 @@ Every payload is one contiguous 1-D ``uint8`` tensor::
 
     offset  size   field
     0       2      magic  b"CC"
-    2       1      version (currently 2; 2 changed the int2 body)
+    2       1      version (currently 3; 3 added session, config and checksum fields)
     3       1      codec id (see ``compressed_comm.codecs``)
     4       1      dtype code: 1 float32, 2 float16, 3 bfloat16
-    5       1      flags: bit 0 = keyframe (full tensor, lossless)
+    5       1      flags: bit 0 = keyframe (full tensor, lossless), bit 1 = body checksum
     6       1      ndim
-    7       1      reserved, 0
+    7       1      stream config: residual order (bits 0-1), open loop (bit 2)
     8       4      codec parameter (rank for low-rank, k for top-k, else 0)
     12      4      stream sequence number (0 for stateless payloads)
     16      4      stream tag (CRC-32 of the stream's name and origin, 0 if stateless)
-    20      4      reserved, 0
-    24      8      body length in bytes
-    32      8*ndim shape, one uint64 per dimension
+    20      4      session id (advanced by every new session; 0 if stateless)
+    24      4      warmup steps of the stream
+    28      4      keyframe period of the stream
+    32      4      decay of the stream's order-2 prediction (float32; 0 unless order 2)
+    36      4      CRC-32 of the body (0 unless flag bit 1 is set)
+    40      8      body length in bytes
+    48      8*ndim shape, one uint64 per dimension
     ...            body: the codec's sections, each starting at a multiple of 8
 
 All integers are little-endian. The header size depends only on ``ndim``, and a codec's
 body size only on shape, dtype and codec parameters, so every payload size is known in
-advance (receivers preallocate; all-gathers need no size exchange).
+advance (receivers preallocate; all-gathers need no size exchange). Every header field
+but the checksum is known to the receiver before the payload arrives, so a receiver
+checks the whole header against the one it expects.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ __all__ = [
     "MAGIC",
     "VERSION",
     "FLAG_KEYFRAME",
+    "FLAG_CHECKSUM",
     "SUPPORTED_DTYPES",
     "Header",
     "Section",
@@ -46,15 +53,23 @@ __all__ = [
     "read_header",
     "stream_tag",
     "check_dtype",
+    "body_checksum",
+    "verify_checksum",
+    "contiguous_payload",
+    "CONFIG_FIELDS",
 ]
 
 MAGIC = b"CC"
-VERSION = 2
+VERSION = 3
 FLAG_KEYFRAME = 1
+FLAG_CHECKSUM = 2
+_OPEN_LOOP = 4
 ALIGN = 8
+_U32 = 0xFFFFFFFF
 
-_FIXED = struct.Struct("<2sBBBBBBIIII Q")
-FIXED_NBYTES = _FIXED.size  # 32
+_FIXED = struct.Struct("<2sBBBBBB IIII IIfI Q")
+FIXED_NBYTES = _FIXED.size  # 48
+_CHECKSUM_OFFSET = 36
 
 _DTYPE_TO_CODE = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 _CODE_TO_DTYPE = {v: k for k, v in _DTYPE_TO_CODE.items()}
@@ -95,6 +110,12 @@ class Header:
     seq: int = 0
     tag: int = 0
     flags: int = 0
+    session: int = 0
+    residual_order: int = 0
+    closed_loop: bool = True
+    warmup_steps: int = 0
+    keyframe_period: int = 0
+    decay: float = 0.0
 
     @property
     def nbytes(self) -> int:
@@ -110,28 +131,93 @@ class Header:
     def keyframe(self) -> bool:
         return bool(self.flags & FLAG_KEYFRAME)
 
-    def to_bytes(self) -> bytes:
+    @property
+    def checksummed(self) -> bool:
+        """Whether the body carries a CRC-32 (flag bit 1)."""
+        return bool(self.flags & FLAG_CHECKSUM)
+
+    def to_bytes(self, checksum: int = 0) -> bytes:
         check_dtype(self.dtype, "header")
+        if self.param > _U32:
+            raise ValueError(f"codec parameter {self.param} does not fit the header's 32 bits")
+        if not 0 <= self.residual_order <= 3:
+            raise ValueError(f"residual order {self.residual_order} does not fit the header")
+        stream_cfg = self.residual_order | (0 if self.closed_loop else _OPEN_LOOP)
         fixed = _FIXED.pack(
             MAGIC, VERSION, self.codec_id, _DTYPE_TO_CODE[self.dtype], self.flags,
-            len(self.shape), 0, self.param, self.seq & 0xFFFFFFFF, self.tag, 0,
-            self.body_nbytes,
+            len(self.shape), stream_cfg, self.param, self.seq & _U32, self.tag,
+            self.session & _U32, min(self.warmup_steps, _U32), min(self.keyframe_period, _U32),
+            self.decay, checksum, self.body_nbytes,
         )
         return fixed + struct.pack(f"<{len(self.shape)}Q", *self.shape)
 
     def write(self, payload: torch.Tensor) -> None:
-        """Write this header into the first :attr:`nbytes` bytes of ``payload``."""
+        """Write this header (checksum field 0) into the first :attr:`nbytes` bytes of
+        ``payload``; :func:`seal` fills in the checksum once the body is written."""
         raw = torch.frombuffer(bytearray(self.to_bytes()), dtype=torch.uint8)
         payload[: raw.numel()].copy_(raw)
 
+    def seal(self, payload: torch.Tensor) -> None:
+        """Write the CRC-32 of ``payload``'s body into its header if :attr:`checksummed`."""
+        if self.checksummed:
+            crc = body_checksum(payload[self.nbytes:])
+            raw = torch.tensor(list(struct.pack("<I", crc)), dtype=torch.uint8)
+            payload[_CHECKSUM_OFFSET:_CHECKSUM_OFFSET + 4].copy_(raw)
+
     def mismatches(self, expected: Header) -> list[str]:
-        """Human-readable list of fields where this header differs from ``expected``."""
+        """Human-readable list of fields where this header differs from ``expected``
+        (all fields but the checksum, which :func:`verify_checksum` checks)."""
         out = []
-        for field in ("codec_id", "dtype", "shape", "body_nbytes", "param", "seq", "tag", "flags"):
+        for field in ("codec_id", "dtype", "shape", "body_nbytes", "param", "seq", "tag", "flags",
+                      "session", "residual_order", "closed_loop", "warmup_steps",
+                      "keyframe_period", "decay"):
             got, want = getattr(self, field), getattr(expected, field)
+            if field == "decay":  # the wire holds float32
+                got, want = _f32(got), _f32(want)
             if got != want:
                 out.append(f"{field}={got} (expected {want})")
         return out
+
+
+#: Header fields that come from the sender's :class:`~compressed_comm.CompressionConfig`.
+CONFIG_FIELDS = ("residual_order", "closed_loop", "warmup_steps", "keyframe_period", "decay")
+
+
+def _f32(v: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", v))[0]
+
+
+def body_checksum(body: torch.Tensor) -> int:
+    """CRC-32 (zlib's polynomial) of the bytes of the 1-D uint8 tensor ``body``.
+
+    Computed on the host: a CUDA body is copied there first (a synchronisation point).
+    """
+    return zlib.crc32(body.detach().cpu().numpy())
+
+
+def verify_checksum(payload: torch.Tensor, header: Header, what: str) -> None:
+    """Raise :class:`WireFormatError` if ``header`` announces a checksum and ``payload``'s
+    body does not match it."""
+    if not header.checksummed:
+        return
+    head = payload[_CHECKSUM_OFFSET:_CHECKSUM_OFFSET + 4].cpu().numpy().tobytes()
+    want = struct.unpack("<I", head)[0]
+    got = body_checksum(payload[header.nbytes:])
+    if got != want:
+        raise WireFormatError(
+            f"{what}: body checksum mismatch (CRC-32 {got:#010x}, header says {want:#010x}): "
+            "the payload was corrupted in transit"
+        )
+
+
+def contiguous_payload(payload: torch.Tensor) -> torch.Tensor:
+    """``payload`` itself if it is contiguous and 8-byte aligned (as body sections need),
+    else an aligned copy."""
+    if payload.dim() == 1 and payload.is_contiguous() and payload.data_ptr() % ALIGN == 0:
+        return payload
+    out = torch.empty(payload.numel(), dtype=torch.uint8, device=payload.device)
+    out.copy_(payload.reshape(-1))
+    return out
 
 
 def read_header(payload: torch.Tensor) -> Header:
@@ -153,8 +239,8 @@ def read_header(payload: torch.Tensor) -> Header:
     # one host copy: the fixed part and the longest possible shape
     head = payload[:min(total, header_nbytes(255))].cpu().numpy().tobytes()
     fixed = head[:FIXED_NBYTES]
-    (magic, version, codec_id, dtype_code, flags, ndim, _r0, param, seq, tag, _r1,
-     body_nbytes) = _FIXED.unpack(fixed)
+    (magic, version, codec_id, dtype_code, flags, ndim, stream_cfg, param, seq, tag, session,
+     warmup, period, decay, _crc, body_nbytes) = _FIXED.unpack(fixed)
     if magic != MAGIC:
         raise WireFormatError(f"bad magic {magic!r}; expected {MAGIC!r} (not a compressed_comm payload)")
     if version != VERSION:
@@ -170,7 +256,10 @@ def read_header(payload: torch.Tensor) -> Header:
             f"payload is {total} bytes but its header announces {hdr_nbytes} + {body_nbytes} bytes"
         )
     return Header(codec_id=codec_id, dtype=_CODE_TO_DTYPE[dtype_code], shape=tuple(shape),
-                  body_nbytes=body_nbytes, param=param, seq=seq, tag=tag, flags=flags)
+                  body_nbytes=body_nbytes, param=param, seq=seq, tag=tag, flags=flags,
+                  session=session, residual_order=stream_cfg & 3,
+                  closed_loop=not stream_cfg & _OPEN_LOOP, warmup_steps=warmup,
+                  keyframe_period=period, decay=decay)
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ def test_encode_decode_shapes_and_sizes(spec, x):
     p = codec.encode(x)
     want = codec.payload_nbytes(x.shape, x.dtype)
     assert want % 8 == 0
-    assert want == 32 + 8 * x.dim() + expected_body_nbytes(spec, x.shape, x.dtype)
+    assert want == 48 + 8 * x.dim() + expected_body_nbytes(spec, x.shape, x.dtype)
     assert p.dtype == torch.uint8 and p.dim() == 1 and p.numel() == want
     # The header says which codec wrote it.
     assert p[3].item() == CODEC_ID[name_of(spec)]
@@ -422,7 +422,7 @@ def test_binary_sign_and_rank1_magnitude(dtype, data):
     y = codec.decode(p)
     n, c = nc(x.shape)
     # Body: ceil(N*C/8) sign bytes + 4*(N+C) bytes of float32 scales, each section 8-aligned.
-    assert p.numel() == 32 + 8 * x.dim() + align8(4 * n) + align8(4 * c) + align8(-(-n * c // 8))
+    assert p.numel() == 48 + 8 * x.dim() + align8(4 * n) + align8(4 * c) + align8(-(-n * c // 8))
     if n * c == 0:
         return
     x2 = as_nc64(x.float())
@@ -701,7 +701,7 @@ def test_truncated_or_extended_payload(spec, dtype):
     x = torch.randn(7, 5, generator=torch.Generator().manual_seed(4)).to(dtype)
     codec = get_codec(spec)
     p = codec.encode(x)
-    hdr = 32 + 8 * 2
+    hdr = 48 + 8 * 2
     for cut in sorted({1, 8, p.numel() - hdr, p.numel() - 31, p.numel() - 40, p.numel()}):
         with pytest.raises(WireFormatError):
             codec.decode(p[: p.numel() - cut])

@@ -13,6 +13,7 @@ from compressed_comm import (
     StreamDecoder,
     StreamEncoder,
     StreamMismatchError,
+    StaleMessageError,
     StreamOrderError,
     UnsupportedDtypeError,
     WireFormatError,
@@ -280,6 +281,76 @@ def test_truncated_or_corrupt_payload_raises():
     with pytest.raises(WireFormatError, match="version"):
         dec.decode(bad)
     assert dec.step == 0
+
+
+def test_payload_of_another_session_is_stale():
+    _, _, old = sent()
+    dec = StreamDecoder("layer0.k", torch.zeros(8, 6), CompressionConfig(codec="binary"),
+                        origin=1, session=1)
+    with pytest.raises(StaleMessageError, match="session 0.*session 1"):
+        dec.decode(old[0])
+    assert dec.step == 0
+
+
+@pytest.mark.parametrize("theirs,field", [
+    (dict(residual_order=0), "residual_order=0 .expected 1"),
+    (dict(residual_order=2), "residual_order=2 .expected 1"),
+    (dict(closed_loop=False), "closed_loop=False"),
+    (dict(warmup_steps=3), "warmup_steps=3 .expected 1"),
+    (dict(keyframe_period=4), "keyframe_period=4 .expected 0"),
+])
+def test_config_mismatch_is_named_at_the_first_message(theirs, field):
+    x = torch.randn(8, 6)
+    enc = StreamEncoder("s", x, CompressionConfig(**theirs))
+    dec = StreamDecoder("s", x, CompressionConfig())
+    with pytest.raises(WireFormatError, match=f"CompressionConfig differs.*{field}"):
+        dec.decode(enc.encode(x))
+
+
+def test_decay_mismatch_is_named_for_order_2_only():
+    x = torch.randn(8, 6)
+    enc = StreamEncoder("s", x, CompressionConfig(residual_order=2, decay=0.25))
+    dec = StreamDecoder("s", x, CompressionConfig(residual_order=2, decay=0.5))
+    with pytest.raises(WireFormatError, match="decay=0.25 .expected 0.5"):
+        dec.decode(enc.encode(x))
+    enc = StreamEncoder("s", x, CompressionConfig(decay=0.25))
+    dec = StreamDecoder("s", x, CompressionConfig(decay=0.5))  # order 1: decay unused
+    dec.decode(enc.encode(x))
+
+
+@pytest.mark.parametrize("codec", ["binary", "int2", "lowrank:2", "identity"])
+def test_checksum_rejects_any_flipped_body_bit(codec):
+    cfg = CompressionConfig(codec=codec, checksum=True, warmup_steps=0)
+    x = torch.randn(8, 6)
+    enc, dec = pair(cfg, x)
+    good = enc.encode(x)
+    hdr = read_header(good)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        bad = good.clone()
+        i = int(torch.randint(hdr.nbytes, good.numel(), (1,), generator=gen))
+        bad[i] ^= 1 << int(torch.randint(8, (1,), generator=gen))
+        with pytest.raises(WireFormatError, match="checksum"):
+            dec.decode(bad)
+    assert dec.step == 0
+    assert torch.equal(dec.decode(good), enc.reference)
+
+
+def test_checksum_setting_must_agree():
+    x = torch.randn(8, 6)
+    enc = StreamEncoder("s", x, CompressionConfig(checksum=True))
+    dec = StreamDecoder("s", x, CompressionConfig())
+    with pytest.raises(WireFormatError, match="flags"):
+        dec.decode(enc.encode(x))
+
+
+def test_unaligned_payload_decodes():
+    x = torch.randn(8, 6)
+    enc, dec = pair(CompressionConfig(warmup_steps=0), x)
+    p = enc.encode(x)
+    shifted = torch.empty(p.numel() + 1, dtype=torch.uint8)[1:]
+    shifted.copy_(p)
+    assert torch.equal(dec.decode(shifted), enc.reference)
 
 
 @pytest.mark.parametrize("wrong", [torch.zeros(8, 7), torch.zeros(8, 6, dtype=torch.float16)])

@@ -4,7 +4,9 @@ Expected bytes are assembled by hand from the layout documented in ``wire.py``'s
 docstring (never by calling the code under test).
 """
 
+import dataclasses
 import struct
+import zlib
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compressed_comm.errors import WireFormatError
-from compressed_comm.wire import Header, Layout, Section, header_nbytes, read_header
+from compressed_comm.wire import (Header, Layout, Section, contiguous_payload, header_nbytes,
+                                  read_header, verify_checksum)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # The documented dtype codes: 1 float32, 2 float16, 3 bfloat16.
@@ -26,7 +29,8 @@ def as_payload(raw: bytes) -> torch.Tensor:
 
 
 def hand_header(codec_id, dtype_code, shape, body_nbytes, param=0, seq=0, tag=0, flags=0,
-                magic=b"CC", version=2):
+                magic=b"CC", version=3, session=0, stream_cfg=0, warmup=0, period=0, decay=0.0,
+                crc=0):
     """The header bytes, field by field, from the docstring's table (little-endian)."""
     out = bytearray()
     out += magic                                  # 0  magic
@@ -35,13 +39,17 @@ def hand_header(codec_id, dtype_code, shape, body_nbytes, param=0, seq=0, tag=0,
     out += bytes([dtype_code])                    # 4  dtype code
     out += bytes([flags])                         # 5  flags
     out += bytes([len(shape)])                    # 6  ndim
-    out += b"\x00"                                # 7  reserved
+    out += bytes([stream_cfg])                    # 7  order | open loop << 2
     out += param.to_bytes(4, "little")            # 8  codec parameter
     out += seq.to_bytes(4, "little")              # 12 sequence number
     out += tag.to_bytes(4, "little")              # 16 stream tag
-    out += b"\x00" * 4                            # 20 reserved
-    out += body_nbytes.to_bytes(8, "little")      # 24 body length
-    for d in shape:                               # 32 shape
+    out += session.to_bytes(4, "little")          # 20 session id
+    out += warmup.to_bytes(4, "little")           # 24 warmup steps
+    out += period.to_bytes(4, "little")           # 28 keyframe period
+    out += struct.pack("<f", decay)               # 32 decay (float32)
+    out += crc.to_bytes(4, "little")              # 36 body CRC-32
+    out += body_nbytes.to_bytes(8, "little")      # 40 body length
+    for d in shape:                               # 48 shape
         out += d.to_bytes(8, "little")
     return bytes(out)
 
@@ -58,6 +66,12 @@ headers = st.builds(
     seq=st.integers(0, U32),
     tag=st.integers(0, U32),
     flags=st.sampled_from([0, 1]),
+    session=st.integers(0, U32),
+    residual_order=st.integers(0, 2),
+    closed_loop=st.booleans(),
+    warmup_steps=st.integers(0, U32),
+    keyframe_period=st.integers(0, U32),
+    decay=st.sampled_from([0.0, 0.5, 0.25, 1.0]),
 )
 
 
@@ -65,10 +79,13 @@ headers = st.builds(
 @given(hdr=headers, fill=st.integers(0, 255))
 def test_header_round_trip(hdr, fill):
     raw = hdr.to_bytes()
-    assert len(raw) == 32 + 8 * len(hdr.shape) == hdr.nbytes == header_nbytes(len(hdr.shape))
+    assert len(raw) == 48 + 8 * len(hdr.shape) == hdr.nbytes == header_nbytes(len(hdr.shape))
     # The bytes are exactly the documented layout.
     assert raw == hand_header(hdr.codec_id, DTYPE_CODE[hdr.dtype], hdr.shape, hdr.body_nbytes,
-                              hdr.param, hdr.seq, hdr.tag, hdr.flags)
+                              hdr.param, hdr.seq, hdr.tag, hdr.flags, session=hdr.session,
+                              stream_cfg=hdr.residual_order | (0 if hdr.closed_loop else 4),
+                              warmup=hdr.warmup_steps, period=hdr.keyframe_period,
+                              decay=hdr.decay)
     payload = as_payload(raw + bytes([fill]) * hdr.body_nbytes)
     got = read_header(payload)
     assert got == hdr
@@ -79,8 +96,7 @@ def test_header_round_trip(hdr, fill):
 @settings(max_examples=40, deadline=None)
 @given(hdr=headers, body=st.integers(0, 80))
 def test_header_write_into_payload(hdr, body):
-    hdr = Header(hdr.codec_id, hdr.dtype, hdr.shape, body, hdr.param, hdr.seq, hdr.tag,
-                 hdr.flags)
+    hdr = dataclasses.replace(hdr, body_nbytes=body)
     payload = torch.full((hdr.nbytes + body,), 0xAB, dtype=torch.uint8)
     hdr.write(payload)
     assert read_header(payload) == hdr
@@ -90,40 +106,72 @@ def test_header_write_into_payload(hdr, body):
 
 def test_worked_example_bytes():
     hdr = Header(codec_id=5, dtype=torch.bfloat16, shape=(3, 513), body_nbytes=0x1234,
-                 param=7, seq=0x01020304, tag=0xDEADBEEF, flags=1)
+                 param=7, seq=0x01020304, tag=0xDEADBEEF, flags=1, session=0x0A0B0C0D,
+                 residual_order=2, closed_loop=False, warmup_steps=2, keyframe_period=10,
+                 decay=0.5)
     expected = bytes.fromhex(
         "4343"              # magic "CC"
-        "02"                # version 2
+        "03"                # version 3
         "05"                # codec id 5 (binary)
         "03"                # dtype code 3 (bfloat16)
         "01"                # flags: keyframe
         "02"                # ndim 2
-        "00"                # reserved
+        "06"                # order 2 | open loop (4)
         "07000000"          # param 7
         "04030201"          # seq 0x01020304
         "efbeadde"          # tag 0xDEADBEEF
-        "00000000"          # reserved
+        "0d0c0b0a"          # session 0x0A0B0C0D
+        "02000000"          # warmup 2
+        "0a000000"          # keyframe period 10
+        "0000003f"          # decay 0.5 as float32
+        "00000000"          # no checksum
         "3412000000000000"  # body length 0x1234
         "0300000000000000"  # shape[0] = 3
         "0102000000000000"  # shape[1] = 513 = 0x201
     )
-    assert len(expected) == 48
+    assert len(expected) == 64
     assert hdr.to_bytes() == expected
     # And the same bytes written with struct.
-    assert expected == struct.pack("<2sBBBBBBIIIIQQQ", b"CC", 2, 5, 3, 1, 2, 0, 7, 0x01020304,
-                                   0xDEADBEEF, 0, 0x1234, 3, 513)
+    assert expected == struct.pack("<2sBBBBBBIIIIIIfIQQQ", b"CC", 3, 5, 3, 1, 2, 6, 7,
+                                   0x01020304, 0xDEADBEEF, 0x0A0B0C0D, 2, 10, 0.5, 0, 0x1234,
+                                   3, 513)
     got = read_header(as_payload(expected + b"\x00" * 0x1234))
     assert got == hdr
-    assert got.keyframe and got.nbytes == 48
+    assert got.keyframe and got.nbytes == 64
 
 
 def test_worked_example_scalar_float32():
-    # A 0-d float32 tensor: 32-byte header, no shape entries.
-    expected = struct.pack("<2sBBBBBBIIIIQ", b"CC", 2, 0, 1, 0, 0, 0, 0, 0, 0, 0, 8)
-    assert len(expected) == 32
+    # A 0-d float32 tensor: 48-byte header, no shape entries.
+    expected = struct.pack("<2sBBBBBBIIIIIIfIQ", b"CC", 3, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                           0.0, 0, 8)
+    assert len(expected) == 48
     hdr = Header(codec_id=0, dtype=torch.float32, shape=(), body_nbytes=8)
     assert hdr.to_bytes() == expected
     assert read_header(as_payload(expected + bytes(8))) == hdr
+
+
+def test_checksum_sealed_and_verified():
+    hdr = Header(codec_id=0, dtype=torch.float32, shape=(2,), body_nbytes=8, flags=2)
+    payload = torch.zeros(hdr.payload_nbytes, dtype=torch.uint8)
+    hdr.write(payload)
+    payload[hdr.nbytes:] = torch.arange(8, dtype=torch.uint8)
+    hdr.seal(payload)
+    crc = zlib.crc32(bytes(range(8)))
+    assert bytes(payload[36:40].tolist()) == crc.to_bytes(4, "little")
+    verify_checksum(payload, read_header(payload), "test")
+    payload[hdr.nbytes + 3] ^= 0x10
+    with pytest.raises(WireFormatError, match="checksum"):
+        verify_checksum(payload, read_header(payload), "test")
+
+
+def test_unaligned_payload_is_copied():
+    base = torch.arange(41, dtype=torch.uint8)
+    odd = base[1:]
+    assert odd.data_ptr() % 8 != 0
+    got = contiguous_payload(odd)
+    assert got.data_ptr() % 8 == 0 and torch.equal(got, odd)
+    aligned = torch.zeros(16, dtype=torch.uint8)
+    assert contiguous_payload(aligned) is aligned
 
 
 # --------------------------------------------------------------------------- bad input
@@ -145,7 +193,7 @@ def test_bad_magic(magic):
         read_header(good_payload(hand_header(2, 1, (4, 6), 16, magic=magic)))
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, 255])
+@pytest.mark.parametrize("version", [0, 1, 2, 4, 255])
 def test_bad_version(version):
     with pytest.raises(WireFormatError, match="version"):
         read_header(good_payload(hand_header(2, 1, (4, 6), 16, version=version)))
@@ -157,13 +205,13 @@ def test_unknown_dtype_code(code):
         read_header(good_payload(hand_header(2, code, (4, 6), 16)))
 
 
-@pytest.mark.parametrize("n", [0, 1, 8, 24, 31])
+@pytest.mark.parametrize("n", [0, 1, 8, 24, 31, 47])
 def test_truncated_below_fixed_header(n):
     with pytest.raises(WireFormatError):
         read_header(as_payload(GOOD[:n]))
 
 
-@pytest.mark.parametrize("ndim,keep", [(1, 32), (2, 32), (2, 40), (2, 47), (5, 71)])
+@pytest.mark.parametrize("ndim,keep", [(1, 48), (2, 48), (2, 56), (2, 63), (5, 87)])
 def test_truncated_below_shape(ndim, keep):
     raw = hand_header(2, 1, (1,) * ndim, 0)
     assert keep < len(raw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -10,7 +11,8 @@ import torch
 
 from ..errors import NonFiniteError, WireFormatError
 from ..kernels import Kernels, get_kernels
-from ..wire import Header, Layout, check_dtype, header_nbytes, read_header
+from ..wire import (Header, Layout, check_dtype, contiguous_payload, header_nbytes, read_header,
+                    verify_checksum)
 
 __all__ = ["Codec", "as_2d", "check_finite", "non_finite_error"]
 
@@ -129,15 +131,13 @@ class Codec(ABC):
         check_dtype(dtype)
         return header_nbytes(len(shape)) + self.layout(*_nc(shape), dtype).nbytes
 
-    def header(
-        self, shape: tuple[int, ...], dtype: torch.dtype, *, seq: int = 0, tag: int = 0,
-        flags: int = 0,
-    ) -> Header:
-        """The header this codec writes for a tensor of ``shape`` and ``dtype``."""
+    def header(self, shape: tuple[int, ...], dtype: torch.dtype, **fields: Any) -> Header:
+        """The header this codec writes for a tensor of ``shape`` and ``dtype``; ``fields``
+        are the stream's (sequence number, tag, flags, session, config; see :class:`Header`)."""
         n, c = _nc(shape)
         return Header(codec_id=self.codec_id, dtype=dtype, shape=shape,
                       body_nbytes=self.layout(n, c, dtype).nbytes, param=self.param(n, c),
-                      seq=seq, tag=tag, flags=flags)
+                      **fields)
 
     def encode(self, x: torch.Tensor, *, check: bool = True) -> torch.Tensor:
         """Compress ``x`` into a payload. ``check`` rejects NaN/Inf with :class:`NonFiniteError`."""
@@ -151,16 +151,18 @@ class Codec(ABC):
     def decode(self, payload: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruct the tensor in ``payload``, into ``out`` if given (same shape and dtype)."""
         header = read_header(payload)
+        payload = contiguous_payload(payload)
         if header.codec_id != self.codec_id:
             raise WireFormatError(
                 f"payload was written by codec id {header.codec_id}; this is {self.spec} "
                 f"(id {self.codec_id})"
             )
-        expected = self.header(header.shape, header.dtype, seq=header.seq, tag=header.tag,
-                               flags=header.flags)
+        expected = dataclasses.replace(header, body_nbytes=self.layout(
+            *_nc(header.shape), header.dtype).nbytes, param=self.param(*_nc(header.shape)))
         bad = header.mismatches(expected)
         if bad:
             raise WireFormatError(f"{self.spec}: inconsistent payload header: {', '.join(bad)}")
+        verify_checksum(payload, header, self.spec)
         if out is None:
             out = torch.empty(header.shape, dtype=header.dtype, device=payload.device)
         elif (tuple(out.shape) != header.shape or out.dtype != header.dtype
@@ -195,16 +197,17 @@ class Codec(ABC):
         body = payload[header.nbytes:]
         if x2.numel() == 0:
             body.zero_()
-            return payload
-        for start, end in layout.gaps:  # no stale memory on the wire
-            body[start:end].zero_()
-        if not self.fused_check:
-            if check is not None:
-                check_finite(x2, check, self.kernels(x2.device))
-            self.encode_into(x2, pred, ref_out, layout.views(body), state)
-        elif not self.encode_into(x2, pred, ref_out, layout.views(body), state,
-                                  check=check is not None):
-            raise non_finite_error(x2, check)
+        else:
+            for start, end in layout.gaps:  # no stale memory on the wire
+                body[start:end].zero_()
+            if not self.fused_check:
+                if check is not None:
+                    check_finite(x2, check, self.kernels(x2.device))
+                self.encode_into(x2, pred, ref_out, layout.views(body), state)
+            elif not self.encode_into(x2, pred, ref_out, layout.views(body), state,
+                                      check=check is not None):
+                raise non_finite_error(x2, check)
+        header.seal(payload)
         return payload
 
     def absorb(
