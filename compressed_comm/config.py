@@ -48,7 +48,15 @@ class CompressionConfig:
         transit; the CRC costs a pass over the payload on each side (a host copy on CUDA).
         The header (codec, stream, session, step, config) is always checked.
 
-    All ranks of a group must use the same settings for 1-8 and 12: every payload
+    13. ``handshake`` -- before each compressed all-gather, all-to-all and ring pass, the
+        ranks all-gather a block of ``56 + 16 * world_size`` bytes with the sizes, session,
+        step and config each will use, so ranks that disagree (a missed ``step()``, another config) all
+        raise the same :class:`~compressed_comm.WireFormatError` instead of hanging or
+        crashing the backend (gloo aborts the process on mismatched sizes). Costs one
+        extra small collective per call and, on CUDA, a host synchronisation; turn it off
+        only where every rank is known to issue the same calls.
+
+    All ranks of a group must use the same settings for 1-8, 12 and 13: every payload
     header carries them (skip and min_bytes as the codec a stream uses) and a receiver whose config differs raises
     :class:`~compressed_comm.WireFormatError` naming the fields.
     """
@@ -65,6 +73,7 @@ class CompressionConfig:
     kernels: str | None = None
     track_error: bool = False
     checksum: bool = False
+    handshake: bool = True
 
     def __post_init__(self) -> None:
         get_codec(self.codec)  # raises ValueError naming the valid specs

@@ -15,13 +15,16 @@ so clone them to keep them across steps.
 from __future__ import annotations
 
 import math
+import struct
+import time
+import zlib
 from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .config import CompressionConfig
-from .errors import CommError
+from .errors import CancelledError, CommError, GroupFailedError, WireFormatError
 from .session import Session, SessionStats
 from .stream import StreamDecoder
 from .transport import P2POp, TorchDistTransport, Transport, Work
@@ -31,25 +34,37 @@ __all__ = ["CompressedGroup", "RawGroup", "Handle"]
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 300.0
+#: transport tag of the control messages new_session exchanges (data uses tag 0)
+CONTROL_TAG = 0x4343
+#: CompressionConfig fields all ranks must share, as checked by the size handshake
+SHARED_CONFIG = ("codec", "residual_order", "decay", "warmup_steps", "keyframe_period",
+                 "min_bytes", "skip", "closed_loop", "checksum")
+#: a collective's size handshake block: magic, session, stream CRC, step, a CRC-32 per
+#: shared config field, pad; then 2 x world uint64 sizes (sent to, expected from, each rank)
+_HANDSHAKE = struct.Struct(f"<4sIII{len(SHARED_CONFIG)}I4x")
+_HANDSHAKE_MAGIC = b"CCHS"
 
 
 class Handle(Generic[T]):
     """A compressed transfer in flight; :meth:`wait` completes it and returns the result.
 
-    Waiting twice returns the same result. Handles of one stream complete in the order they
-    were started: waiting on a newer one first completes the older ones, whose results are
-    then kept as copies (the stream's reference moves on).
+    Waiting twice returns the same result (or raises the same error). Handles of one stream
+    complete in the order they were started: waiting on a newer one first completes the
+    older ones, whose results are then kept as copies (the stream's reference moves on).
+    A handle whose session ended (``new_session()``, ``abort()``) before it was waited on
+    raises :class:`~compressed_comm.CancelledError`.
     """
 
-    __slots__ = ("_finish", "_result", "_done", "_before", "_timeout")
+    __slots__ = ("_finish", "_result", "_error", "_before", "_timeout", "_group")
 
     def __init__(self, finish: Callable[[float], T], timeout: float,
-                 before: Sequence[Handle[Any]] = ()) -> None:
+                 before: Sequence[Handle[Any]] = (), group: _GroupBase | None = None) -> None:
         self._finish: Callable[[float], T] | None = finish
         self._result: T | None = None
-        self._done = False
+        self._error: BaseException | None = None
         self._before = list(before)
         self._timeout = timeout
+        self._group = group
 
     @classmethod
     def completed(cls, result: T) -> Handle[T]:
@@ -59,21 +74,33 @@ class Handle(Generic[T]):
         return h
 
     def is_completed(self) -> bool:
-        """Whether :meth:`wait` has run."""
-        return self._done
+        """Whether the transfer is over: waited on, failed or cancelled."""
+        return self._finish is None
 
     def wait(self, timeout: float | None = None) -> T:
         """Complete the transfer (raising on timeout or error) and return its result."""
-        if not self._done:
+        if self._finish is not None:
+            if self._group is not None:
+                self._group._check_usable()
             for older in self._before:
                 if not older.is_completed():
                     older.wait(timeout)
                     older._result = _snapshot(older._result)
-            assert self._finish is not None
-            finish, self._finish = self._finish, None
-            self._result = finish(self._timeout if timeout is None else timeout)
-            self._done, self._before = True, []
+            finish, self._finish, self._before = self._finish, None, []
+            try:
+                self._result = finish(self._timeout if timeout is None else timeout)
+            except BaseException as e:
+                self._error = e
+                if self._group is not None:
+                    self._group._fail(e)
+        if self._error is not None:
+            raise self._error
         return self._result  # type: ignore[return-value]
+
+    def _cancel(self, why: str) -> None:
+        if self._finish is not None:
+            self._finish, self._before = None, []
+            self._error = CancelledError(why)
 
 
 def _snapshot(result: Any) -> Any:
@@ -91,7 +118,8 @@ def _like(shape: Sequence[int], x: torch.Tensor) -> torch.Tensor:
 
 
 class _GroupBase:
-    """What raw and compressed groups share: transport, timeouts, steps, argument checks."""
+    """What raw and compressed groups share: transport, timeouts, steps, sessions, the
+    failed state and the bookkeeping that lets :meth:`new_session` drain a failed one."""
 
     def __init__(self, transport: Transport | dist.ProcessGroup | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -107,10 +135,23 @@ class _GroupBase:
         self.rank = transport.rank
         self.world_size = transport.world_size
         self.step_index = 0
+        #: counts the sessions this group has started (ranks agree on it)
+        self.session_index = 0
         #: bytes and point-to-point messages this rank has sent in the current session
         self.bytes_sent = 0
         self.messages_sent = 0
         self._inflight: dict[str, list[Handle[Any]]] = {}
+        self._failure: BaseException | None = None
+        self._closed: str | None = None
+        self._clear_ledger()
+
+    def _clear_ledger(self) -> None:
+        #: transport work not yet waited on, in the order it was posted
+        self._unwaited: dict[int, Work] = {}
+        #: sizes of the p2p messages sent to / receives posted from each peer this session
+        self._p2p_sent: list[list[int]] = [[] for _ in range(self.world_size)]
+        self._p2p_posted: list[list[int]] = [[] for _ in range(self.world_size)]
+        self._collectives = 0
 
     # ------------------------------------------------------------------ steps and sessions
 
@@ -118,19 +159,144 @@ class _GroupBase:
         """Mark the end of a denoising step."""
         self.step_index += 1
 
+    @property
+    def failed(self) -> BaseException | None:
+        """The failure that stopped this group (None while it is usable)."""
+        return self._failure
+
     def new_session(self) -> None:
-        """Start a new request: drop all per-request state (all ranks must do this together)."""
-        pending = sum(not h.is_completed() for hs in self._inflight.values() for h in hs)
-        if pending:
-            raise RuntimeError(f"rank {self.rank}: {pending} transfers are still in flight; "
-                               "wait() on them before starting a new session")
+        """Start a new request (all ranks together): end the current session and drop all
+        per-request state.
+
+        Transfers still in flight are cancelled (their handles raise
+        :class:`~compressed_comm.CancelledError`) and their bytes drained, so no message of
+        the old session can reach the new one; this also recovers a group that failed. The
+        ranks exchange a few control messages to agree on what is left to drain. Raises
+        :class:`~compressed_comm.GroupFailedError` if that is impossible (a peer is gone, or
+        the ranks issued different collectives); the group is then closed for good.
+        """
+        self._check_open()
+        why = f"rank {self.rank}: the transfer's session ended (new_session)"
+        for hs in self._inflight.values():
+            for h in hs:
+                h._cancel(why)
+        try:
+            self._drain()
+        except BaseException as e:
+            self._closed = (f"new_session could not re-synchronise the ranks "
+                            f"({type(e).__name__}: {e})")
+            raise GroupFailedError(f"rank {self.rank}: {self._closed}; create a new group") from e
         self._inflight.clear()
+        self._clear_ledger()
+        self._failure = None
         self.step_index = 0
+        self.session_index += 1
         self.bytes_sent = self.messages_sent = 0
+        self._reset()
+
+    def abort(self) -> None:
+        """Close this group on this rank at once, without talking to its peers: pending
+        handles are cancelled, state is dropped and every later call raises
+        :class:`~compressed_comm.GroupFailedError`. For a rank that gives up (a peer died);
+        its peers time out. Create a new group (and transport) to continue."""
+        for hs in self._inflight.values():
+            for h in hs:
+                h._cancel(f"rank {self.rank}: the group was aborted")
+        self._inflight.clear()
+        self._clear_ledger()
+        self._closed = "the group was aborted"
         self._reset()
 
     def _reset(self) -> None:
         """Drop per-request state (subclasses)."""
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise GroupFailedError(f"rank {self.rank}: {self._closed}; create a new group")
+
+    def _check_usable(self) -> None:
+        self._check_open()
+        if self._failure is not None:
+            e = self._failure
+            raise GroupFailedError(
+                f"rank {self.rank}: an earlier transfer failed ({type(e).__name__}: {e}); the "
+                "group refuses work until new_session() on every rank (or abort())")
+
+    def _fail(self, error: BaseException) -> None:
+        if self._failure is None:
+            self._failure = error
+
+    def _guarded(self, op: Callable[[], T]) -> T:
+        """Run ``op`` (which posts transfers) on a usable group; any failure fails the group,
+        since its peers may be left waiting on a transfer this rank did not post."""
+        self._check_usable()
+        try:
+            return op()
+        except BaseException as e:
+            self._fail(e)
+            raise
+
+    def _drain(self) -> None:
+        """Complete (without decoding) every transfer of the ending session, and receive or
+        satisfy the point-to-point messages one side posted and the other never matched."""
+        world, me = self.world_size, self.rank
+        if world == 1:
+            return
+        peers = [p for p in range(world) if p != me]
+        deadline = time.monotonic() + self.timeout
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        def exchange(out: dict[int, torch.Tensor], into: dict[int, torch.Tensor]) -> None:
+            works = [self.transport.isend(t, p, CONTROL_TAG) for p, t in out.items()]
+            works += [self.transport.irecv(t, p, CONTROL_TAG) for p, t in into.items()]
+            for w in works:
+                w.wait(left())
+
+        # 1. every rank's counts: p2p messages sent to / posted from each peer, collectives
+        mine = torch.tensor([len(v) for v in self._p2p_sent] + [len(v) for v in self._p2p_posted]
+                            + [self._collectives], dtype=torch.int64)
+        got = {p: torch.empty_like(mine) for p in peers}
+        exchange({p: mine for p in peers}, got)
+        got[me] = mine
+        sent = [[int(got[s][d]) for d in range(world)] for s in range(world)]
+        posted = [[int(got[d][world + s]) for s in range(world)] for d in range(world)]
+        collectives = [int(got[r][2 * world]) for r in range(world)]
+        if len(set(collectives)) != 1:
+            raise GroupFailedError(
+                f"the ranks issued different numbers of collectives in the failed session "
+                f"({dict(enumerate(collectives))}): the transport cannot be re-synchronised")
+        # 2. per peer p: the sizes of my sends p never posted a receive for, then of my
+        #    receives p never sent; both sides know how many of each
+        def extra(src: int, dst: int) -> int:
+            return max(0, sent[src][dst] - posted[dst][src])
+
+        out, into = {}, {}
+        for p in peers:
+            sizes = (self._p2p_sent[p][posted[p][me]:sent[me][p]]
+                     + self._p2p_posted[p][sent[p][me]:posted[me][p]])
+            if sizes:
+                out[p] = torch.tensor(sizes, dtype=torch.int64)
+            n = extra(p, me) + max(0, posted[p][me] - sent[me][p])
+            if n:
+                into[p] = torch.empty(n, dtype=torch.int64)
+        exchange(out, into)
+        # 3. satisfy the peers' unmatched receives, finish what was posted, then receive
+        #    (and drop) the unmatched messages, in the order each link delivers them
+        works = [self.transport.isend(self._control_buffer(size), p)
+                 for p, sizes in into.items() for size in sizes[extra(p, me):].tolist()]
+        for w in list(self._unwaited.values()):
+            w.wait(left())
+        works += [self.transport.irecv(self._control_buffer(size), p)
+                  for p, sizes in into.items() for size in sizes[:extra(p, me)].tolist()]
+        for w in works:
+            w.wait(left())
+
+    def _control_buffer(self, nbytes: int) -> torch.Tensor:
+        return torch.zeros(nbytes, dtype=torch.uint8, device=self._device)
+
+    _device = torch.device("cpu")
 
     # ------------------------------------------------------------------ the collectives
 
@@ -216,9 +382,16 @@ class _GroupBase:
         self._inflight.setdefault(name, []).append(handle)
         return handle
 
+    def _handle(self, finish: Callable[[float], T], before: Sequence[Handle[Any]] = ()
+                ) -> Handle[T]:
+        return Handle(finish, self.timeout, before, group=self)
+
     @staticmethod
     def _buffer(nbytes: int, device: torch.device) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    # posting and waiting: every transfer goes through these, so that new_session knows
+    # what is left to complete or drain
 
     def _start(self, what: str, op: Callable[..., T], *args: Any) -> T:
         try:
@@ -226,11 +399,45 @@ class _GroupBase:
         except CommError as e:
             raise type(e)(f"rank {self.rank}: {what}: {e}") from e
 
+    def _posted(self, work: Work, tensor: torch.Tensor) -> Work:
+        self._unwaited[id(work)] = work
+        self._device = tensor.device
+        return work
+
+    def _isend(self, data: torch.Tensor, dst: int, what: str) -> Work:
+        work = self._start(what, self.transport.isend, data, dst)
+        self._p2p_sent[dst].append(data.numel())
+        self._sent(data.numel(), 1)
+        return self._posted(work, data)
+
+    def _irecv(self, buf: torch.Tensor, src: int, what: str) -> Work:
+        work = self._start(what, self.transport.irecv, buf, src)
+        self._p2p_posted[src].append(buf.numel())
+        return self._posted(work, buf)
+
+    def _batch(self, ops: list[P2POp], what: str) -> list[Work]:
+        works = self._start(what, self.transport.batch_isend_irecv, ops)
+        for op, work in zip(ops, works):
+            if op.kind == "send":
+                self._p2p_sent[op.peer].append(op.tensor.numel())
+                self._sent(op.tensor.numel(), 1)
+            else:
+                self._p2p_posted[op.peer].append(op.tensor.numel())
+            self._posted(work, op.tensor)
+        return works
+
+    def _collective(self, what: str, op: Callable[..., Work], tensor: torch.Tensor,
+                    *args: Any) -> Work:
+        work = self._start(what, op, *args)
+        self._collectives += 1
+        return self._posted(work, tensor)
+
     def _wait(self, work: Work, timeout: float, what: str) -> None:
         try:
             work.wait(timeout)
         except CommError as e:
             raise type(e)(f"rank {self.rank}: {what}: {e}") from e
+        self._unwaited.pop(id(work), None)
 
     def _ring_hops(self, x: torch.Tensor, packet: torch.Tensor, stream: str,
                    buffer_for: Callable[[int], torch.Tensor],
@@ -238,39 +445,41 @@ class _GroupBase:
                    ) -> Iterator[tuple[int, torch.Tensor]]:
         """The hops of a ring pass of this rank's byte ``packet``: yields ``(rank, x)``, then
         ``(origin, decode(origin, bytes))`` per hop while the next hop is in flight; every
-        received packet is forwarded unchanged."""
-        nxt, prv = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+        received packet is forwarded unchanged. A failure fails the group."""
+        world = self.world_size
+        nxt, prv = (self.rank + 1) % world, (self.rank - 1) % world
+        name = f"ring:{stream}"
 
-        def post(packet: torch.Tensor, hop: int) -> tuple[int, torch.Tensor, list[Work]]:
-            origin = (self.rank - hop) % self.world_size
+        def post(packet: torch.Tensor, hop: int) -> tuple[int, torch.Tensor, Handle[None]]:
+            origin = (self.rank - hop) % world
             buf = buffer_for(origin)
-            works = self._start(
-                f"ring pass of stream {stream!r}, hop {hop} (block of rank {origin})",
-                self.transport.batch_isend_irecv,
-                [P2POp("send", packet, nxt), P2POp("recv", buf, prv)])
-            self._sent(packet.numel(), 1)
-            return origin, buf, works
+            what = (f"ring pass of stream {stream!r}, hop {hop} of {world - 1}: block of rank "
+                    f"{origin} sent to rank {nxt}, received from rank {prv}")
+            works = self._guarded(lambda: self._batch(
+                [P2POp("send", packet, nxt), P2POp("recv", buf, prv)], what))
+
+            def finish(timeout: float) -> None:
+                for w in works:
+                    self._wait(w, timeout, what)
+            return origin, buf, self._track(name, self._handle(finish))
 
         pending = post(packet, 1)
         yield self.rank, x
-        for hop in range(1, self.world_size):
-            origin, buf, works = pending
-            for w in works:
-                self._wait(w, self.timeout, f"ring pass of stream {stream!r}, hop {hop} "
-                           f"(block of rank {origin}, from rank {prv} to rank {nxt})")
-            if hop < self.world_size - 1:
+        for hop in range(1, world):
+            origin, buf, handle = pending
+            handle.wait()
+            if hop < world - 1:
                 pending = post(buf, hop + 1)  # forward unchanged while decoding
-            yield origin, decode(origin, buf)
+            yield origin, self._guarded(lambda: decode(origin, buf))
 
     def _send_bytes(self, data: torch.Tensor, dst: int, stream: str) -> Handle[None]:
         """Start sending the uint8 buffer ``data`` to ``dst``; it stays alive until done."""
         what = f"send of stream {stream!r} to rank {dst}"
-        work = self._start(what, self.transport.isend, data, dst)
-        self._sent(data.numel(), 1)
+        work = self._isend(data, dst, what)
 
         def finish(timeout: float, data: torch.Tensor = data) -> None:
             self._wait(work, timeout, what)
-        return Handle(finish, self.timeout)
+        return self._track(f"send:{stream}", self._handle(finish))
 
     def _sent(self, nbytes: int, messages: int) -> None:
         self.bytes_sent += nbytes
@@ -313,14 +522,21 @@ class CompressedGroup(_GroupBase):
                  timeout: float = DEFAULT_TIMEOUT) -> None:
         super().__init__(transport, timeout=timeout)
         self.config = config or CompressionConfig()
-        self.session = Session(self.config, rank=self.rank)
+        # groups made on one transport are numbered in creation order (the same on every
+        # rank); the number keeps their streams apart even where their names coincide
+        index = getattr(self.transport, "_compressed_groups", 0)
+        self.transport._compressed_groups = index + 1  # type: ignore[attr-defined]
+        self.session = Session(self.config, rank=self.rank,
+                               namespace=f"group{index}/" if index else "")
+        self._config_crcs = [zlib.crc32(repr(getattr(self.config, f)).encode())
+                             for f in SHARED_CONFIG]
 
     def __repr__(self) -> str:
         return (f"CompressedGroup(rank={self.rank}, world_size={self.world_size}, "
                 f"codec={self.config.codec!r}, step={self.step_index})")
 
     def _reset(self) -> None:
-        self.session.reset()
+        self.session.reset()  # advances the session id written into every header
 
     def stats(self) -> SessionStats:
         """Traffic, accuracy and memory of every stream of the current session."""
@@ -331,28 +547,74 @@ class CompressedGroup(_GroupBase):
         return {o: self.session.decoder(name, o, _like(shapes[o], x))
                 for o in range(self.world_size) if o != self.rank}
 
+    def _handshake(self, kind: str, stream: str, seq: int, send: Sequence[int],
+                   recv: Sequence[int], device: torch.device) -> None:
+        """Before a collective's payloads move: every rank shares the sizes it will send to
+        and expects from each rank, its session, step and config, in a block of fixed size
+        (so the exchange itself cannot mismatch). Every rank sees every block and reaches
+        the same verdict, so a disagreement raises the same error on all of them -- where
+        mismatched sizes would otherwise hang or abort the backend (gloo aborts the process)."""
+        world = self.world_size
+        name_crc = zlib.crc32(f"{kind}:{stream}".encode())
+        mine = _HANDSHAKE.pack(_HANDSHAKE_MAGIC, self.session.id & 0xFFFFFFFF, name_crc,
+                               seq & 0xFFFFFFFF, *self._config_crcs)
+        mine += struct.pack(f"<{2 * world}Q", *send, *recv)
+        block = torch.frombuffer(bytearray(mine), dtype=torch.uint8).to(device)
+        outs = list(self._buffer(len(mine) * world, block.device).view(world, len(mine)))
+        what = f"{kind} of stream {stream!r} (size handshake)"
+        self._wait(self._collective(what, self.transport.all_gather, block, outs, block),
+                   self.timeout, what)
+        self._sent(len(mine) * (world - 1), 0)
+        views = [bytes(o.cpu().numpy()) for o in outs]
+        fields = [_HANDSHAKE.unpack(v[:_HANDSHAKE.size]) for v in views]
+        sizes = [struct.unpack(f"<{2 * world}Q", v[_HANDSHAKE.size:]) for v in views]
+        problems = []
+        for label, i in (("session", 1), ("stream name", 2), ("step", 3)):
+            values = [f[i] for f in fields]
+            if len(set(values)) > 1:
+                shown = values if label != "stream name" else [f"{v:#010x}" for v in values]
+                problems.append(f"{label} differs by rank: {dict(enumerate(shown))}")
+        differ = [name for i, name in enumerate(SHARED_CONFIG, start=4)
+                  if len({f[i] for f in fields}) > 1]
+        if differ:
+            problems.append(f"CompressionConfig differs in {', '.join(differ)}")
+        for src in range(world):
+            for dst in range(world):
+                if src != dst and sizes[src][dst] != sizes[dst][world + src]:
+                    problems.append(f"rank {src} sends {sizes[src][dst]} bytes to rank {dst}, "
+                                    f"which expects {sizes[dst][world + src]}")
+        if problems:
+            raise WireFormatError(
+                f"rank {self.rank}: {kind} of stream {stream!r}: the ranks disagree ("
+                + "; ".join(problems[:6]) + "); every rank must issue the same calls with the "
+                "same config, step() and new_session()")
+
     # ------------------------------------------------------------------ the collectives
 
     def isend(self, x: torch.Tensor, dst: int, *, stream: str) -> Handle[None]:
         """Start sending ``x`` to ``dst`` on ``stream``."""
         self._check_peer(dst, "destination")
         name = f"p2p:{stream}->{dst}"
-        return self._send_bytes(self.session.encoder(name, x).encode(x), dst, stream)
+        return self._guarded(lambda: self._send_bytes(
+            self.session.encoder(name, x).encode(x), dst, stream))
 
     def irecv(self, like: torch.Tensor, src: int, *, stream: str) -> Handle[torch.Tensor]:
         """Start receiving a tensor shaped like ``like`` from ``src`` on ``stream``."""
         self._check_peer(src, "source")
         name = f"p2p:{stream}->{self.rank}"
-        dec = self.session.decoder(name, src, like)
-        earlier = self._earlier(name)
-        buf = self._buffer(dec.payload_nbytes(dec.step + len(earlier)), like.device)
-        what = f"recv of stream {stream!r} from rank {src}"
-        work = self._start(what, self.transport.irecv, buf, src)
 
-        def finish(timeout: float) -> torch.Tensor:
-            self._wait(work, timeout, what)
-            return dec.decode(buf)
-        return self._track(name, Handle(finish, self.timeout, earlier))
+        def start() -> Handle[torch.Tensor]:
+            dec = self.session.decoder(name, src, like)
+            earlier = self._earlier(name)
+            buf = self._buffer(dec.payload_nbytes(dec.step + len(earlier)), like.device)
+            what = f"recv of stream {stream!r} from rank {src}"
+            work = self._irecv(buf, src, what)
+
+            def finish(timeout: float) -> torch.Tensor:
+                self._wait(work, timeout, what)
+                return dec.decode(buf)
+            return self._track(name, self._handle(finish, earlier))
+        return self._guarded(start)
 
     def all_gather_async(self, x: torch.Tensor, *, stream: str,
                          shapes: Sequence[Sequence[int]] | None = None
@@ -366,28 +628,36 @@ class CompressedGroup(_GroupBase):
         shapes = self._shapes(x, shapes)
         if self.world_size == 1:
             return Handle.completed([x])
+        return self._guarded(lambda: self._all_gather(x, stream, shapes))
+
+    def _all_gather(self, x: torch.Tensor, stream: str, shapes: list[tuple[int, ...]]
+                    ) -> Handle[list[torch.Tensor]]:
         name = f"all_gather:{stream}"
         decs = self._decoders(name, x, shapes)
         earlier = self._earlier(name)
-        payload = self.session.encoder(name, x).encode(x)
-        sizes = [payload.numel() if o == self.rank else
+        enc = self.session.encoder(name, x)
+        sizes = [enc.payload_nbytes() if o == self.rank else
                  decs[o].payload_nbytes(decs[o].step + len(earlier))
                  for o in range(self.world_size)]
         slot = max(sizes)
+        if self.config.handshake:
+            self._handshake("all_gather", stream, enc.step, [slot] * self.world_size,
+                            [slot if o != self.rank else 0 for o in range(self.world_size)], x.device)
+        payload = enc.encode(x)
         if slot != payload.numel():
             padded = torch.zeros(slot, dtype=torch.uint8, device=x.device)
             padded[: payload.numel()] = payload
             payload = padded
         outs = list(self._buffer(slot * self.world_size, x.device).view(self.world_size, slot))
         what = f"all_gather of stream {stream!r}"
-        work = self._start(what, self.transport.all_gather, outs, payload)
+        work = self._collective(what, self.transport.all_gather, payload, outs, payload)
         self._sent(slot * (self.world_size - 1), self.world_size - 1)
 
         def finish(timeout: float) -> list[torch.Tensor]:
             self._wait(work, timeout, what)
             return [x if o == self.rank else decs[o].decode(outs[o][: sizes[o]])
                     for o in range(self.world_size)]
-        return self._track(name, Handle(finish, self.timeout, earlier))
+        return self._track(name, self._handle(finish, earlier))
 
     def ring_iter(self, x: torch.Tensor, *, stream: str,
                   shapes: Sequence[Sequence[int]] | None = None
@@ -398,7 +668,7 @@ class CompressedGroup(_GroupBase):
         Each packet is forwarded unchanged and decoded once here with its origin's
         reference, so hops add no error. The next hop's transfer is in flight while the
         caller works on the current block. Iterate to the end: every rank must take part in
-        every hop.
+        every hop (a pass left unfinished is drained by ``new_session()``).
         """
         shapes = self._shapes(x, shapes)
         if self.world_size == 1:
@@ -407,8 +677,17 @@ class CompressedGroup(_GroupBase):
         name = f"ring:{stream}"
         for h in self._earlier(name):
             h.wait()
-        decs = self._decoders(name, x, shapes)
-        payload = self.session.encoder(name, x).encode(x)
+
+        def start() -> tuple[dict[int, StreamDecoder], torch.Tensor]:
+            decs = self._decoders(name, x, shapes)
+            enc = self.session.encoder(name, x)
+            if self.config.handshake:
+                size = enc.payload_nbytes()
+                self._handshake("ring", stream, enc.step, [size] * self.world_size,
+                                [0 if o == self.rank else decs[o].payload_nbytes()
+                                 for o in range(self.world_size)], x.device)
+            return decs, enc.encode(x)
+        decs, payload = self._guarded(start)
         yield from self._ring_hops(
             x, payload, stream,
             buffer_for=lambda o: self._buffer(decs[o].payload_nbytes(), x.device),
@@ -425,28 +704,37 @@ class CompressedGroup(_GroupBase):
         input's). Each ``(src, dst)`` chunk is its own residual stream; the own chunk is
         copied exactly.
         """
-        world = self.world_size
         in_sizes, out_sizes = self._splits(x, stream, input_split_sizes, output_split_sizes)
+        if self.world_size == 1:
+            return Handle.completed(x)
+        return self._guarded(lambda: self._all_to_all(x, stream, in_sizes, out_sizes))
+
+    def _all_to_all(self, x: torch.Tensor, stream: str, in_sizes: list[int],
+                    out_sizes: list[int]) -> Handle[torch.Tensor]:
+        world, me = self.world_size, self.rank
         rest = tuple(x.shape[1:])
         chunks = x.split(in_sizes, dim=0)
-        if world == 1:
-            return Handle.completed(x)
-        me = self.rank
         send_name = {dst: f"all_to_all:{stream}->{dst}" for dst in range(world)}
         recv_name = send_name[me]
         earlier = self._earlier(recv_name)
         decs = {src: self.session.decoder(recv_name, src, _like((out_sizes[src], *rest), x))
                 for src in range(world) if src != me}
-        payloads = [torch.empty(0, dtype=torch.uint8, device=x.device) if dst == me else
-                    self.session.encoder(send_name[dst], chunks[dst]).encode(chunks[dst])
-                    for dst in range(world)]
+        encs = {dst: self.session.encoder(send_name[dst], chunks[dst])
+                for dst in range(world) if dst != me}
         recv_sizes = [0 if src == me else decs[src].payload_nbytes(decs[src].step + len(earlier))
                       for src in range(world)]
+        if self.config.handshake:
+            self._handshake("all_to_all", stream, encs[(me + 1) % world].step,
+                            [0 if d == me else encs[d].payload_nbytes() for d in range(world)],
+                            recv_sizes, x.device)
+        payloads = [torch.empty(0, dtype=torch.uint8, device=x.device) if dst == me else
+                    encs[dst].encode(chunks[dst]) for dst in range(world)]
         recv_buf = self._buffer(sum(recv_sizes), x.device)
         what = f"all_to_all of stream {stream!r}"
-        work = self._start(what, self.transport.all_to_all_single, recv_buf, torch.cat(payloads),
-                           recv_sizes, [p.numel() for p in payloads])
-        self._sent(sum(p.numel() for p in payloads), world - 1)
+        send_buf = torch.cat(payloads)
+        work = self._collective(what, self.transport.all_to_all_single, send_buf, recv_buf,
+                                send_buf, recv_sizes, [p.numel() for p in payloads])
+        self._sent(send_buf.numel(), world - 1)
 
         def finish(timeout: float) -> torch.Tensor:
             self._wait(work, timeout, what)
@@ -455,7 +743,7 @@ class CompressedGroup(_GroupBase):
             for src, part in enumerate(out.split(out_sizes, dim=0)):
                 part.copy_(chunks[me] if src == me else decs[src].decode(received[src]))
             return out
-        return self._track(recv_name, Handle(finish, self.timeout, earlier))
+        return self._track(recv_name, self._handle(finish, earlier))
 
 
 def _as_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -475,18 +763,18 @@ class RawGroup(_GroupBase):
 
     def isend(self, x: torch.Tensor, dst: int, *, stream: str) -> Handle[None]:
         self._check_peer(dst, "destination")
-        return self._send_bytes(_as_bytes(x), dst, stream)
+        return self._guarded(lambda: self._send_bytes(_as_bytes(x), dst, stream))
 
     def irecv(self, like: torch.Tensor, src: int, *, stream: str) -> Handle[torch.Tensor]:
         self._check_peer(src, "source")
         out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
         what = f"recv of stream {stream!r} from rank {src}"
-        work = self._start(what, self.transport.irecv, _as_bytes(out), src)
+        work = self._guarded(lambda: self._irecv(_as_bytes(out), src, what))
 
         def finish(timeout: float) -> torch.Tensor:
             self._wait(work, timeout, what)
             return out
-        return Handle(finish, self.timeout)
+        return self._track(f"recv:{stream}", self._handle(finish))
 
     def all_gather_async(self, x: torch.Tensor, *, stream: str,
                          shapes: Sequence[Sequence[int]] | None = None
@@ -502,7 +790,8 @@ class RawGroup(_GroupBase):
                                                 device=x.device)])
         outs = self._buffer(slot * self.world_size, x.device).view(self.world_size, slot)
         what = f"all_gather of stream {stream!r}"
-        work = self._start(what, self.transport.all_gather, list(outs), data)
+        work = self._guarded(lambda: self._collective(what, self.transport.all_gather, data,
+                                                      list(outs), data))
         self._sent(slot * (self.world_size - 1), self.world_size - 1)
 
         def finish(timeout: float) -> list[torch.Tensor]:
@@ -510,7 +799,7 @@ class RawGroup(_GroupBase):
             return [x if o == self.rank else
                     outs[o][: sizes[o]].view(x.dtype).view(shapes[o])
                     for o in range(self.world_size)]
-        return Handle(finish, self.timeout)
+        return self._track(f"all_gather:{stream}", self._handle(finish))
 
     def ring_iter(self, x: torch.Tensor, *, stream: str,
                   shapes: Sequence[Sequence[int]] | None = None
@@ -519,6 +808,7 @@ class RawGroup(_GroupBase):
         if self.world_size == 1:
             yield self.rank, x
             return
+        self._check_usable()
         yield from self._ring_hops(
             x, _as_bytes(x), stream,
             buffer_for=lambda o: self._buffer(math.prod(shapes[o]) * x.element_size(), x.device),
@@ -534,11 +824,12 @@ class RawGroup(_GroupBase):
         row = math.prod(x.shape[1:]) * x.element_size()
         out = torch.empty((sum(out_sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
         what = f"all_to_all of stream {stream!r}"
-        work = self._start(what, self.transport.all_to_all_single, _as_bytes(out), _as_bytes(x),
-                           [n * row for n in out_sizes], [n * row for n in in_sizes])
+        work = self._guarded(lambda: self._collective(
+            what, self.transport.all_to_all_single, x, _as_bytes(out), _as_bytes(x),
+            [n * row for n in out_sizes], [n * row for n in in_sizes]))
         self._sent((sum(in_sizes) - in_sizes[self.rank]) * row, self.world_size - 1)
 
         def finish(timeout: float) -> torch.Tensor:
             self._wait(work, timeout, what)
             return out
-        return Handle(finish, self.timeout)
+        return self._track(f"all_to_all:{stream}", self._handle(finish))

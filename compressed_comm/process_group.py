@@ -10,7 +10,13 @@ broadcast, barrier, ...) passes through to ``pg`` untouched.
 Streams are keyed by (operation, peers, shape, dtype, call order within the step), so the
 same sequence of calls in every denoising step maps to the same residual streams. Call
 ``wrapped.step()`` at the end of each denoising step and ``wrapped.new_session()`` at the
-start of each request, on every rank.
+start of each request, on every rank. Without ``step()`` every call would open a new
+stream: past ``max_calls_per_step`` calls in one step the group warns once and passes
+further calls through uncompressed until the next ``step()``, so memory stays bounded. A
+rank whose steps disagree with its peers' raises the same
+:class:`~compressed_comm.WireFormatError` as they do (the size handshake), and
+``new_session()`` on every rank recovers. What passes through uncompressed (other dtypes,
+calls past the cap) goes straight to the wrapped group: ``new_session()`` does not drain it.
 
 How it plugs in: a Python subclass of ``torch.distributed.ProcessGroup``, created through a
 registered backend (``dist.new_group(backend="compressed_comm")``) so that torch knows its
@@ -21,6 +27,7 @@ collective over the default group, like ``dist.new_group``: every process must c
 from __future__ import annotations
 
 import datetime
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -37,6 +44,8 @@ from .wire import SUPPORTED_DTYPES
 __all__ = ["wrap_process_group", "CompressedProcessGroup", "BACKEND_NAME"]
 
 BACKEND_NAME = "compressed_comm"
+#: compressed calls in one step after which the group assumes step() is not being called
+DEFAULT_MAX_CALLS_PER_STEP = 1024
 
 #: Operations forwarded unchanged to the wrapped group.
 PASSTHROUGH = ("allreduce", "allreduce_coalesced", "broadcast", "barrier", "monitored_barrier",
@@ -50,6 +59,7 @@ class _Options:
     inner: dist.ProcessGroup
     config: CompressionConfig
     timeout: float
+    max_calls_per_step: int
 
 
 class _Work(dist.Work):
@@ -90,11 +100,17 @@ class CompressedProcessGroup(dist.ProcessGroup):
     """
 
     def __init__(self, inner: dist.ProcessGroup, config: CompressionConfig | None = None, *,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT,
+                 max_calls_per_step: int = DEFAULT_MAX_CALLS_PER_STEP) -> None:
         super().__init__(inner.rank(), inner.size())
+        if max_calls_per_step < 1:
+            raise ValueError(f"max_calls_per_step must be positive, got {max_calls_per_step}")
         self.inner = inner
         self.compressed = CompressedGroup(TorchDistTransport(inner), config, timeout=timeout)
+        self.max_calls_per_step = max_calls_per_step
         self._calls: dict[tuple[Any, ...], int] = {}
+        self._calls_this_step = 0
+        self._warned = False
 
     def getBackendName(self) -> str:  # noqa: N802 - torch's name
         return BACKEND_NAME
@@ -104,18 +120,32 @@ class CompressedProcessGroup(dist.ProcessGroup):
     def step(self) -> None:
         """Mark the end of a denoising step (every rank)."""
         self._calls.clear()
+        self._calls_this_step = 0
         self.compressed.step()
 
     def new_session(self) -> None:
-        """Start a new request: drop all residual state (every rank)."""
+        """Start a new request (every rank): drop all residual state, cancel and drain what
+        is in flight; also the way back after a failed call."""
         self._calls.clear()
+        self._calls_this_step = 0
         self.compressed.new_session()
 
     def stats(self) -> SessionStats:
         """Traffic and accuracy of every stream of the current session."""
         return self.compressed.stats()
 
-    def _stream(self, *parts: Any) -> str:
+    def _stream(self, *parts: Any) -> str | None:
+        """The stream name of this call, or None past ``max_calls_per_step`` (uncompressed)."""
+        if self._calls_this_step >= self.max_calls_per_step:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"compressed process group: {self._calls_this_step} compressed calls "
+                    "without step(); further calls pass through uncompressed until step(). "
+                    "Call step() at the end of every denoising step (on every rank), or "
+                    "raise max_calls_per_step", RuntimeWarning, stacklevel=3)
+            return None
+        self._calls_this_step += 1
         n = self._calls.get(parts, 0)
         self._calls[parts] = n + 1
         return "/".join(str(p) for p in (*parts, n))
@@ -130,8 +160,10 @@ class CompressedProcessGroup(dist.ProcessGroup):
             return self.inner.allgather(output_tensors, input_tensors, *_opts(opts))
         shapes = [tuple(o.shape) for o in outs]
         # named by what every rank knows alike: all the shapes, not this rank's own
-        handle = self.compressed.all_gather_async(
-            x, stream=self._stream("all_gather", tuple(shapes), x.dtype), shapes=shapes)
+        stream = self._stream("all_gather", tuple(shapes), x.dtype)
+        if stream is None:
+            return self.inner.allgather(output_tensors, input_tensors, *_opts(opts))
+        handle = self.compressed.all_gather_async(x, stream=stream, shapes=shapes)
         return _Work(lambda: [o.copy_(r) for o, r in zip(outs, handle.wait())])
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor,
@@ -148,16 +180,20 @@ class CompressedProcessGroup(dist.ProcessGroup):
         x = tensors[0]
         if len(tensors) != 1 or not _compressible(x):
             return self.inner.send(tensors, dst, tag)
-        handle = self.compressed.isend(
-            x, dst, stream=self._stream("p2p", self.rank(), dst, tag, tuple(x.shape), x.dtype))
+        stream = self._stream("p2p", self.rank(), dst, tag, tuple(x.shape), x.dtype)
+        if stream is None:
+            return self.inner.send(tensors, dst, tag)
+        handle = self.compressed.isend(x, dst, stream=stream)
         return _Work(handle.wait)
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> dist.Work:
         out = tensors[0]
         if len(tensors) != 1 or not _compressible(out):
             return self.inner.recv(tensors, src, tag)
-        handle = self.compressed.irecv(
-            out, src, stream=self._stream("p2p", src, self.rank(), tag, tuple(out.shape), out.dtype))
+        stream = self._stream("p2p", src, self.rank(), tag, tuple(out.shape), out.dtype)
+        if stream is None:
+            return self.inner.recv(tensors, src, tag)
+        handle = self.compressed.irecv(out, src, stream=stream)
         return _Work(lambda: out.copy_(handle.wait()))
 
     def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> dist.Work:
@@ -177,9 +213,12 @@ class CompressedProcessGroup(dist.ProcessGroup):
         out_sizes = list(output_split_sizes) or [output.shape[0] // world] * world
         # rows per rank may differ: the name holds only what all ranks share (the streams
         # of each (src, dst) pair then carry the chunk shape both of them know)
+        stream = self._stream("all_to_all", tuple(input.shape[1:]), input.dtype)
+        if stream is None:
+            return _inner_method(self.inner, "all_to_all_single", "alltoall_base")(
+                output, input, output_split_sizes, input_split_sizes, *_opts(opts))
         handle = self.compressed.all_to_all_async(
-            input, stream=self._stream("all_to_all", tuple(input.shape[1:]), input.dtype),
-            input_split_sizes=in_sizes, output_split_sizes=out_sizes)
+            input, stream=stream, input_split_sizes=in_sizes, output_split_sizes=out_sizes)
         return _Work(lambda: output.copy_(handle.wait()))
 
     alltoall_base = all_to_all_single  # torch < 2.13
@@ -207,17 +246,21 @@ del _name
 
 
 def _create(backend_options: Any, options: _Options) -> CompressedProcessGroup:
-    return CompressedProcessGroup(options.inner, options.config, timeout=options.timeout)
+    return CompressedProcessGroup(options.inner, options.config, timeout=options.timeout,
+                                  max_calls_per_step=options.max_calls_per_step)
 
 
 def wrap_process_group(pg: dist.ProcessGroup | None = None,
                        config: CompressionConfig | None = None, *,
-                       timeout: float = DEFAULT_TIMEOUT) -> CompressedProcessGroup:
+                       timeout: float = DEFAULT_TIMEOUT,
+                       max_calls_per_step: int = DEFAULT_MAX_CALLS_PER_STEP
+                       ) -> CompressedProcessGroup:
     """A process group over ``pg``'s ranks (default: the world) that compresses its traffic.
 
     A collective over the default group, like ``dist.new_group``: every process calls it
     (processes outside ``pg`` get ``GroupMember.NON_GROUP_MEMBER``). ``timeout`` (seconds)
-    bounds every compressed wait.
+    bounds every compressed wait; ``max_calls_per_step`` caps the streams one step opens
+    (see the module docstring).
     """
     if not dist.is_initialized():
         raise RuntimeError("wrap_process_group needs torch.distributed to be initialised "
@@ -226,4 +269,5 @@ def wrap_process_group(pg: dist.ProcessGroup | None = None,
     dist.Backend.register_backend(BACKEND_NAME, _create, extended_api=True,
                                   devices=["cpu", "cuda"])
     return dist.new_group(ranks=dist.get_process_group_ranks(inner), backend=BACKEND_NAME,
-                          pg_options=_Options(inner, config or CompressionConfig(), timeout))
+                          pg_options=_Options(inner, config or CompressionConfig(), timeout,
+                                              max_calls_per_step))

@@ -64,11 +64,14 @@ class Session:
     """
 
     def __init__(self, config: CompressionConfig | None = None, *, rank: int = 0,
-                 session_id: int = 0) -> None:
+                 session_id: int = 0, namespace: str = "") -> None:
         self.config = config or CompressionConfig()
         self.rank = int(rank)
         #: the id in this session's payload headers (ranks of a group agree on it)
         self.id = int(session_id)
+        #: prefix of every stream's tag: two sessions on one transport never take each
+        #: other's payloads
+        self.namespace = namespace
         self._codec = get_codec(self.config.codec, kernels=self.config.kernels)
         self._raw = IdentityCodec("identity")
         self._streams: dict[tuple[str, int], _Stream] = {}
@@ -84,8 +87,12 @@ class Session:
         return iter(self._streams.values())
 
     def codec_for(self, name: str, nbytes: int) -> Codec:
-        """The codec a stream called ``name`` carrying ``nbytes`` per message uses."""
-        if self.config.skips(name) or nbytes < self.config.min_bytes:
+        """The codec a stream called ``name`` carrying ``nbytes`` per message uses.
+
+        ``skip`` patterns match the name, or the name a group's stream was given by its
+        caller (``"layer7.k"`` of the group's ``"all_gather:layer7.k"``)."""
+        if (self.config.skips(name) or self.config.skips(_user_name(name))
+                or nbytes < self.config.min_bytes):
             return self._raw
         return self._codec
 
@@ -104,7 +111,8 @@ class Session:
             if not isinstance(like, torch.Tensor):
                 raise TypeError(f"stream {name!r}: like must be a tensor, got {type(like).__name__}")
             codec = self.codec_for(name, like.nbytes)
-            stream = cls(name, like, self.config, origin=origin, codec=codec, session=self.id)
+            stream = cls(name, like, self.config, origin=origin, codec=codec, session=self.id,
+                         namespace=self.namespace)
             self._streams[key] = stream
             return stream
         if not isinstance(stream, cls):
@@ -135,3 +143,10 @@ class Session:
     def reference_bytes(self) -> int:
         """Memory held by all streams' references."""
         return sum(s.reference_bytes for s in self._streams.values())
+
+
+def _user_name(name: str) -> str:
+    """The caller's stream name inside a group's ``"op:name"`` / ``"op:name->dst"``."""
+    if ":" not in name:
+        return name
+    return name.split(":", 1)[1].rsplit("->", 1)[0]

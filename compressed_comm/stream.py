@@ -66,6 +66,7 @@ class _Stream:
         origin: int = 0,
         codec: Codec | None = None,
         session: int = 0,
+        namespace: str = "",
     ) -> None:
         config = config or CompressionConfig()
         if not isinstance(like, torch.Tensor):
@@ -77,7 +78,7 @@ class _Stream:
         self.shape = tuple(like.shape)
         self.dtype = like.dtype
         self.device = like.device
-        self.tag = stream_tag(name, self.origin)
+        self.tag = stream_tag(namespace + name, self.origin)
         self.session = int(session)
         # what is sent
         self.codec = codec if codec is not None else get_codec(config.codec, kernels=config.kernels)
@@ -194,8 +195,10 @@ class StreamEncoder(_Stream):
     role = "encoder"
 
     def __init__(self, name: str, like: torch.Tensor, config: CompressionConfig | None = None,
-                 *, origin: int = 0, codec: Codec | None = None, session: int = 0) -> None:
-        super().__init__(name, like, config, origin=origin, codec=codec, session=session)
+                 *, origin: int = 0, codec: Codec | None = None, session: int = 0,
+                 namespace: str = "") -> None:
+        super().__init__(name, like, config, origin=origin, codec=codec, session=session,
+                         namespace=namespace)
         self.track_error = (config or CompressionConfig()).track_error
         self._err: torch.Tensor | None = None
 

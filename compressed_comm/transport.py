@@ -48,12 +48,14 @@ class Transport(ABC):
     world_size: int
 
     @abstractmethod
-    def isend(self, tensor: torch.Tensor, dst: int) -> Work:
-        """Start sending ``tensor`` to ``dst``."""
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> Work:
+        """Start sending ``tensor`` to ``dst``. Messages of one ``(src, dst, tag)`` arrive in
+        order; ``tag`` separates independent channels (the group's control messages)."""
 
     @abstractmethod
-    def irecv(self, tensor: torch.Tensor, src: int) -> Work:
-        """Start receiving from ``src`` into ``tensor`` (same number of bytes as sent)."""
+    def irecv(self, tensor: torch.Tensor, src: int, tag: int = 0) -> Work:
+        """Start receiving the next message of ``(src, tag)`` into ``tensor`` (as many bytes
+        as were sent)."""
 
     def batch_isend_irecv(self, ops: Sequence[P2POp]) -> list[Work]:
         """Start a batch of sends and receives (e.g. one ring hop) that may run concurrently."""
@@ -132,11 +134,11 @@ class TorchDistTransport(Transport):
     def __repr__(self) -> str:
         return f"TorchDistTransport(rank={self.rank}, world_size={self.world_size})"
 
-    def isend(self, tensor: torch.Tensor, dst: int) -> Work:
-        return _start(f"send to rank {dst}", self.group.send, [tensor], dst, 0)
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> Work:
+        return _start(f"send to rank {dst}", self.group.send, [tensor], dst, tag)
 
-    def irecv(self, tensor: torch.Tensor, src: int) -> Work:
-        return _start(f"recv from rank {src}", self.group.recv, [tensor], src, 0)
+    def irecv(self, tensor: torch.Tensor, src: int, tag: int = 0) -> Work:
+        return _start(f"recv from rank {src}", self.group.recv, [tensor], src, tag)
 
     def all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor) -> Work:
         return _start("all_gather", self.group.allgather, [outputs], [tensor], AllgatherOptions())

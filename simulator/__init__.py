@@ -9,6 +9,7 @@ time on real interconnects (:mod:`simulator.network`); ``--what-if`` estimates r
 drifting activation. Imports the core and the adapters; neither imports this package.
 """
 
+from .faults import Fault, FaultPlan, FaultyTransport, faulty_world  # noqa: F401 (soak tests)
 from .inprocess import Fabric, InProcessTransport, run_ranks
 
 __all__ = ["Fabric", "InProcessTransport", "run_ranks"]

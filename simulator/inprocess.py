@@ -33,7 +33,7 @@ class Fabric:
             raise ValueError(f"world_size must be at least 1, got {world_size}")
         self.world_size = world_size
         self._cond = threading.Condition()
-        self._mail: dict[tuple[int, int], deque[torch.Tensor]] = defaultdict(deque)
+        self._mail: dict[tuple[int, int, int], deque[torch.Tensor]] = defaultdict(deque)
         self._slots: dict[tuple[str, int], dict[int, Any]] = {}
         self._readers: dict[tuple[str, int], int] = defaultdict(int)
         self._bytes: dict[tuple[int, int], int] = defaultdict(int)
@@ -77,15 +77,16 @@ class Fabric:
                 raise CommTimeoutError(f"{what}: not complete within {timeout} s")
             self._cond.wait(left)
 
-    def _post(self, src: int, dst: int, tensor: torch.Tensor) -> None:
+    def _post(self, src: int, dst: int, tensor: torch.Tensor, tag: int = 0) -> None:
         with self._cond:
-            self._mail[(src, dst)].append(tensor.detach().clone())
+            self._mail[(src, dst, tag)].append(tensor.detach().clone())
             self._count(src, dst, tensor.nbytes)
             self._cond.notify_all()
 
-    def _take(self, src: int, dst: int, out: torch.Tensor, timeout: float | None) -> None:
+    def _take(self, src: int, dst: int, out: torch.Tensor, timeout: float | None,
+              tag: int = 0) -> None:
         with self._cond:
-            box = self._mail[(src, dst)]
+            box = self._mail[(src, dst, tag)]
             self._wait_for(lambda: bool(box), timeout, f"recv on rank {dst} from rank {src}")
             data = box.popleft()
         if data.nbytes != out.nbytes or data.dtype != out.dtype:
@@ -157,14 +158,14 @@ class InProcessTransport(Transport):
         self._seq[kind] += 1
         return seq
 
-    def isend(self, tensor: torch.Tensor, dst: int) -> Work:
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> Work:
         self._peer(dst, "destination")
-        self.fabric._post(self.rank, dst, tensor)
+        self.fabric._post(self.rank, dst, tensor, tag)
         return _Done()
 
-    def irecv(self, tensor: torch.Tensor, src: int) -> Work:
+    def irecv(self, tensor: torch.Tensor, src: int, tag: int = 0) -> Work:
         self._peer(src, "source")
-        return _Later(lambda timeout: self.fabric._take(src, self.rank, tensor, timeout))
+        return _Later(lambda timeout: self.fabric._take(src, self.rank, tensor, timeout, tag))
 
     def all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor) -> Work:
         if len(outputs) != self.world_size:

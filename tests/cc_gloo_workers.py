@@ -165,13 +165,92 @@ def dead_peer_worker(rank, world, init_file, out_dir):
         time.sleep(4.0)
         os._exit(0)  # die without a word
     outcomes = []
-    for stream in ("never-sent", "after-death"):
+    for call in (lambda: group.recv(torch.zeros(4, 4), 1, stream="never-sent"),
+                 lambda: group.recv(torch.zeros(4, 4), 1, stream="after-failure"),
+                 lambda: (time.sleep(3.0), group.new_session())):
         t0 = time.monotonic()
         try:
-            group.recv(torch.zeros(4, 4), 1, stream=stream)
+            call()
             outcomes.append(("no error", "", time.monotonic() - t0))
         except CommError as e:
             outcomes.append((type(e).__name__, str(e), time.monotonic() - t0))
-        time.sleep(3.0)
     torch.save(outcomes, os.path.join(out_dir, "rank0.pt"))
     os._exit(0)  # the peer is gone: skip the collective teardown
+
+
+def _tensor(rank, request, step, shape=(16, 8)):
+    gen = torch.Generator().manual_seed(1000 * request + 10 * step + rank)
+    return torch.randn(shape, generator=gen) + 100 * request
+
+
+def serving_faults_worker(rank, world, init_file, out_dir):
+    """Through the drop-in group: an abandoned request, a step() skipped on one rank, and a
+    loop that never calls step(). Records outcomes for the parent."""
+    import warnings
+
+    _init(rank, world, init_file)
+    out = {}
+    try:
+        pg = wrap_process_group(None, CompressionConfig(codec="identity"), timeout=20.0,
+                                max_calls_per_step=4)
+        # 1. request A abandoned by the receiver after 3 of 8 messages
+        if rank == 0:
+            works = []
+            for s in range(8):
+                works.append(dist.isend(_tensor(0, 0, s), 1, group=pg))
+                pg.step()
+        else:
+            got = []
+            for _ in range(3):
+                buf = torch.empty(16, 8)
+                dist.recv(buf, 0, group=pg)
+                got.append(buf)
+                pg.step()
+            out["a_first3"] = all(torch.equal(g, _tensor(0, 0, s)) for s, g in enumerate(got))
+        pg.new_session()
+        if rank == 0:
+            out["a_cancelled"] = _raises(works[7].wait)
+            for s in range(8):
+                dist.send(_tensor(0, 1, s), 1, group=pg)
+                pg.step()
+        else:
+            ok = True
+            for s in range(8):
+                buf = torch.empty(16, 8)
+                dist.recv(buf, 0, group=pg)
+                ok &= torch.equal(buf, _tensor(0, 1, s))
+                pg.step()
+            out["b_exact"] = ok
+        pg.new_session()
+        # 2. rank 1 skips one step(): a Python exception on every rank, then recovery
+        outs = [torch.empty(16, 8) for _ in range(world)]
+        dist.all_gather(outs, _tensor(rank, 2, 0), group=pg)
+        if rank == 0:
+            pg.step()
+        out["skipped_step"] = _raises(lambda: dist.all_gather(outs, _tensor(rank, 2, 1),
+                                                              group=pg))
+        pg.new_session()
+        dist.all_gather(outs, _tensor(rank, 3, 0), group=pg)
+        out["recovered"] = all(torch.equal(outs[o], _tensor(o, 3, 0)) for o in range(world))
+        # 3. no step() at all: past max_calls_per_step calls pass through, results exact
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ok = True
+            for s in range(10):
+                dist.all_gather(outs, _tensor(rank, 4, s), group=pg)
+                ok &= all(torch.equal(outs[o], _tensor(o, 4, s)) for o in range(world))
+        out["no_step_exact"] = ok
+        out["no_step_warned"] = sum("without step()" in str(w.message) for w in caught)
+        out["streams"] = len(pg.compressed.session)
+    finally:
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def _raises(call):
+    """The name and message of what ``call`` raises, or None."""
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        return type(e).__name__, str(e)
+    return None

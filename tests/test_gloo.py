@@ -34,10 +34,25 @@ def test_collectives_and_wrapper_over_gloo(world, tmp_path):
 def test_dead_or_silent_peer_raises_within_the_timeout(tmp_path):
     mp.spawn(workers.dead_peer_worker, args=(2, str(tmp_path / "store"), str(tmp_path)),
              nprocs=2, join=True)
-    (silent, dead) = torch.load(tmp_path / "rank0.pt")
+    (silent, after, resync) = torch.load(tmp_path / "rank0.pt")
     kind, message, seconds = silent
     assert kind == "CommTimeoutError" and seconds < 10
     assert "recv of stream 'never-sent' from rank 1" in message
-    kind, message, seconds = dead
-    assert kind in ("CommError", "CommTimeoutError") and seconds < 10
-    assert "'after-death' from rank 1" in message
+    kind, message, seconds = after  # the group refuses work, naming the first failure
+    assert kind == "GroupFailedError" and seconds < 1
+    assert "never-sent" in message and "new_session" in message
+    kind, message, seconds = resync  # the peer is dead: the group closes, within the timeout
+    assert kind == "GroupFailedError" and seconds < 10
+    assert "could not re-synchronise" in message
+
+
+def test_serving_faults_through_the_drop_in_group(tmp_path):
+    mp.spawn(workers.serving_faults_worker, args=(2, str(tmp_path / "store"), str(tmp_path)),
+             nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r1["a_first3"] and r1["b_exact"]  # request B never sees request A's data
+    assert r0["a_cancelled"][0] == "CancelledError"
+    for r in (r0, r1):  # a Python exception on both ranks, not a SIGABRT
+        assert r["skipped_step"] is not None and "disagree" in r["skipped_step"][1]
+        assert r["recovered"] and r["no_step_exact"]
+        assert r["no_step_warned"] == 1 and r["streams"] == 4 * 2  # 4 calls x (enc + dec)
