@@ -33,8 +33,10 @@ class CompressionConfig:
        quantisation error is fed back into the next residual. False is open loop (the sender
        keeps the true tensor, receivers drift): for ablations only.
     9. ``check_finite`` -- raise :class:`~compressed_comm.NonFiniteError` on NaN/Inf inputs
-       (default). If False, NaN/Inf propagate into both references identically and persist
-       until the next keyframe. The check rides on the pass that computes the codec's scales
+       (default). If False, NaN (and Inf sent without a prediction) propagates into both
+       references identically and persists until the next keyframe; an Inf against a
+       prediction saturates like any overflow. Finite inputs never give non-finite
+       references: residuals and predictions saturate at the float32 maximum. The check rides on the pass that computes the codec's scales
        (binary, int2/4/8 with order 0 or 1; a separate pass otherwise) and raises from
        ``encode`` before the stream changes. On CUDA it synchronises with the host.
     10. ``kernels`` -- pin the kernel implementation (``"torch"``, ...); None follows

@@ -24,6 +24,7 @@ import torch
 from .codecs import Codec, IdentityCodec, get_codec
 from .codecs.base import as_2d, check_finite
 from .config import CompressionConfig
+from .kernels.torch_ref import FP32_MAX
 from .errors import StaleMessageError, StreamMismatchError, StreamOrderError, WireFormatError
 from .wire import (CONFIG_FIELDS, FLAG_CHECKSUM, FLAG_KEYFRAME, Header, check_dtype,
                    contiguous_payload, read_header, stream_tag, verify_checksum)
@@ -168,8 +169,12 @@ class _Stream:
         if self.order == 2:
             target = self._prev
             if not keyframe:
-                # prev <- ref + decay * (ref - prev), elementwise in place
-                target.copy_(self._ref.float() + self.decay * (self._ref.float() - target.float()))
+                # prev <- ref + decay * (ref - prev), elementwise in place, saturated so that
+                # finite references never extrapolate to Inf (or NaN for decay 0)
+                ref = self._ref.float()
+                delta = (ref - target.float()).clamp_(-FP32_MAX, FP32_MAX)
+                big = torch.finfo(self.dtype).max
+                target.copy_(delta.mul_(self.decay).add_(ref).clamp_(-big, big))
             return (None if keyframe else target), target, codec
         if keyframe or self.order == 0:
             return None, self._ref, codec

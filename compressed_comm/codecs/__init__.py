@@ -58,7 +58,8 @@ def _lowrank(quantized: bool) -> Callable[[str, list[str], str | None], Codec]:
             raise ValueError(f"codec spec {spec!r}: warm start is always on; use "
                              f"{name}:{args[0]}")
         if len(args) != 1:
-            raise ValueError(f"codec spec {spec!r}: expected {name}:R, R a positive integer")
+            raise ValueError(f"codec spec {spec!r}: expected {name}:R, R an integer in "
+                             f"1 .. 2**31-1")
         try:
             rank = int(args[0])
         except ValueError:
@@ -101,7 +102,8 @@ _SPEC_FORMS = ("identity", "fp8", "int8", "int4", "int2", "binary", "lowrank:R",
 
 
 def available_codecs() -> tuple[str, ...]:
-    """The accepted spec forms (R: a positive integer rank, F: a fraction in (0, 1])."""
+    """The accepted spec forms (R: an integer rank in 1 .. 2**31-1, F: a fraction in
+    (0, 1])."""
     return _SPEC_FORMS
 
 

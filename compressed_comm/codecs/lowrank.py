@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..kernels import packed_nbytes
+from ..kernels.torch_ref import FP32_MAX
 from ..wire import Layout, Section
 from .base import Codec
 
@@ -72,13 +74,24 @@ class LowRankCodec(Codec):
     and the sender computes its reference from the same written factors with the same
     function, so the iteration need not be reproducible across devices for references to
     stay identical. Non-finite input (with ``check_finite=False``) is sent as NaN.
+
+    Extreme finite input stays finite: a residual against a prediction that overflows
+    float32 saturates at +-float32 max (as in every codec), an iteration that overflows is
+    redone on the residual scaled by a power of two, and ``s`` is capped at
+    ``float32 max / (2 r)`` so that no partial sum of ``U diag(s) V^T`` overflows.
     """
+
+    #: The largest rank: the rank is a 32-bit header field (and no tensor has more).
+    MAX_RANK = 2**31 - 1
 
     def __init__(self, spec: str, rank: int, *, quantized: bool = False,
                  kernels: str | None = None) -> None:
         super().__init__(spec, kernels)
         if rank < 1:
             raise ValueError(f"{spec}: rank must be a positive integer, got {rank}")
+        if rank > self.MAX_RANK:
+            raise ValueError(f"{spec}: rank {rank} is too large for the header's 32-bit rank "
+                             f"field; expected 1 .. 2**31-1 ({self.MAX_RANK})")
         self.rank = rank
         self.quantized = quantized
 
@@ -149,17 +162,13 @@ class LowRankCodec(Codec):
             start, kept = basis, basis.shape[1]
             if kept < self._width(n, c):  # the message before was a cold start: widen it
                 start = torch.cat([start, self._test_matrix(n, c, x.device, state)[:, kept:]], 1)
-        try:
-            if warm:
-                q, b = _warm_projection(res, start)
-            else:
-                q = _orth(res.times(start.T.contiguous()).T)
-                for _ in range(POWER_ITERATIONS):
-                    z = _orth(res.transposed_times(q.T.contiguous()).T)
-                    q = _orth(res.times(z.T.contiguous()).T)
-                b = res.transposed_times(q.T.contiguous())
-            ub, s, vh = torch.linalg.svd(b, full_matrices=False)
-        except torch.linalg.LinAlgError:
+        found = _factorise(res, start, warm)
+        if found is None:  # float32 overflow in the iteration, or NaN/Inf input
+            scale = res.rescale()
+            if scale is not None:
+                res = _Residual(x, pred, scale)
+                found = _factorise(res, start, warm)
+        if found is None:
             # only non-finite input (passed with check_finite=False) gets here: send NaN
             u = torch.zeros(n, r, device=x.device)
             v = torch.zeros(c, r, device=x.device)
@@ -167,7 +176,10 @@ class LowRankCodec(Codec):
             if state is not None:
                 state.basis = state.shape = None  # the next message starts cold
         else:
-            u, s, v = q @ ub[:, :r], s[:r], vh[:r].T.contiguous()
+            q, ub, s, vh = found
+            u, v = q @ ub[:, :r], vh[:r].T.contiguous()
+            # undo the scaling; cap s so that the reconstruction's sums stay finite
+            s = (s[:r].double() / res.scale).clamp_(max=FP32_MAX / (2 * r)).float()
             if state is not None:
                 state.basis, state.shape = vh.T.contiguous(), (n, c)
         body["s"].copy_(s)
@@ -212,6 +224,25 @@ def _block_rows(n: int, c: int, device: torch.device) -> int:
     return min(rows, n)
 
 
+def _factorise(res: _Residual, start: torch.Tensor, warm: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(Q, Ub, s, Vh)`` with ``Q^T d = Ub diag(s) Vh``, ``Q`` from a warm start at the basis
+    ``start`` or a cold one from the test matrix ``start``; None if ``s`` is not finite."""
+    try:
+        if warm:
+            q, b = _warm_projection(res, start)
+        else:
+            q = _orth(res.times(start.T.contiguous()).T)
+            for _ in range(POWER_ITERATIONS):
+                z = _orth(res.transposed_times(q.T.contiguous()).T)
+                q = _orth(res.times(z.T.contiguous()).T)
+            b = res.transposed_times(q.T.contiguous())
+        ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        return None
+    return (q, ub, s, vh) if bool(torch.isfinite(s).all()) else None
+
+
 def _orth(a: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis (thin QR) of the columns of the tall matrix ``a``."""
     return torch.linalg.qr(a)[0]
@@ -238,10 +269,13 @@ def _warm_projection(res: _Residual, w: torch.Tensor) -> tuple[torch.Tensor, tor
 
 class _Residual:
     """``d = float32(x) - float32(pred)`` as an operator, formed one row block at a time in
-    a reused float32 buffer (on CPU small enough to stay in cache), once per product."""
+    a reused float32 buffer (on CPU small enough to stay in cache), once per product.
 
-    def __init__(self, x: torch.Tensor, pred: torch.Tensor | None) -> None:
-        self.x, self.pred = x, pred
+    With a ``scale`` other than 1 (a power of two, see :meth:`rescale`) the operator is
+    ``scale * d``, ``d`` saturated at +-float32 max as in ``torch_ref.residual``."""
+
+    def __init__(self, x: torch.Tensor, pred: torch.Tensor | None, scale: float = 1.0) -> None:
+        self.x, self.pred, self.scale = x, pred, scale
         n, c = x.shape
         self.rows = _block_rows(n, c, x.device)
         self.buf = torch.empty(self.rows, c, dtype=torch.float32, device=x.device)
@@ -254,11 +288,11 @@ class _Residual:
         n = x.shape[0]
         for i in range(0, n, self.rows):
             j = min(i + self.rows, n)
-            if x.dtype == torch.float32 and pred is None:
+            if x.dtype == torch.float32 and pred is None and self.scale == 1.0:
                 yield i, j, x[i:j]
                 continue
             d = self.buf[: j - i]
-            if x.dtype == torch.float32 and pred.dtype == torch.float32:
+            if pred is not None and x.dtype == torch.float32 and pred.dtype == torch.float32:
                 torch.sub(x[i:j], pred[i:j], out=d)
             else:
                 d.copy_(x[i:j])  # an exact conversion, then one float32 subtraction
@@ -269,7 +303,25 @@ class _Residual:
                         t = self.tmp[: j - i]
                         t.copy_(pred[i:j])
                         d.sub_(t)
+            if self.scale != 1.0:
+                if pred is not None:
+                    d.clamp_(-FP32_MAX, FP32_MAX)
+                d.mul_(self.scale)
             yield i, j, d
+
+    def rescale(self) -> float | None:
+        """The power of two that brings the largest ``|d|`` (saturated) into ``[2**19, 2**20)``
+        (no product of the iteration can overflow there, and the scale is a normal float32),
+        or None if ``d`` holds NaN or Inf of its own (NaN/Inf input). One more pass."""
+        top = torch.zeros((), dtype=torch.float32, device=self.x.device)
+        for _, _, d in self.blocks():
+            top = torch.maximum(top, d.abs().amax())  # NaN propagates
+        if self.pred is not None:
+            top = top.clamp(max=FP32_MAX)
+        top = float(top)
+        if not math.isfinite(top):
+            return None
+        return 2.0 ** (20 - math.frexp(top)[1]) if top > 0 else 1.0
 
     def times(self, wt: torch.Tensor) -> torch.Tensor:
         """``(d @ wt.T).T`` as an ``(r, N)`` tensor, for ``wt`` of shape ``(r, C)``."""

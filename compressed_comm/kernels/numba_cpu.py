@@ -6,7 +6,11 @@ reference update happen in two passes over memory for encoders (one to reduce th
 one to quantise) and one pass for decoders. Packed bits and codes are bit-exact with the
 reference; reconstructions use the same float32 operations in the same order, so they are
 equal to the reference up to the float64 summation order of the binary and int2 scales
-and levels. A NaN/Inf found by the scale pass ends an encode before the reference is written.
+and levels. Residuals against a prediction saturate at +-float32 max like the reference's
+(a clamp in the loops that form them). A NaN/Inf found by the scale pass ends an encode
+before the reference is written; the scale pass sums the unsaturated residual, so a
+non-finite sum is either such an input or an overflow, told apart by a second pass over the
+input that only runs then.
 
 float16 and bfloat16 have no numba type: their tensors are passed as ``uint16`` (float16)
 and ``int16`` (bfloat16) bit patterns, widened and narrowed in registers (LLVM's half
@@ -41,6 +45,7 @@ __all__ = [
 _FP16_MAX = np.float32(65504.0)
 _BF16_MAX = np.float32(3.3895313892515355e38)
 _FP32_MAX = np.float32(3.4028234663852886e38)
+_NO_CAP = np.float32(np.inf)
 
 # --------------------------------------------------------------------------- scalar helpers
 
@@ -92,6 +97,18 @@ def _ld_impl(a, r, j):
 def _saturate(v, big):
     # NaN passes through (both comparisons are false)
     return big if v > big else (-big if v < -big else v)
+
+
+def _res(x, pred, r, j):
+    """The residual ``x[r, j] - pred[r, j]`` as float32, saturated at +-float32 max like
+    ``torch_ref.residual``; ``x[r, j]`` itself if pred is None."""
+
+
+@overload(_res)
+def _res_impl(x, pred, r, j):
+    if isinstance(pred, types.NoneType):
+        return lambda x, pred, r, j: _ld(x, r, j)
+    return lambda x, pred, r, j: _saturate(_ld(x, r, j) - _ld(pred, r, j), _FP32_MAX)
 
 
 def _st(a, r, j, v):
@@ -260,7 +277,8 @@ def _square_sums(x, ref):
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc"})
-def _abs_sums(x, pred, rows, parts):
+def _abs_sums(x, pred, rows, parts, cap):
+    # |d| capped at `cap` (Inf: the unsaturated residual; float32 max: the saturated one)
     n, c = x.shape
     nb = parts.shape[0]
     per = (n + nb - 1) // nb
@@ -270,7 +288,8 @@ def _abs_sums(x, pred, rows, parts):
         for r in range(b * per, min(n, (b + 1) * per)):
             s = np.float64(0.0)
             for j in range(c):
-                a = np.float64(abs(_ld(x, r, j) - _ld(pred, r, j)))
+                a = abs(_ld(x, r, j) - _ld(pred, r, j))
+                a = np.float64(cap if a > cap else a)
                 s += a
                 parts[b, j] += a
             rows[r] = s
@@ -393,7 +412,7 @@ def _int2_rows(x, pred, ref, codes, row, col, small, big, split):
             num_b = np.float64(0.0)
             den_b = np.float64(0.0)
             for j in range(c):  # split the row and sum each group's least-squares terms
-                d = _ld(x, r, j) - _ld(pred, r, j)
+                d = _res(x, pred, r, j)
                 a = abs(d)
                 cj = col[j]
                 large = a >= (rv * cj) * split
@@ -404,8 +423,8 @@ def _int2_rows(x, pred, ref, codes, row, col, small, big, split):
                 num_s += 0.0 if large else ac
                 den_s += 0.0 if large else c2
                 buf[j] = np.uint8(d >= 0) | (np.uint8(large) << np.uint8(1))
-            ls = np.float32(num_s / den_s) if den_s > 0 else rv
-            lb = np.float32(num_b / den_b) if den_b > 0 else rv
+            ls = _saturate(np.float32(num_s / den_s), _FP32_MAX) if den_s > 0 else rv
+            lb = _saturate(np.float32(num_b / den_b), _FP32_MAX) if den_b > 0 else rv
             small[r] = ls
             big[r] = lb
             for j in range(c):  # the row is in cache: reconstruct it
@@ -443,7 +462,7 @@ def _minmax_rows(x, pred, ref, codes, bits, lo, inv, step, qmax):
         for r in range(b * per, min(n, (b + 1) * per)):
             for j in range(c):
                 pv = _ld(pred, r, j)
-                q = _rint((_ld(x, r, j) - pv - lo[j]) * inv[j])
+                q = _rint((_res(x, pred, r, j) - lo[j]) * inv[j])
                 q = min(max(q, np.float32(0.0)), qmax)
                 buf[j] = np.uint8(q)
                 _st(ref, r, j, pv + (lo[j] + q * step[j]))
@@ -469,7 +488,7 @@ def _absmax_rows(x, pred, ref, codes, amax, qmax):
     for r in prange(n):
         for j in range(c):
             pv = _ld(pred, r, j)
-            d = _ld(x, r, j) - pv
+            d = _res(x, pred, r, j)
             am = amax[j]
             safe = am if am > 0 else np.float32(1.0)
             q = min(max(_rint(d / safe * qmax), -qmax), qmax)
@@ -578,15 +597,30 @@ def numba_unpack_uint(packed: torch.Tensor, width: int, numel: int) -> torch.Ten
     return torch.from_numpy(out)
 
 
+def _rejects(xn, check: bool) -> bool:
+    """Whether ``check`` is set and ``x`` holds NaN or Inf: asked only once a scale pass over
+    the unsaturated residual came out non-finite (NaN/Inf input, or a float32 overflow)."""
+    return check and _count_non_finite(xn) > 0
+
+
+def _saturated(a: np.ndarray) -> np.ndarray:
+    """``a`` clamped to +-float32 max (NaN stays NaN)."""
+    return np.clip(a, -_FP32_MAX, _FP32_MAX)
+
+
 def _abs_scales(xn, pn, row: np.ndarray, col: np.ndarray, check: bool) -> bool:
     """binary's ``row`` and ``col`` (False, writing nothing, if ``check`` finds NaN/Inf)."""
     n, c = xn.shape
     rows = np.empty(n, dtype=np.float64)
     parts = _parts(n, c)
-    _abs_sums(xn, pn, rows, parts)
+    _abs_sums(xn, pn, rows, parts, _NO_CAP)
     total = rows.sum()
-    if check and not np.isfinite(total):
-        return False
+    if not np.isfinite(total):
+        if _rejects(xn, check):
+            return False
+        if pn is not None:  # sum the saturated residual again
+            _abs_sums(xn, pn, rows, parts, _FP32_MAX)
+            total = rows.sum()
     mean = total / max(n * c, 1)
     with np.errstate(invalid="ignore", divide="ignore"):  # non-finite input passed unchecked
         row[:] = rows / max(c, 1)
@@ -650,11 +684,14 @@ def numba_minmax_encode(x, pred, ref_out, codes, lo, span, bits: int,
         _col_min_max(xn, pn, lo_parts, hi_parts)
         lo_n = np.minimum.reduce(lo_parts, axis=0).astype(np.float32)
         hi_n = np.maximum.reduce(hi_parts, axis=0).astype(np.float32)
-        if check and not (np.isfinite(lo_n).all() and np.isfinite(hi_n).all()):
-            return False
+        if not (np.isfinite(lo_n).all() and np.isfinite(hi_n).all()):
+            if _rejects(xn, check):
+                return False
+            if pn is not None:  # the extremes of the saturated residual
+                lo_n, hi_n = _saturated(lo_n), _saturated(hi_n)
         lo.numpy()[:] = lo_n
         with np.errstate(invalid="ignore", over="ignore"):
-            span.numpy()[:] = hi_n - lo_n
+            span.numpy()[:] = np.minimum(hi_n - lo_n, _FP32_MAX)
     qmax = np.float32((1 << bits) - 1)
     inv, step = _minmax_factors(span.numpy(), qmax)
     _emit_rows(_minmax_rows, xn, pn, _np(ref_out), codes, bits, bits, lo.numpy(), inv, step,
@@ -688,8 +725,11 @@ def numba_absmax_encode(x, pred, ref_out, codes, amax, bits: int, check: bool = 
         parts = _parts(n, c)
         _col_abs_max(xn, pn, parts)
         amax_n = np.maximum.reduce(parts, axis=0).astype(np.float32)
-        if check and not np.isfinite(amax_n).all():
-            return False
+        if not np.isfinite(amax_n).all():
+            if _rejects(xn, check):
+                return False
+            if pn is not None:
+                amax_n = _saturated(amax_n)
         amax.numpy()[:] = amax_n
     _absmax_rows(xn, pn, _np(ref_out), codes.numpy().reshape(n, c), amax.numpy(),
                  np.float32(127))

@@ -4,7 +4,11 @@ Conventions shared by all kernels (and by any fast implementation):
 
 * ``x``, ``pred`` and ``out``/``ref_out`` are contiguous 2-D ``(N, C)`` tensors of one
   floating dtype (float16, bfloat16 or float32); ``pred is None`` means a zero prediction.
-* The residual is ``d = float32(x) - float32(pred)``. Encoders write their sections into
+* The residual is ``d = float32(x) - float32(pred)``, saturated to +-``FP32_MAX`` where the
+  subtraction overflows (:func:`residual`): finite inputs always give a finite residual
+  (``1.7e38 - (-1.7e38)`` is ``FP32_MAX``, not Inf); NaN stays NaN. Without a prediction
+  ``d = float32(x)``, which cannot overflow. Encoders that take ``check`` return False,
+  having written nothing, if ``x`` holds NaN or Inf. Encoders write their sections into
   preallocated tensors (views into the payload body), then -- if ``ref_out`` is given --
   write the reconstruction ``float32(pred) + dhat``, saturated to the finite range of
   ``ref_out.dtype`` and rounded to it (:func:`write_reconstruction`), computed
@@ -96,9 +100,21 @@ def torch_unpack_uint(packed: torch.Tensor, width: int, numel: int) -> torch.Ten
 # --------------------------------------------------------------------------- helpers
 
 
+#: The largest finite float32: residuals saturate here instead of overflowing to Inf.
+FP32_MAX = torch.finfo(torch.float32).max
+
+
 def residual(x: torch.Tensor, pred: torch.Tensor | None) -> torch.Tensor:
-    """``float32(x) - float32(pred)``, or ``float32(x)`` for a zero prediction."""
-    return x.float() if pred is None else x.to(torch.float32, copy=True).sub_(pred)
+    """``float32(x) - float32(pred)`` saturated to +-``FP32_MAX`` (NaN stays NaN), or
+    ``float32(x)`` for a zero prediction (not a copy if ``x`` is float32)."""
+    if pred is None:
+        return x.float()
+    return _difference(x, pred).clamp_(-FP32_MAX, FP32_MAX)
+
+
+def _difference(x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """``float32(x) - float32(pred)``, unsaturated, in a new tensor."""
+    return x.to(torch.float32, copy=True).sub_(pred)
 
 
 def write_reconstruction(out: torch.Tensor, pred: torch.Tensor | None, dhat: torch.Tensor) -> None:
@@ -151,8 +167,16 @@ def _abs_scales(d: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> None:
 
 def _finite_residual(x: torch.Tensor, pred: torch.Tensor | None, check: bool
                      ) -> torch.Tensor | None:
-    d = residual(x, pred)
-    return None if check and not bool(torch.isfinite(d).all()) else d
+    """The residual (:func:`residual`), or None if ``check`` and ``x`` holds NaN or Inf.
+
+    With ``check`` a finite unsaturated difference needs no clamp; only a non-finite one
+    (NaN/Inf input, or an overflow) costs a second look, at ``x``."""
+    if not check or pred is None:
+        return None if check and not bool(torch.isfinite(x).all()) else residual(x, pred)
+    d = _difference(x, pred)
+    if bool(torch.isfinite(d).all()):
+        return d
+    return d.clamp_(-FP32_MAX, FP32_MAX) if bool(torch.isfinite(x).all()) else None
 
 
 def torch_binary_encode(
@@ -168,7 +192,7 @@ def torch_binary_encode(
 
     ``row[n] = mean_c |d[n, c]|`` and ``col[c] = mean_n |d[n, c]| / mean |d|`` (0 if
     ``d == 0``), both float32, accumulated in float64 so that constant inputs are exact.
-    Zero maps to ``+``. With ``check``, a non-finite residual returns False before anything
+    Zero maps to ``+``. With ``check``, NaN or Inf in ``x`` returns False before anything
     is written; otherwise returns True.
     """
     d = _finite_residual(x, pred, check)
@@ -209,11 +233,12 @@ def torch_int2_encode(
 
     ``row`` and ``col`` are binary's (:func:`torch_binary_encode`). Bit 1 of a code marks
     ``|d| >= INT2_SPLIT * row[n] * col[c]``; in each row the two groups get the
-    least-squares levels ``lv = sum |d| * col / sum col**2`` over the group (float64 sums,
-    float32 ``small[n]`` and ``big[n]``; ``row[n]`` for an empty group). Binary's
+    least-squares levels ``lv = sum |d| * col / sum col**2`` over the group (float64 sums
+    of float32 products, float32 ``small[n]`` and ``big[n]`` saturated at ``FP32_MAX``;
+    ``row[n]`` for an empty group). Binary's
     ``lv = row[n]`` is one choice of levels, so int2's squared error is at most binary's
     in every row; constant tensors are exact. Code = sign bit (zero maps to ``+``) |
-    magnitude bit << 1. With ``check``, a non-finite residual returns False before anything
+    magnitude bit << 1. With ``check``, NaN or Inf in ``x`` returns False before anything
     is written.
     """
     d = _finite_residual(x, pred, check)
@@ -229,7 +254,7 @@ def torch_int2_encode(
         num = torch.where(group, ad, 0.0).sum(1)
         den = torch.where(group, c2, 0.0).sum(1)
         safe = torch.where(den > 0, den, torch.ones_like(den))
-        levels.copy_(torch.where(den > 0, num / safe, row.double()))
+        levels.copy_(torch.where(den > 0, num / safe, row.double())).clamp_max_(FP32_MAX)
     q = (d >= 0).to(torch.uint8) | (large.to(torch.uint8) << 1)
     torch_pack_bits(q.view(-1), 2, codes)
     if ref_out is not None:
@@ -267,12 +292,14 @@ def torch_minmax_encode(
 ) -> bool:
     """Asymmetric per-channel ``bits``-bit quantisation of the residual.
 
-    Per channel ``c``: ``lo = min_n d``, ``span = max_n d - lo`` (float32), code
+    Per channel ``c``: ``lo = min_n d``, ``span = max_n d - lo`` (float32, saturated at
+    ``FP32_MAX``: ``max - lo`` of a saturated residual can overflow), code
     ``q = round((d - lo) * (qmax / span))`` (half to even; ``qmax = 2**bits - 1``), and
     ``dhat = lo + q * (span / qmax)``, the two per-channel factors rounded to float32 once
     (multiplications in the per-element loops, no divisions). A constant channel has
     ``span = 0`` and is reproduced exactly. Error bound:
-    ``|d - dhat| <= span / (2 * (2**bits - 1))`` plus rounding. With ``check``, a non-finite residual returns False before anything is written.
+    ``|d - dhat| <= span / (2 * (2**bits - 1))`` plus rounding (for an unsaturated span).
+    With ``check``, NaN or Inf in ``x`` returns False before anything is written.
     """
     d = _finite_residual(x, pred, check)
     if d is None:
@@ -283,7 +310,7 @@ def torch_minmax_encode(
         span.zero_()
     else:
         lo.copy_(d.amin(0))
-        span.copy_(d.amax(0) - lo)
+        span.copy_(d.amax(0) - lo).clamp_max_(FP32_MAX)
     inv, _ = _minmax_factors(span, qmax)
     q = ((d - lo) * inv).round()
     torch_pack_bits(q.clamp_(0, qmax).to(torch.uint8).view(-1), bits, codes)
@@ -335,7 +362,7 @@ def torch_absmax_encode(
     Per channel ``c``: ``amax = max_n |d|`` (float32), ``q = round(d / amax * qmax)`` with
     ``qmax = 2**(bits-1) - 1`` (half to even) stored as ``q + qmax``, and
     ``dhat = (q / qmax) * amax``. Zero maps to zero exactly. Error bound:
-    ``|d - dhat| <= amax / (2 * qmax)`` plus rounding. With ``check``, a non-finite residual
+    ``|d - dhat| <= amax / (2 * qmax)`` plus rounding. With ``check``, NaN or Inf in ``x``
     returns False before anything is written.
     """
     d = _finite_residual(x, pred, check)

@@ -3,7 +3,9 @@
 //
 // Conventions (as in the reference): x, pred, ref, out are row-major (N, C) arrays of T
 // (float, __half or __nv_bfloat16); has_pred == 0 means a zero prediction; has_ref == 0 means
-// no reference update. The residual is d = float(x) - float(pred); reconstructions are
+// no reference update. The residual is d = float(x) - float(pred), saturated to +-FP32_MAX
+// (finite inputs never overflow it; NaN stays NaN), or float(x) itself without a
+// prediction; the caller rejects NaN/Inf input beforehand when asked to. Reconstructions are
 // float(pred) + dhat, saturated to T's finite range and rounded to nearest even. Codes are
 // packed little-endian within a byte over the flattened (N, C) array. Compile with
 // -fmad=false so that a*b + c is not contracted into an FMA the reference does not do.
@@ -19,20 +21,26 @@ __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+#define FP32_MAX 3.4028234663852886e38f
+
 __device__ __forceinline__ float saturate(float v, float big) {
     // NaN passes through (both comparisons are false)
     return v > big ? big : (v < -big ? -big : v);
 }
-__device__ __forceinline__ void store(float* p, float v) { *p = saturate(v, 3.4028234663852886e38f); }
+__device__ __forceinline__ void store(float* p, float v) { *p = saturate(v, FP32_MAX); }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(saturate(v, 65504.0f)); }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) {
     *p = __float2bfloat16_rn(saturate(v, 3.3895313892515355e38f));
 }
 
+// x - pv saturated to +-FP32_MAX (torch_ref.residual); x itself without a prediction
+__device__ __forceinline__ float residual_of(float xv, float pv, int has_pred) {
+    return has_pred ? saturate(xv - pv, FP32_MAX) : xv;
+}
+
 template <typename T>
 __device__ __forceinline__ float residual(const T* x, const T* pred, int has_pred, i64 i) {
-    float d = to_f32(x[i]);
-    return has_pred ? d - to_f32(pred[i]) : d;
+    return has_pred ? residual_of(to_f32(x[i]), to_f32(pred[i]), 1) : to_f32(x[i]);
 }
 
 template <typename T>
@@ -142,7 +150,7 @@ extern "C" __global__ void min_max_finish(const float* lo_parts, const float* hi
         if (z > h || z != z) h = z;
     }
     lo[j] = l;
-    span[j] = h - l;
+    span[j] = saturate(h - l, FP32_MAX);  // the span of a saturated residual can overflow
 }
 
 extern "C" __global__ void abs_max_finish(const float* parts, i64 c, i64 tiles, float* amax) {
@@ -170,7 +178,7 @@ __device__ void binary_pack(const T* x, const T* pred, int has_pred, T* ref, int
     unsigned char byte = 0;
     for (int k = 0; k < 8 && i < total; ++k, ++i) {
         float pv = prediction(pred, has_pred, i);
-        float d = to_f32(x[i]) - pv;
+        float d = residual_of(to_f32(x[i]), pv, has_pred);
         bool pos = d >= 0.0f;
         byte |= (unsigned char)pos << k;
         if (has_ref) {
@@ -212,7 +220,7 @@ __device__ void minmax_pack(const T* x, const T* pred, int has_pred, T* ref, int
     unsigned char byte = 0;
     for (int k = 0; k < per && i < total; ++k, ++i) {
         float pv = prediction(pred, has_pred, i);
-        float d = to_f32(x[i]) - pv;
+        float d = residual_of(to_f32(x[i]), pv, has_pred);
         float sp = span[j], q = 0.0f;
         if (sp > 0.0f) {
             q = rintf(__fmul_rn(d - lo[j], __fdiv_rn(qmax, sp)));
@@ -252,7 +260,7 @@ __device__ void absmax_pack(const T* x, const T* pred, int has_pred, T* ref, int
     if (i >= n * c) return;
     i64 j = i % c;
     float pv = prediction(pred, has_pred, i);
-    float d = to_f32(x[i]) - pv;
+    float d = residual_of(to_f32(x[i]), pv, has_pred);
     float am = amax[j], safe = am > 0.0f ? am : 1.0f;
     float q = rintf(__fmul_rn(__fdiv_rn(d, safe), qmax));
     q = q < -qmax ? -qmax : (q > qmax ? qmax : q);
@@ -289,8 +297,8 @@ __device__ void int2_levels(const T* x, const T* pred, int has_pred, const float
     }
     ns = block_sum(ns); ds = block_sum(ds); nb = block_sum(nb); db = block_sum(db);
     if (threadIdx.x == 0) {
-        small[r] = ds > 0.0 ? (float)(ns / ds) : rv;
-        big[r] = db > 0.0 ? (float)(nb / db) : rv;
+        small[r] = ds > 0.0 ? saturate((float)(ns / ds), FP32_MAX) : rv;
+        big[r] = db > 0.0 ? saturate((float)(nb / db), FP32_MAX) : rv;
     }
 }
 
@@ -306,7 +314,7 @@ __device__ void int2_pack(const T* x, const T* pred, int has_pred, T* ref, int h
     unsigned char byte = 0;
     for (int k = 0; k < 4 && i < total; ++k, ++i) {
         float pv = prediction(pred, has_pred, i);
-        float d = to_f32(x[i]) - pv;
+        float d = residual_of(to_f32(x[i]), pv, has_pred);
         bool large = fabsf(d) >= (row[r] * col[j]) * split;
         bool pos = d >= 0.0f;
         byte |= (unsigned char)(pos | (large << 1)) << (2 * k);
