@@ -28,6 +28,7 @@ from .errors import CancelledError, CommError, GroupFailedError, WireFormatError
 from .session import Session, SessionStats
 from .stream import StreamDecoder
 from .transport import P2POp, TorchDistTransport, Transport, Work
+from .wire import announced_payload
 
 __all__ = ["CompressedGroup", "RawGroup", "Handle"]
 
@@ -606,13 +607,17 @@ class CompressedGroup(_GroupBase):
         def start() -> Handle[torch.Tensor]:
             dec = self.session.decoder(name, src, like)
             earlier = self._earlier(name)
-            buf = self._buffer(dec.payload_nbytes(dec.step + len(earlier)), like.device)
+            # where the transport allows, room for any message of the stream: one of an
+            # unexpected size (a peer out of step) is then reported from its header
+            short = self.transport.accepts_short_messages
+            buf = self._buffer(dec.max_payload_nbytes() if short else
+                               dec.payload_nbytes(dec.step + len(earlier)), like.device)
             what = f"recv of stream {stream!r} from rank {src}"
             work = self._irecv(buf, src, what)
 
             def finish(timeout: float) -> torch.Tensor:
                 self._wait(work, timeout, what)
-                return dec.decode(buf)
+                return dec.decode(announced_payload(buf) if short else buf)
             return self._track(name, self._handle(finish, earlier))
         return self._guarded(start)
 

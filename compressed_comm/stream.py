@@ -145,6 +145,11 @@ class _Stream:
         """Size of the payload of message ``step`` (default: the next one)."""
         return self.header(step).payload_nbytes
 
+    def max_payload_nbytes(self) -> int:
+        """The largest payload any message of this stream can have (keyframe or not)."""
+        return max(c.payload_nbytes(self.shape, self.dtype)
+                   for c in (self.codec, self._keyframe_codec))
+
     @property
     def reference_bytes(self) -> int:
         """Device memory held by this stream's references."""
@@ -254,6 +259,7 @@ class StreamDecoder(_Stream):
     """
 
     role = "decoder"
+    _broken: str | None = None
 
     def decode(self, payload: torch.Tensor) -> torch.Tensor:
         """Apply the next payload; returns :attr:`reference` (updated in place)."""
@@ -293,8 +299,15 @@ class StreamDecoder(_Stream):
         if bad:
             raise WireFormatError(f"{self.what}: payload does not match the stream: {', '.join(bad)}")
         verify_checksum(payload, header, self.what)
+        if self._broken is not None:
+            raise WireFormatError(f"{self.what}: {self._broken}; start a new session")
         pred, target, codec = self._begin()
-        codec.absorb(payload, header, pred, target)
+        try:
+            codec.absorb(payload, header, pred, target)
+        except WireFormatError as e:  # a body the codec rejects (e.g. a corrupt top-k index)
+            if self.order == 2:  # the prediction was already made in place
+                self._broken = f"out of step with its sender since step {self._step} ({e})"
+            raise WireFormatError(f"{self.what}: {e}") from None
         self._wire_bytes += payload.numel()
         self._finish()
         return self._ref

@@ -46,6 +46,10 @@ class Transport(ABC):
 
     rank: int
     world_size: int
+    #: whether a receive may be posted with a buffer longer than the message (gloo: yes;
+    #: NCCL: no). Receivers then post the largest size a stream can send, so a message of
+    #: an unexpected size is reported from its header instead of failing the backend.
+    accepts_short_messages: bool = False
 
     @abstractmethod
     def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> Work:
@@ -130,6 +134,10 @@ class TorchDistTransport(Transport):
         self.group = process_group
         self.rank = process_group.rank()
         self.world_size = process_group.size()
+        try:
+            self.accepts_short_messages = process_group.name() == "gloo"
+        except RuntimeError:  # a group without a backend name
+            self.accepts_short_messages = False
 
     def __repr__(self) -> str:
         return f"TorchDistTransport(rank={self.rank}, world_size={self.world_size})"

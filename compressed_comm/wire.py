@@ -56,6 +56,7 @@ __all__ = [
     "body_checksum",
     "verify_checksum",
     "contiguous_payload",
+    "announced_payload",
     "CONFIG_FIELDS",
 ]
 
@@ -218,6 +219,18 @@ def contiguous_payload(payload: torch.Tensor) -> torch.Tensor:
     out = torch.empty(payload.numel(), dtype=torch.uint8, device=payload.device)
     out.copy_(payload.reshape(-1))
     return out
+
+
+def announced_payload(buffer: torch.Tensor) -> torch.Tensor:
+    """The payload at the start of a receive ``buffer`` that may be longer than it: the
+    first ``header + body`` bytes its fixed header announces (``buffer`` itself if that
+    cannot be read; :func:`read_header` then says what is wrong)."""
+    if buffer.numel() < FIXED_NBYTES:
+        return buffer
+    fixed = buffer[:FIXED_NBYTES].cpu().numpy().tobytes()
+    ndim, body = fixed[6], struct.unpack_from("<Q", fixed, FIXED_NBYTES - 8)[0]
+    total = header_nbytes(ndim) + body
+    return buffer[:total] if fixed[:2] == MAGIC and total <= buffer.numel() else buffer
 
 
 def read_header(payload: torch.Tensor) -> Header:

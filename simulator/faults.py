@@ -314,6 +314,10 @@ class FaultyTransport(Transport):
         works.extend(emit(held) for held in self._held.pop((dst, tag), ()))
         return works[0] if len(works) == 1 else _AllOf(works)
 
+    @property
+    def accepts_short_messages(self) -> bool:  # type: ignore[override]
+        return self.inner.accepts_short_messages
+
     def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> Work:
         with self._lock:
             return self._send(tensor, dst, tag, "isend",

@@ -232,6 +232,24 @@ def serving_faults_worker(rank, world, init_file, out_dir):
         pg.new_session()
         dist.all_gather(outs, _tensor(rank, 3, 0), group=pg)
         out["recovered"] = all(torch.equal(outs[o], _tensor(o, 3, 0)) for o in range(world))
+        # 2b. the same over send/recv, where gloo would abort on a message longer than the
+        #     receive buffer: the sender skips step() and sends a keyframe of a new stream
+        pg = wrap_process_group(None, CompressionConfig(codec="binary"), timeout=20.0)
+        buf = torch.empty(16, 8)
+        for s in range(2):
+            if rank == 0:
+                dist.send(_tensor(0, 5, s), 1, group=pg)
+                if s == 0:
+                    pg.step()
+            else:
+                dist.recv(buf, 0, group=pg)
+                pg.step()
+        if rank == 0:
+            dist.send(_tensor(0, 5, 2), 1, group=pg)  # a full keyframe: rank 1 expects step 2
+        else:
+            out["p2p_skipped_step"] = _raises(lambda: dist.recv(buf, 0, group=pg))
+        pg = wrap_process_group(None, CompressionConfig(codec="identity"), timeout=20.0,
+                                max_calls_per_step=4)
         # 3. no step() at all: past max_calls_per_step calls pass through, results exact
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -94,6 +94,24 @@ def test_a_stream_rejects_corrupt_topk_indices_and_stays_intact(kernels, order):
     assert torch.equal(dec.decode(good), enc.reference)
 
 
+def test_an_order_2_decoder_that_rejected_a_body_refuses_to_go_on():
+    """Order 2 predicts in place before the body is read: after a rejected body the decoder
+    is out of step with its sender, and says so instead of decoding wrong data."""
+    cfg = CompressionConfig(codec="topk:0.5", residual_order=2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 10, generator=gen)
+    enc, dec = StreamEncoder("s", x, cfg), StreamDecoder("s", x, cfg)
+    dec.decode(enc.encode(x))
+    good = enc.encode(x + 0.1 * torch.randn(6, 10, generator=gen))
+    bad = good.clone()
+    body_of(enc.codec, bad, (6, 10), x.dtype)["idx"][-2:] = 0xFF
+    with pytest.raises(WireFormatError, match=r"stream 's' .*corrupt payload"):
+        dec.decode(bad)
+    with pytest.raises(WireFormatError, match="out of step with its sender since step 1.*new "
+                                              "session"):
+        dec.decode(good)
+
+
 def test_repeated_topk_index_is_named():
     codec = get_codec("topk:0.5")
     payload = codec.encode(torch.arange(8.0))  # keeps indices 4, 5, 6, 7 (3 bits each)

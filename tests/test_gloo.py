@@ -52,6 +52,9 @@ def test_serving_faults_through_the_drop_in_group(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r1["a_first3"] and r1["b_exact"]  # request B never sees request A's data
     assert r0["a_cancelled"][0] == "CancelledError"
+    # a message longer than expected is reported from its header, not by a gloo abort
+    assert r1["p2p_skipped_step"][0] == "WireFormatError"
+    assert "another stream" in r1["p2p_skipped_step"][1]
     for r in (r0, r1):  # a Python exception on both ranks, not a SIGABRT
         assert r["skipped_step"] is not None and "disagree" in r["skipped_step"][1]
         assert r["recovered"] and r["no_step_exact"]
