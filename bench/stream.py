@@ -2,7 +2,7 @@
 
     python bench/stream.py [--shape 4096 3072] [--codecs binary,int2,int4,int8,lowrank:8]
                            [--dtypes float16,bfloat16,float32] [--threads 1,2] [--repeat 7]
-                           [--device cpu|cuda]
+                           [--device cpu|cuda] [--checksum]
 
 For each codec, dtype and thread count it drives one closed-loop stream through the public
 API with the default :class:`~compressed_comm.CompressionConfig` (residual order 1, NaN/Inf
@@ -11,6 +11,8 @@ on the receiver, on an input that drifts a little every step. It prints the medi
 milliseconds of encode and decode (after the warmup keyframe and one more message), and
 their sum as a multiple of ``dst.copy_(x)`` measured in the same run with the same threads
 (on CUDA: a device-to-device copy; timings synchronise the device).
+``--checksum`` adds a row per codec with ``CompressionConfig(checksum=True)`` (``+crc``):
+the cost of the body CRC-32 on both sides.
 The first run on a machine also compiles the numba kernels (``python -m compressed_comm
 warmup`` does that ahead of time).
 """
@@ -53,9 +55,10 @@ def _drifting(shape: tuple[int, int], dtype: torch.dtype, steps: int,
             for i in range(steps)]
 
 
-def measure(codec: str, xs: list[torch.Tensor], repeat: int) -> tuple[float, float]:
+def measure(codec: str, xs: list[torch.Tensor], repeat: int, checksum: bool = False
+            ) -> tuple[float, float]:
     """Median encode and decode milliseconds of one stream over ``xs`` (past the keyframe)."""
-    config = CompressionConfig(codec=codec)
+    config = CompressionConfig(codec=codec, checksum=checksum)
     sender, receiver = Session(config, rank=0), Session(config, rank=1)
     enc = sender.encoder("kv", xs[0])
     dec = receiver.decoder("kv", 0, xs[0])
@@ -79,12 +82,13 @@ def main() -> None:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--checksum", action="store_true", help="also measure with checksum=True")
     args = p.parse_args()
     shape = tuple(args.shape)
     device = torch.device(args.device)
     print(f"Session encode + decode of one ({shape[0]}, {shape[1]}) stream on {device}, default "
           f"config, median of {args.repeat}; x copy = (encode + decode) / copy_")
-    head = (f"{'codec':<10} {'dtype':<9} {'thr':>3} {'encode ms':>10} {'decode ms':>10} "
+    head = (f"{'codec':<14} {'dtype':<9} {'thr':>3} {'encode ms':>10} {'decode ms':>10} "
             f"{'copy_ ms':>9} {'x copy':>7}")
     print(head)
     print("-" * len(head))
@@ -95,9 +99,11 @@ def main() -> None:
             dst = torch.empty_like(xs[0])
             dst.copy_(xs[0])  # touch the pages once
             copy_ms = _median_ms(lambda: dst.copy_(xs[0]), 5 * args.repeat, device)
-            for codec in args.codecs.split(","):
-                enc_ms, dec_ms = measure(codec, xs, args.repeat)
-                print(f"{codec:<10} {dname:<9} {threads:>3} {enc_ms:>10.1f} {dec_ms:>10.1f} "
+            for codec, crc in ((c, crc) for c in args.codecs.split(",")
+                               for crc in ((False, True) if args.checksum else (False,))):
+                enc_ms, dec_ms = measure(codec, xs, args.repeat, crc)
+                label = codec + ("+crc" if crc else "")
+                print(f"{label:<14} {dname:<9} {threads:>3} {enc_ms:>10.1f} {dec_ms:>10.1f} "
                       f"{copy_ms:>9.2f} {(enc_ms + dec_ms) / copy_ms:>6.1f}x", flush=True)
 
 
