@@ -34,7 +34,7 @@ from .errors import (
 )
 from .group import CompressedGroup, Handle, RawGroup
 from .process_group import CompressedProcessGroup, wrap_process_group
-from .session import Session, SessionStats
+from .session import Session, SessionStats, StreamKey
 from .stream import StreamDecoder, StreamEncoder, StreamStats
 from .transport import P2POp, TorchDistTransport, Transport, Work
 from .warmup import warmup
@@ -52,6 +52,7 @@ __all__ = [
     "StreamStats",
     "Session",
     "SessionStats",
+    "StreamKey",
     "Header",
     "read_header",
     "Transport",

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from .config import CompressionConfig
 from .errors import CancelledError, CommError, GroupFailedError, WireFormatError
-from .session import Session, SessionStats
+from .session import Session, SessionStats, StreamKey
 from .stream import StreamDecoder
 from .transport import P2POp, TorchDistTransport, Transport, Work
 from .wire import announced_payload
@@ -141,7 +141,7 @@ class _GroupBase:
         #: bytes and point-to-point messages this rank has sent in the current session
         self.bytes_sent = 0
         self.messages_sent = 0
-        self._inflight: dict[str, list[Handle[Any]]] = {}
+        self._inflight: dict[StreamKey, list[Handle[Any]]] = {}
         self._failure: BaseException | None = None
         self._closed: str | None = None
         self._clear_ledger()
@@ -373,13 +373,13 @@ class _GroupBase:
                              f"this rank's equal to {tuple(x.shape)}; got {out}")
         return out
 
-    def _earlier(self, name: str) -> list[Handle[Any]]:
+    def _earlier(self, name: StreamKey) -> list[Handle[Any]]:
         """The still-incomplete handles of stream ``name``, oldest first."""
         live = [h for h in self._inflight.get(name, ()) if not h.is_completed()]
         self._inflight[name] = live
         return list(live)
 
-    def _track(self, name: str, handle: Handle[T]) -> Handle[T]:
+    def _track(self, name: StreamKey, handle: Handle[T]) -> Handle[T]:
         self._inflight.setdefault(name, []).append(handle)
         return handle
 
@@ -449,7 +449,7 @@ class _GroupBase:
         received packet is forwarded unchanged. A failure fails the group."""
         world = self.world_size
         nxt, prv = (self.rank + 1) % world, (self.rank - 1) % world
-        name = f"ring:{stream}"
+        name = StreamKey("ring", stream)
 
         def post(packet: torch.Tensor, hop: int) -> tuple[int, torch.Tensor, Handle[None]]:
             origin = (self.rank - hop) % world
@@ -480,7 +480,7 @@ class _GroupBase:
 
         def finish(timeout: float, data: torch.Tensor = data) -> None:
             self._wait(work, timeout, what)
-        return self._track(f"send:{stream}", self._handle(finish))
+        return self._track(StreamKey("send", stream, dst), self._handle(finish))
 
     def _sent(self, nbytes: int, messages: int) -> None:
         self.bytes_sent += nbytes
@@ -543,7 +543,7 @@ class CompressedGroup(_GroupBase):
         """Traffic, accuracy and memory of every stream of the current session."""
         return self.session.stats()
 
-    def _decoders(self, name: str, x: torch.Tensor,
+    def _decoders(self, name: StreamKey, x: torch.Tensor,
                   shapes: list[tuple[int, ...]]) -> dict[int, StreamDecoder]:
         return {o: self.session.decoder(name, o, _like(shapes[o], x))
                 for o in range(self.world_size) if o != self.rank}
@@ -595,14 +595,14 @@ class CompressedGroup(_GroupBase):
     def isend(self, x: torch.Tensor, dst: int, *, stream: str) -> Handle[None]:
         """Start sending ``x`` to ``dst`` on ``stream``."""
         self._check_peer(dst, "destination")
-        name = f"p2p:{stream}->{dst}"
+        name = StreamKey("p2p", stream, dst)
         return self._guarded(lambda: self._send_bytes(
             self.session.encoder(name, x).encode(x), dst, stream))
 
     def irecv(self, like: torch.Tensor, src: int, *, stream: str) -> Handle[torch.Tensor]:
         """Start receiving a tensor shaped like ``like`` from ``src`` on ``stream``."""
         self._check_peer(src, "source")
-        name = f"p2p:{stream}->{self.rank}"
+        name = StreamKey("p2p", stream, self.rank)
 
         def start() -> Handle[torch.Tensor]:
             dec = self.session.decoder(name, src, like)
@@ -637,7 +637,7 @@ class CompressedGroup(_GroupBase):
 
     def _all_gather(self, x: torch.Tensor, stream: str, shapes: list[tuple[int, ...]]
                     ) -> Handle[list[torch.Tensor]]:
-        name = f"all_gather:{stream}"
+        name = StreamKey("all_gather", stream)
         decs = self._decoders(name, x, shapes)
         earlier = self._earlier(name)
         enc = self.session.encoder(name, x)
@@ -679,7 +679,7 @@ class CompressedGroup(_GroupBase):
         if self.world_size == 1:
             yield self.rank, x
             return
-        name = f"ring:{stream}"
+        name = StreamKey("ring", stream)
         for h in self._earlier(name):
             h.wait()
 
@@ -719,7 +719,7 @@ class CompressedGroup(_GroupBase):
         world, me = self.world_size, self.rank
         rest = tuple(x.shape[1:])
         chunks = x.split(in_sizes, dim=0)
-        send_name = {dst: f"all_to_all:{stream}->{dst}" for dst in range(world)}
+        send_name = {dst: StreamKey("all_to_all", stream, dst) for dst in range(world)}
         recv_name = send_name[me]
         earlier = self._earlier(recv_name)
         decs = {src: self.session.decoder(recv_name, src, _like((out_sizes[src], *rest), x))
@@ -779,7 +779,7 @@ class RawGroup(_GroupBase):
         def finish(timeout: float) -> torch.Tensor:
             self._wait(work, timeout, what)
             return out
-        return self._track(f"recv:{stream}", self._handle(finish))
+        return self._track(StreamKey("recv", stream, self.rank), self._handle(finish))
 
     def all_gather_async(self, x: torch.Tensor, *, stream: str,
                          shapes: Sequence[Sequence[int]] | None = None
@@ -804,7 +804,7 @@ class RawGroup(_GroupBase):
             return [x if o == self.rank else
                     outs[o][: sizes[o]].view(x.dtype).view(shapes[o])
                     for o in range(self.world_size)]
-        return self._track(f"all_gather:{stream}", self._handle(finish))
+        return self._track(StreamKey("all_gather", stream), self._handle(finish))
 
     def ring_iter(self, x: torch.Tensor, *, stream: str,
                   shapes: Sequence[Sequence[int]] | None = None
@@ -837,4 +837,4 @@ class RawGroup(_GroupBase):
         def finish(timeout: float) -> torch.Tensor:
             self._wait(work, timeout, what)
             return out
-        return self._track(f"all_to_all:{stream}", self._handle(finish))
+        return self._track(StreamKey("all_to_all", stream, self.rank), self._handle(finish))

@@ -12,9 +12,35 @@ from .config import CompressionConfig
 from .errors import StreamMismatchError
 from .stream import StreamDecoder, StreamEncoder, StreamStats
 
-__all__ = ["Session", "SessionStats"]
+__all__ = ["Session", "SessionStats", "StreamKey"]
 
 _Stream = StreamEncoder | StreamDecoder
+
+
+@dataclass(frozen=True)
+class StreamKey:
+    """What a stream carries, as its caller named it.
+
+    ``op`` is the operation (``"all_gather"``, ``"ring"``, ``"p2p"``, ``"all_to_all"``; ``""``
+    for a stream made directly on a :class:`Session`), ``name`` the caller's stream name and
+    ``dst`` the destination rank of point-to-point and all-to-all streams. The sending rank
+    (the stream's origin) is kept beside the key. ``skip`` patterns match :attr:`name`;
+    ``str(key)`` is the full name that stats and errors show (``"all_gather:layer7.k"``,
+    ``"p2p:x->1"``).
+    """
+
+    op: str
+    name: str
+    dst: int | None = None
+
+    def __str__(self) -> str:
+        full = f"{self.op}:{self.name}" if self.op else self.name
+        return full if self.dst is None else f"{full}->{self.dst}"
+
+    @classmethod
+    def of(cls, key: str | StreamKey) -> StreamKey:
+        """``key`` itself, or the key of a stream a caller named ``key`` directly."""
+        return key if isinstance(key, StreamKey) else cls("", key)
 
 
 @dataclass(frozen=True)
@@ -48,7 +74,8 @@ class SessionStats:
 
 
 class Session:
-    """The residual streams of one request on one rank, keyed by ``(name, origin)``.
+    """The residual streams of one request on one rank, keyed by ``(key, origin)``
+    (a :class:`StreamKey`, or a plain name).
 
     ``encoder(name, x)`` is the stream this rank sends (origin = ``rank``);
     ``decoder(name, origin, like)`` the one it receives from ``origin``. Streams are created
@@ -74,7 +101,7 @@ class Session:
         self.namespace = namespace
         self._codec = get_codec(self.config.codec, kernels=self.config.kernels)
         self._raw = IdentityCodec("identity")
-        self._streams: dict[tuple[str, int], _Stream] = {}
+        self._streams: dict[tuple[StreamKey, int], _Stream] = {}
 
     def __repr__(self) -> str:
         return (f"Session(rank={self.rank}, id={self.id}, codec={self.config.codec!r}, "
@@ -86,34 +113,33 @@ class Session:
     def __iter__(self) -> Iterator[_Stream]:
         return iter(self._streams.values())
 
-    def codec_for(self, name: str, nbytes: int) -> Codec:
-        """The codec a stream called ``name`` carrying ``nbytes`` per message uses.
-
-        ``skip`` patterns match the name, or the name a group's stream was given by its
-        caller (``"layer7.k"`` of the group's ``"all_gather:layer7.k"``)."""
-        if (self.config.skips(name) or self.config.skips(_user_name(name))
-                or nbytes < self.config.min_bytes):
+    def codec_for(self, key: str | StreamKey, nbytes: int) -> Codec:
+        """The codec of a stream ``key`` carrying ``nbytes`` per message (``skip`` patterns
+        match the caller's name, :attr:`StreamKey.name`)."""
+        if self.config.skips(StreamKey.of(key).name) or nbytes < self.config.min_bytes:
             return self._raw
         return self._codec
 
-    def encoder(self, name: str, like: torch.Tensor) -> StreamEncoder:
-        """The stream this rank sends under ``name`` (created to match ``like`` on first use)."""
-        return self._get(StreamEncoder, name, self.rank, like)  # type: ignore[return-value]
+    def encoder(self, key: str | StreamKey, like: torch.Tensor) -> StreamEncoder:
+        """The stream this rank sends under ``key`` (created to match ``like`` on first use)."""
+        return self._get(StreamEncoder, key, self.rank, like)  # type: ignore[return-value]
 
-    def decoder(self, name: str, origin: int, like: torch.Tensor) -> StreamDecoder:
-        """The stream this rank receives from ``origin`` under ``name``."""
-        return self._get(StreamDecoder, name, int(origin), like)  # type: ignore[return-value]
+    def decoder(self, key: str | StreamKey, origin: int, like: torch.Tensor) -> StreamDecoder:
+        """The stream this rank receives from ``origin`` under ``key``."""
+        return self._get(StreamDecoder, key, int(origin), like)  # type: ignore[return-value]
 
-    def _get(self, cls: type, name: str, origin: int, like: torch.Tensor) -> _Stream:
-        key = (name, origin)
-        stream = self._streams.get(key)
+    def _get(self, cls: type, key: str | StreamKey, origin: int, like: torch.Tensor) -> _Stream:
+        key = StreamKey.of(key)
+        stream = self._streams.get((key, origin))
         if stream is None:
             if not isinstance(like, torch.Tensor):
-                raise TypeError(f"stream {name!r}: like must be a tensor, got {type(like).__name__}")
-            codec = self.codec_for(name, like.nbytes)
-            stream = cls(name, like, self.config, origin=origin, codec=codec, session=self.id,
-                         namespace=self.namespace)
-            self._streams[key] = stream
+                raise TypeError(f"stream {str(key)!r}: like must be a tensor, got "
+                                f"{type(like).__name__}")
+            codec = self.codec_for(key, like.nbytes)
+            stream = cls(str(key), like, self.config, origin=origin, codec=codec,
+                         session=self.id, namespace=self.namespace)
+            stream.key = key
+            self._streams[(key, origin)] = stream
             return stream
         if not isinstance(stream, cls):
             raise StreamMismatchError(
@@ -144,9 +170,3 @@ class Session:
         """Memory held by all streams' references."""
         return sum(s.reference_bytes for s in self._streams.values())
 
-
-def _user_name(name: str) -> str:
-    """The caller's stream name inside a group's ``"op:name"`` / ``"op:name->dst"``."""
-    if ":" not in name:
-        return name
-    return name.split(":", 1)[1].rsplit("->", 1)[0]

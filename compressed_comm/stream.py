@@ -36,6 +36,7 @@ __all__ = ["StreamEncoder", "StreamDecoder", "StreamStats"]
 class StreamStats:
     """Traffic and accuracy of one stream so far."""
 
+    #: the full stream name (``str`` of its :class:`~compressed_comm.StreamKey`)
     name: str
     origin: int
     role: str
@@ -46,6 +47,9 @@ class StreamStats:
     reference_bytes: int
     #: ``||x - reference|| / ||x||`` of the last message (senders with ``track_error`` only)
     last_rel_error: float | None
+
+    #: operation, caller's name and destination (:class:`~compressed_comm.StreamKey`)
+    key: Any = None
 
     @property
     def ratio(self) -> float:
@@ -73,8 +77,9 @@ class _Stream:
         if not isinstance(like, torch.Tensor):
             raise TypeError(f"stream {name!r}: like must be a tensor, got {type(like).__name__}")
         check_dtype(like.dtype, f"stream {name!r}")
-        # identity
+        # identity (a Session also sets .key, the StreamKey the name was made from)
         self.name = name
+        self.key: Any = None
         self.origin = int(origin)
         self.shape = tuple(like.shape)
         self.dtype = like.dtype
@@ -157,7 +162,7 @@ class _Stream:
         return total + getattr(self._codec_state, "nbytes", 0)  # a codec's own state
 
     def stats(self) -> StreamStats:
-        return StreamStats(name=self.name, origin=self.origin, role=self.role,
+        return StreamStats(name=self.name, key=self.key, origin=self.origin, role=self.role,
                            codec=self.codec.spec, steps=self._step, raw_bytes=self._raw_bytes,
                            wire_bytes=self._wire_bytes, reference_bytes=self.reference_bytes,
                            last_rel_error=self._last_error())

@@ -104,3 +104,20 @@ def test_sessions_do_not_share_state():
     s1.encoder("a", x).encode(x)
     assert s2.encoder("a", x).step == 0
     assert s1.encoder("a", x) is not s2.encoder("a", x)
+
+
+def test_stream_keys_name_streams_for_skip_and_stats():
+    from compressed_comm import StreamKey
+
+    s = Session(CompressionConfig(codec="binary", skip=("layer7.*",)))
+    x = torch.randn(8, 8)
+    raw = s.encoder(StreamKey("all_gather", "layer7.k"), x)
+    lossy = s.encoder(StreamKey("p2p", "layer8.k", 1), x)
+    plain = s.encoder("layer7.v", x)  # a plain name is its own key
+    assert raw.codec.spec == "identity" and plain.codec.spec == "identity"
+    assert lossy.codec.spec == "binary"
+    assert [str(st.key) for st in s.stats().streams] == ["all_gather:layer7.k", "p2p:layer8.k->1",
+                                                       "layer7.v"]
+    assert [st.name for st in s.stats().streams] == [str(st.key) for st in s.stats().streams]
+    assert s.encoder(StreamKey("all_gather", "layer7.k"), x) is raw
+    assert s.encoder(StreamKey("ring", "layer7.k"), x) is not raw  # another operation
