@@ -216,3 +216,31 @@ def test_finiteness_and_error_statistics_match_the_reference(impl, device, dtype
         torch.testing.assert_close(fast.error_norms(x, ref).cpu(), slow.error_norms(x, ref).cpu(),
                                    rtol=1e-5, atol=0)
     assert fast.all_finite(x[:0]) and fast.all_finite(x.t()) is (bad is None)  # empty, strided
+
+
+def test_a_kernel_that_cannot_compile_falls_back_to_the_reference(caplog):
+    from numba.core.errors import TypingError
+
+    from compressed_comm.kernels import TORCH_KERNELS, Kernels, with_fallback
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise TypingError("no implementation of this on this machine")
+
+    fields = {f: getattr(TORCH_KERNELS, f) for f in Kernels.__dataclass_fields__ if f != "name"}
+    fast = with_fallback(Kernels(name="fast", **(fields | {"pack_bits": broken})),
+                         TORCH_KERNELS, (TypingError,))
+    codes = (torch.randn(37) > 0).to(torch.uint8)
+    want = torch.empty(5, dtype=torch.uint8)
+    TORCH_KERNELS.pack_bits(codes, 1, want)
+    for _ in range(3):
+        got = torch.empty(5, dtype=torch.uint8)
+        with caplog.at_level("WARNING", logger="compressed_comm.kernels"):
+            fast.pack_bits(codes, 1, got)
+        assert torch.equal(got, want)
+    assert len(calls) == 1  # tried once, then the reference
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 1 and "fast kernel pack_bits cannot compile" in logged[0]
+    assert "TypingError" in logged[0] and "torch reference" in logged[0]

@@ -77,6 +77,33 @@ TORCH_KERNELS = Kernels(
 )
 
 
+def with_fallback(fast: Kernels, reference: Kernels, errors: tuple[type[BaseException], ...]
+                  ) -> Kernels:
+    """``fast`` with each kernel replaced by ``reference``'s after it first raises one of
+    ``errors`` (a kernel that cannot compile): one log line names the kernel and the error,
+    and that kernel of this bundle runs the reference from then on. Bit-identical results
+    between the implementations (tested) keep streams in lock-step across the switch."""
+    def guard(field: str) -> Callable[..., object]:
+        chosen: list[Callable[..., object]] = [getattr(fast, field)]
+
+        def call(*args: object, **kwargs: object) -> object:
+            try:
+                return chosen[0](*args, **kwargs)
+            except errors as e:
+                if chosen[0] is getattr(reference, field):
+                    raise
+                logger.warning("compressed_comm: %s kernel %s cannot compile or run (%s: %s); "
+                               "using the %s reference for it", fast.name, field,
+                               type(e).__name__, str(e).splitlines()[0] if str(e) else "",
+                               reference.name)
+                chosen[0] = getattr(reference, field)
+                return chosen[0](*args, **kwargs)
+        call.__name__ = call.__qualname__ = f"{fast.name}_{field}"
+        return call
+    fields = {f: guard(f) for f in Kernels.__dataclass_fields__ if f != "name"}
+    return Kernels(name=fast.name, **fields)  # type: ignore[arg-type]
+
+
 def resolve_impl(impl: str | None = None) -> str:
     """The implementation name to use: ``impl``, else ``$COMPRESSED_COMM_KERNELS`` (unset or
     empty: auto), else auto."""
