@@ -153,10 +153,14 @@ class XDiTCompression:
 
     # ------------------------------------------------------------------ installation
 
-    def _install_points(self, points: Sequence[str] | str, *, optional: bool) -> None:
-        """Bind ``points``; ``optional``: binding none is fine (patch parallelism only)."""
+    def _install_points(self, points: Sequence[str] | str, *, optional: bool,
+                        diffusers_cp: bool = False) -> None:
+        """Bind ``points``; ``optional``: binding none is fine (patch parallelism only).
+        ``"auto"`` binds diffusers' own points only if ``diffusers_cp`` (the model has a
+        parallel config)."""
         required = points != "auto"
-        names = list(HOOK_POINTS) if points == "auto" else list(points)
+        names = ([n for n, p in HOOK_POINTS.items() if p.library != "diffusers" or diffusers_cp]
+                 if points == "auto" else list(points))
         unknown = [n for n in names if n not in HOOK_POINTS]
         if unknown:
             raise ValueError(f"unknown hook points {unknown}; known: {', '.join(HOOK_POINTS)}")
@@ -263,7 +267,9 @@ def enable_compression(target: Any, config: CompressionConfig | None = None, *,
     ``target`` is an xDiT or diffusers pipeline (its transformer and scheduler are found)
     or a bare transformer. ``points`` names the hook points to bind
     (:data:`~adapters.xdit.HOOK_POINTS`); ``"auto"`` binds every point whose library is
-    in use: torch's ring and yunchang's when importable, xfuser's when xfuser is imported.
+    in use: torch's ring and yunchang's when importable, xfuser's when xfuser is imported,
+    diffusers' context parallelism when the transformer has a parallel config (call
+    ``transformer.enable_parallelism(...)`` first).
     A point whose attribute moved raises :class:`~adapters.xdit.HookPointError` naming it
     and the versions known to work.
 
@@ -297,7 +303,8 @@ def enable_compression(target: Any, config: CompressionConfig | None = None, *,
         raise TypeError(f"patch must be an adapters.dit.ParallelConfig, got "
                         f"{type(patch).__name__}")
     handle = XDiTCompression(config, float(timeout), _cfg_prefix())
-    handle._install_points(points, optional=patch is not None)
+    handle._install_points(points, optional=patch is not None,
+                           diffusers_cp=getattr(transformer, "_parallel_config", None) is not None)
     try:
         if patch is not None:
             handle._patch = parallelize(transformer, TorchDistTransport(patch_group), patch)

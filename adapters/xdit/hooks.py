@@ -388,10 +388,33 @@ def install_pipefusion(handle: XDiTCompression, module: Any) -> list[Patch]:
             make_patch(owner, "get_pipeline_recv_data", handle, build_get)]
 
 
+# ---------------------------------------------------------------------- diffusers' Ulysses
+
+def install_diffusers_ulysses(handle: XDiTCompression, module: Any) -> list[Patch]:
+    """``attention_dispatch._all_to_all_single(x, group)``: diffusers' Ulysses all-to-all
+    (``TemplatedUlyssesAttention``) of Q/K/V ``(P, S/P, B, H/P, D)`` and of the output
+    ``(P, H/P, B, S/P, D)``; compressed along dim 0, one stream per chunk. The log-sum-exp
+    ``(P, H/P, B, S/P)`` (4-D, only with ring attention on top) passes through exact: it is
+    small and the ring's merge weights its blocks by its exponential."""
+    owner = resolve_owner(HOOK_POINTS["diffusers_ulysses"], module)
+
+    def build(original: Callable[..., torch.Tensor]) -> Callable[..., Any]:
+        @_eager
+        def _all_to_all_single(x: torch.Tensor, group: Any) -> torch.Tensor:
+            compressed = handle.group_for(group)
+            if x.dim() != 5 or not compressible(x) or x.shape[0] != compressed.world_size:
+                return original(x, group)
+            return compressed.all_to_all(x.contiguous(), stream=handle.stream_name("a2a"))
+        return _all_to_all_single
+
+    return [make_patch(owner, "_all_to_all_single", handle, build)]
+
+
 INSTALLERS: dict[str, Callable[[Any, Any], list[Patch]]] = {
     "ulysses": install_ulysses,
     "torch_ring": install_torch_ring,
     "yunchang_ring": install_yunchang_ring,
     "yunchang_ulysses": install_yunchang_ulysses,
     "pipefusion": install_pipefusion,
+    "diffusers_ulysses": install_diffusers_ulysses,
 }

@@ -25,6 +25,7 @@ KNOWN_VERSIONS: dict[str, tuple[str, ...]] = {
     "xfuser": ("0.7.0",),
     "yunchang": ("0.6.4",),
     "torch": ("2.13.0",),
+    "diffusers": ("0.42.1",),
 }
 
 #: where the handle that owns a patched attribute is recorded on the replacement
@@ -72,6 +73,10 @@ HOOK_POINTS: dict[str, HookPoint] = {p.name: p for p in (
               ("pipeline_send", "pipeline_isend", "pipeline_recv", "recv_next",
                "get_pipeline_recv_data"),
               "PipeFusion's point-to-point patches between pipeline stages"),
+    HookPoint("diffusers_ulysses", "diffusers", "diffusers.models.attention_dispatch", "",
+              ("_all_to_all_single",),
+              "diffusers' own context parallelism (enable_parallelism, ulysses_degree): "
+              "the Ulysses all-to-all of Q/K/V and of the attention output"),
 )}
 
 

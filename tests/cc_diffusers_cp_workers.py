@@ -1,0 +1,141 @@
+"""Worker processes for tests/test_diffusers_cp.py: diffusers' own context parallelism
+(``enable_parallelism(ContextParallelConfig(ulysses_degree=N))``) over gloo, with and without
+compression bound by ``adapters.xdit.enable_compression``.
+
+Two workarounds a CPU test needs (diffusers 0.42.1): ``torch.accelerator.device_count`` is
+patched to 1 around ``enable_parallelism`` (it divides the rank by it), and every model runs
+in float32 on CPU with diffusers' native attention backend.
+"""
+
+import datetime
+import os
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+
+STEPS = 5
+
+
+def _init(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+
+
+def _inputs(gen, shape):
+    return torch.randn(*shape, generator=gen)
+
+
+def flux():
+    from diffusers import FluxTransformer2DModel
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=(8, 12, 12))
+    g = torch.Generator().manual_seed(1)
+    side = 16
+    img_ids = torch.zeros(side * side, 3)
+    img_ids[:, 1] = torch.arange(side * side) // side
+    img_ids[:, 2] = torch.arange(side * side) % side
+    fixed = dict(encoder_hidden_states=_inputs(g, (1, 8, 32)),
+                 pooled_projections=_inputs(g, (1, 32)), img_ids=img_ids,
+                 txt_ids=torch.zeros(8, 3), timestep=torch.tensor([0.5]))
+    return model, (1, side * side, 16), lambda m, x: m(hidden_states=x, **fixed,
+                                                         return_dict=False)[0]
+
+
+def wan():
+    from diffusers import WanTransformer3DModel
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=4,
+        out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
+    g = torch.Generator().manual_seed(1)
+    text = _inputs(g, (1, 6, 16))
+    return model, (1, 4, 2, 16, 16), lambda m, x: m(
+        hidden_states=x, timestep=torch.tensor([500]), encoder_hidden_states=text,
+        return_dict=False)[0]
+
+
+def qwenimage():
+    from diffusers import QwenImageTransformer2DModel
+    model = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=16, axes_dims_rope=(8, 12, 12))
+    g = torch.Generator().manual_seed(1)
+    text = _inputs(g, (1, 6, 16))
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    return model, (1, 256, 16), lambda m, x: m(
+        hidden_states=x, encoder_hidden_states=text, encoder_hidden_states_mask=mask,
+        timestep=torch.tensor([0.5]), img_shapes=[(1, 16, 16)], return_dict=False)[0]
+
+
+def ltxvideo():
+    from diffusers import LTXVideoTransformer3DModel
+    model = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=32,
+        cross_attention_dim=128, num_layers=1, caption_channels=16)
+    g = torch.Generator().manual_seed(1)
+    text = _inputs(g, (1, 6, 16))
+    # no text mask: diffusers 0.42.1's Ulysses cannot split one across heads
+    return model, (1, 2 * 8 * 8, 8), lambda m, x: m(
+        hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500]),
+        encoder_attention_mask=None, num_frames=2, height=8, width=8, return_dict=False)[0]
+
+
+MODELS = {"flux": flux, "wan": wan, "qwenimage": qwenimage, "ltxvideo": ltxvideo}
+
+
+def _drifting(shape, steps):
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(*shape, generator=g)
+    return [base + 0.02 * t * torch.randn(*shape, generator=g) for t in range(steps)]
+
+
+def ulysses_worker(rank, world, init_file, out_dir, names):
+    """For each model: single-process outputs, diffusers' CP outputs, then CP with identity
+    and binary compression (bytes per step, outputs) and after disable()."""
+    from diffusers import ContextParallelConfig
+    from diffusers.models import attention_dispatch
+
+    from adapters.xdit import enable_compression
+    from compressed_comm import CompressionConfig
+
+    _init(rank, world, init_file)
+    out = {}
+    original = attention_dispatch._all_to_all_single
+    try:
+        for name in names:
+            torch.manual_seed(0)
+            model, shape, forward = MODELS[name]()
+            model.eval()
+            xs = _drifting(shape, STEPS)
+            with torch.no_grad():
+                single = [forward(model, x) for x in xs]
+                with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+                    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+                cp = [forward(model, x) for x in xs]
+                res = {"cp_vs_single": max(float((a - b).abs().max())
+                                           for a, b in zip(cp, single))}
+                for codec in ("identity", "binary"):
+                    handle = enable_compression(model, CompressionConfig(codec=codec), timeout=60)
+                    handle.new_session()
+                    got, sizes = [], []
+                    for x in xs:
+                        before = handle.bytes_sent
+                        got.append(forward(model, x))
+                        sizes.append(handle.bytes_sent - before)
+                    res[codec] = {
+                        "points": handle.points,
+                        "exact": all(torch.equal(a, b) for a, b in zip(got, cp)),
+                        "max_rel": max(float((a - b).norm() / b.norm()) for a, b in zip(got, cp)),
+                        "bytes": sizes,
+                        "streams": sorted({str(s.key) for s in handle.stats().streams}),
+                    }
+                    handle.disable()
+                res["restored"] = attention_dispatch._all_to_all_single is original
+                res["after_disable_exact"] = all(
+                    torch.equal(forward(model, x), c) for x, c in zip(xs, cp))
+            out[name] = res
+    finally:
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
