@@ -1,5 +1,6 @@
-"""diffusers' own context parallelism (Ulysses), compressed through the ``diffusers_ulysses``
-hook point: four ``_cp_plan`` models on 2 gloo processes (one spawn, tiny random weights)."""
+"""diffusers' own context parallelism, compressed through the ``diffusers_ulysses`` and
+``diffusers_ring`` hook points: four ``_cp_plan`` models, Ulysses and ring, on 2 gloo
+processes (one spawn per mode, tiny random weights), and a 2 x 2 Ulysses x ring mesh on 4."""
 
 import pytest
 import torch
@@ -15,12 +16,21 @@ WORLD = 2
 MODELS = ("flux", "wan", "qwenimage", "ltxvideo")
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
+MODES = {"ulysses": (WORLD, 1), "ring": (1, WORLD)}
+POINT = {"ulysses": ("diffusers_ulysses",), "ring": ("diffusers_ring",),
+         "mesh": ("diffusers_ulysses", "diffusers_ring")}
+
+
+def spawn(tmp_path_factory, world, names, degrees):
     d = tmp_path_factory.mktemp("diffusers_cp")
-    mp.spawn(workers.ulysses_worker, args=(WORLD, str(d / "store"), str(d), MODELS),
-             nprocs=WORLD, join=True)
-    return [torch.load(d / f"rank{r}.pt") for r in range(WORLD)]
+    mp.spawn(workers.cp_worker, args=(world, str(d / "store"), str(d), names, degrees),
+             nprocs=world, join=True)
+    return [torch.load(d / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def results(request, tmp_path_factory):
+    return request.param, spawn(tmp_path_factory, WORLD, MODELS, MODES[request.param])
 
 
 def test_tested_diffusers_version_is_the_installed_one():
@@ -28,24 +38,39 @@ def test_tested_diffusers_version_is_the_installed_one():
     assert HOOK_POINTS["diffusers_ulysses"].library == "diffusers"
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_ulysses_identity_is_exact_and_binary_small_and_bounded(results, model):
-    for rank, res in enumerate(results):
-        r = res[model]
-        assert r["cp_vs_single"] < 1e-5  # diffusers' CP itself, as a baseline
-        ident, binary = r["identity"], r["binary"]
-        assert "diffusers_ulysses" in ident["points"]
-        assert ident["exact"], (rank, model)  # bit-exact with diffusers' own CP
-        assert ident["bytes"][0] == binary["bytes"][0]  # the warmup step is lossless
-        assert all(b * 8 <= ident["bytes"][-1] for b in binary["bytes"][1:]), binary["bytes"]
-        assert 0 < binary["max_rel"] < 0.02, (rank, model, binary["max_rel"])
-        # one stream per (attention layer, Q/K/V/out, peer)
-        names = binary["streams"]
+def check(mode, res, model):
+    r = res[model]
+    assert r["cp_vs_single"] < 1e-5  # diffusers' CP itself, as a baseline
+    ident, binary = r["identity"], r["binary"]
+    assert set(POINT[mode]) <= set(ident["points"])
+    assert ident["exact"], (mode, model)  # bit-exact with diffusers' own CP
+    assert ident["bytes"][0] == binary["bytes"][0]  # the warmup step is lossless
+    assert all(b * 8 <= ident["bytes"][-1] for b in binary["bytes"][1:]), binary["bytes"]
+    assert 0 < binary["max_rel"] < 0.02, (mode, model, binary["max_rel"])
+    names = binary["streams"]
+    if mode == "ulysses":  # one stream per (attention layer, Q/K/V/out, peer)
         assert names and all(n.startswith("all_to_all:") and ".a2a" in n for n in names)
         assert {n.rsplit(".a2a", 1)[1].split("->")[0] for n in names} == {"0", "1", "2", "3"}
+    if mode == "ring":  # one stream per (attention layer, call), per origin
+        assert names and all(n.startswith("all_gather:") and ".kv" in n for n in names)
+    if mode == "mesh":
+        assert any(".a2a" in n for n in names) and any(".kv" in n for n in names)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_identity_is_exact_and_binary_small_and_bounded(results, model):
+    mode, per_rank = results
+    for res in per_rank:
+        check(mode, res, model)
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_disable_restores_diffusers(results, model):
-    for res in results:
+    for res in results[1]:
         assert res[model]["restored"] and res[model]["after_disable_exact"]
+
+
+def test_ulysses_by_ring_mesh_on_four_processes(tmp_path_factory):
+    for res in spawn(tmp_path_factory, 4, ("flux",), (2, 2)):
+        check("mesh", res, "flux")
+        assert res["flux"]["restored"] and res["flux"]["after_disable_exact"]

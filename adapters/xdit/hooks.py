@@ -410,6 +410,58 @@ def install_diffusers_ulysses(handle: XDiTCompression, module: Any) -> list[Patc
     return [make_patch(owner, "_all_to_all_single", handle, build)]
 
 
+# ---------------------------------------------------------------------- diffusers' ring
+
+#: the widest row a flat K||V buffer is viewed in (a head's channels, or several heads')
+RING_ROW = 128
+
+
+def ring_row(numel: int) -> int:
+    """Row length of a flat ``K||V`` buffer of ``numel`` elements: the largest power of two
+    up to :data:`RING_ROW` dividing it. The buffer is ``(B, S, H, D)`` K then V, flattened,
+    so for head dims that are powers of two (64, 128) rows hold whole heads and columns are
+    channels; 0 if no row of at least 8 fits."""
+    row = RING_ROW
+    while row >= 8 and numel % row:
+        row //= 2
+    return row if row >= 8 else 0
+
+
+class _FuncolWithCompressedAllGather:
+    """``torch.distributed._functional_collectives`` as diffusers' attention dispatch sees
+    it: every attribute is the real one except ``all_gather_tensor``."""
+
+    def __init__(self, real: Any, all_gather_tensor: Callable[..., Any]) -> None:
+        self._real = real
+        self.all_gather_tensor = all_gather_tensor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def install_diffusers_ring(handle: XDiTCompression, module: Any) -> list[Patch]:
+    """``TemplatedRingAttention`` all-gathers every rank's flat ``K||V`` with
+    ``funcol.all_gather_tensor(buf, gather_dim=0, group=ring group)``; compressed as an
+    all-gather of the buffer viewed ``(-1, ring_row)`` (own slot exact, one stream per
+    origin). The backward pass (tensors that need gradients) goes through unchanged."""
+    owner = resolve_owner(HOOK_POINTS["diffusers_ring"], module)
+
+    def build(real: Any) -> Any:
+        @_eager
+        def all_gather_tensor(tensor: torch.Tensor, gather_dim: int, group: Any,
+                              *args: Any, **kwargs: Any) -> Any:
+            row = ring_row(tensor.numel())
+            if gather_dim != 0 or tensor.dim() != 1 or not compressible(tensor) or not row:
+                return real.all_gather_tensor(tensor, gather_dim, group, *args, **kwargs)
+            compressed = handle.group_for(group)
+            parts = compressed.all_gather(tensor.contiguous().view(-1, row),
+                                          stream=handle.stream_name("kv"))
+            return torch.cat([p.reshape(-1) for p in parts])
+        return _FuncolWithCompressedAllGather(real, all_gather_tensor)
+
+    return [make_patch(owner, "funcol", handle, build)]
+
+
 INSTALLERS: dict[str, Callable[[Any, Any], list[Patch]]] = {
     "ulysses": install_ulysses,
     "torch_ring": install_torch_ring,
@@ -417,4 +469,5 @@ INSTALLERS: dict[str, Callable[[Any, Any], list[Patch]]] = {
     "yunchang_ulysses": install_yunchang_ulysses,
     "pipefusion": install_pipefusion,
     "diffusers_ulysses": install_diffusers_ulysses,
+    "diffusers_ring": install_diffusers_ring,
 }

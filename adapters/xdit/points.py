@@ -77,6 +77,10 @@ HOOK_POINTS: dict[str, HookPoint] = {p.name: p for p in (
               ("_all_to_all_single",),
               "diffusers' own context parallelism (enable_parallelism, ulysses_degree): "
               "the Ulysses all-to-all of Q/K/V and of the attention output"),
+    HookPoint("diffusers_ring", "diffusers", "diffusers.models.attention_dispatch", "",
+              ("funcol",),
+              "diffusers' own context parallelism (enable_parallelism, ring_degree): the "
+              "all-gather of every rank's K||V (TemplatedRingAttention)"),
 )}
 
 
