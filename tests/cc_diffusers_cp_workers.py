@@ -107,7 +107,7 @@ def math_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_ca
     return (out, torch.logsumexp(s, -1).permute(0, 2, 1)) if return_lse else out
 
 
-def cp_worker(rank, world, init_file, out_dir, names, degrees):
+def cp_worker(rank, world, init_file, out_dir, names, degrees, asynchronous=False):
     """For each model: single-process outputs, diffusers' CP outputs (``degrees``: the
     ulysses and ring degrees), then CP with identity and binary compression (bytes per
     step, outputs) and after disable()."""
@@ -138,7 +138,8 @@ def cp_worker(rank, world, init_file, out_dir, names, degrees):
                 res = {"cp_vs_single": max(float((a - b).abs().max())
                                            for a, b in zip(cp, single))}
                 for codec in ("identity", "binary"):
-                    handle = enable_compression(model, CompressionConfig(codec=codec), timeout=60)
+                    handle = enable_compression(model, CompressionConfig(codec=codec),
+                                                asynchronous=asynchronous, timeout=60)
                     handle.new_session()
                     got, sizes = [], []
                     for x in xs:
@@ -148,6 +149,7 @@ def cp_worker(rank, world, init_file, out_dir, names, degrees):
                     res[codec] = {
                         "points": handle.points,
                         "exact": all(torch.equal(a, b) for a, b in zip(got, cp)),
+                        "first_exact": torch.equal(got[0], cp[0]),
                         "max_rel": max(float((a - b).norm() / b.norm()) for a, b in zip(got, cp)),
                         "bytes": sizes,
                         "streams": sorted({str(s.key) for s in handle.stats().streams}),

@@ -38,9 +38,13 @@ class XDiTCompression:
     ``pipefusion.<name>[<patch>]``.
     """
 
-    def __init__(self, config: CompressionConfig, timeout: float, prefix: str) -> None:
+    def __init__(self, config: CompressionConfig, timeout: float, prefix: str,
+                 asynchronous: bool = False) -> None:
         self.config = config
         self.timeout = timeout
+        #: DistriFusion-style: all-gathers return the other ranks' tensors of the last step
+        self.asynchronous = asynchronous
+        self._stale: dict[str, Any] = {}
         self.points: tuple[str, ...] = ()
         self._prefix = prefix
         self._groups: dict[int, tuple[Any, CompressedGroup]] = {}
@@ -101,6 +105,7 @@ class XDiTCompression:
     def new_session(self) -> None:
         """Start a new generation: drop all residual state (every rank together)."""
         self._counts.clear()
+        self._stale.clear()
         self._steps = self._calls = 0
         sends, self._sends = self._sends, []
         for h in sends:
@@ -125,6 +130,7 @@ class XDiTCompression:
             self._patch.remove()
             self._patch = None
         self._patches, self._hooks, self._restore, self._sends = [], [], [], []
+        self._stale.clear()
         self.enabled = False
 
     # ------------------------------------------------------------------ for the hooks
@@ -138,6 +144,20 @@ class XDiTCompression:
             group = CompressedGroup(TorchDistTransport(pg), self.config, timeout=self.timeout)
             entry = self._groups[id(pg)] = (pg, group)
         return entry[1]
+
+    def stale_all_gather(self, group: CompressedGroup, x: torch.Tensor,
+                         stream: str) -> list[torch.Tensor]:
+        """DistriFusion-style all-gather: ``x`` itself in this rank's slot and the other
+        ranks' tensors of the previous step, while this step's all-gather is in flight
+        (completed at the stream's next call). The first call of a session is synchronous."""
+        previous = self._stale.get(stream)
+        if previous is None:
+            gathered = group.all_gather(x, stream=stream)
+        else:
+            gathered = previous.wait() if isinstance(previous, Handle) else previous
+        self._stale[stream] = group.all_gather_async(x, stream=stream) if previous is not None \
+            else gathered
+        return [x if o == group.rank else t for o, t in enumerate(gathered)]
 
     def keep_until_session_end(self, send: Handle[None]) -> None:
         """Hold a fire-and-forget send (PipeFusion's ``pipeline_isend``) until the next
@@ -261,6 +281,7 @@ def enable_compression(target: Any, config: CompressionConfig | None = None, *,
                        points: Sequence[str] | str = "auto",
                        patch: ParallelConfig | None = None,
                        patch_group: dist.ProcessGroup | None = None,
+                       asynchronous: bool = False,
                        timeout: float = DEFAULT_TIMEOUT) -> XDiTCompression:
     """Compress the activations an xDiT pipeline sends between ranks; returns the handle.
 
@@ -278,6 +299,12 @@ def enable_compression(target: Any, config: CompressionConfig | None = None, *,
     ``ParallelConfig("patch", compression=config, asynchronous=True)`` for compressed
     DistriFusion-style exchange; run xDiT itself without sequence or pipeline parallelism
     then.
+
+    ``asynchronous`` makes diffusers' ring all-gather DistriFusion-style: each rank attends
+    to its own fresh K/V and the other ranks' K/V of the previous step, and this step's
+    gather runs during the attention (the first step of a generation is exact). With
+    diffusers' ``ContextParallelConfig(ring_degree=N)`` that is patch parallelism with
+    stale K/V for every model diffusers can parallelise.
 
     Call it on every rank, after the pipeline is built and before generating. Each call of
     the transformer is one step and each ``scheduler.set_timesteps`` (the start of every
@@ -302,7 +329,7 @@ def enable_compression(target: Any, config: CompressionConfig | None = None, *,
     if patch is not None and not isinstance(patch, ParallelConfig):
         raise TypeError(f"patch must be an adapters.dit.ParallelConfig, got "
                         f"{type(patch).__name__}")
-    handle = XDiTCompression(config, float(timeout), _cfg_prefix())
+    handle = XDiTCompression(config, float(timeout), _cfg_prefix(), asynchronous)
     handle._install_points(points, optional=patch is not None,
                            diffusers_cp=getattr(transformer, "_parallel_config", None) is not None)
     try:

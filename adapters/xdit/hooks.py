@@ -443,7 +443,9 @@ def install_diffusers_ring(handle: XDiTCompression, module: Any) -> list[Patch]:
     """``TemplatedRingAttention`` all-gathers every rank's flat ``K||V`` with
     ``funcol.all_gather_tensor(buf, gather_dim=0, group=ring group)``; compressed as an
     all-gather of the buffer viewed ``(-1, ring_row)`` (own slot exact, one stream per
-    origin). The backward pass (tensors that need gradients) goes through unchanged."""
+    origin). With ``asynchronous`` the other ranks' K/V are those of the previous step
+    (DistriFusion-style patch parallelism: this step's gather overlaps the attention). The
+    backward pass (tensors that need gradients) goes through unchanged."""
     owner = resolve_owner(HOOK_POINTS["diffusers_ring"], module)
 
     def build(real: Any) -> Any:
@@ -454,8 +456,9 @@ def install_diffusers_ring(handle: XDiTCompression, module: Any) -> list[Patch]:
             if gather_dim != 0 or tensor.dim() != 1 or not compressible(tensor) or not row:
                 return real.all_gather_tensor(tensor, gather_dim, group, *args, **kwargs)
             compressed = handle.group_for(group)
-            parts = compressed.all_gather(tensor.contiguous().view(-1, row),
-                                          stream=handle.stream_name("kv"))
+            x, stream = tensor.contiguous().view(-1, row), handle.stream_name("kv")
+            parts = (handle.stale_all_gather(compressed, x, stream) if handle.asynchronous
+                     else compressed.all_gather(x, stream=stream))
             return torch.cat([p.reshape(-1) for p in parts])
         return _FuncolWithCompressedAllGather(real, all_gather_tensor)
 
