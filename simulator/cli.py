@@ -40,13 +40,19 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+#: diffusers' own context parallelism: not on virtual ranks (see _validate)
+DIFFUSERS_CP = ("diffusers-ulysses", "diffusers-ring")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m simulator", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="digits",
                    help=f"workload: {', '.join(WORKLOADS)} (default: %(default)s)")
     p.add_argument("--parallelism", default="patch",
-                   help=f"{', '.join(PARALLELISMS)} (default: %(default)s)")
+                   help=f"{', '.join(PARALLELISMS)} (default: %(default)s); diffusers' own "
+                        f"{' and '.join(DIFFUSERS_CP)} need processes: see "
+                        "examples/diffusers_cp_example.py")
     p.add_argument("--ranks", type=int, default=4, help="virtual ranks (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
     p.add_argument("--batch", type=int, default=None,
@@ -76,6 +82,13 @@ def _fail(message: str) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    if args.parallelism in DIFFUSERS_CP:
+        _fail(f"{args.parallelism}: diffusers' own context parallelism builds a torch "
+              "DeviceMesh and calls torch.distributed's functional collectives on it, which "
+              "need real process groups; the simulator's ranks are threads of one process "
+              "without one. Run it over gloo instead: torchrun --nproc_per_node 2 "
+              "examples/diffusers_cp_example.py --tiny --mode "
+              f"{args.parallelism.split('-')[1]} (compressed vs uncompressed, bytes and PSNR)")
     if args.parallelism not in PARALLELISMS:
         _fail(f"unknown parallelism {args.parallelism!r}; expected one of "
               f"{', '.join(PARALLELISMS)}")

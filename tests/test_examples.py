@@ -69,3 +69,11 @@ def test_cogvideox_example_tiny(tmp_path: Path) -> None:
     _check_tiny_summary(out)
     frames = sorted(tmp_path.glob("cogvideox_tiny_frame*.png"))
     assert len(frames) == 3 and all(f.stat().st_size > 0 for f in frames)
+
+
+def test_diffusers_cp_example_tiny() -> None:
+    out = _torchrun("diffusers_cp_example.py", "--tiny", "--mode", "ring", "--asynchronous",
+                    "--steps", "4")
+    assert "diffusers CP (ring, 2 ranks), 4 steps" in out
+    _check_tiny_summary(out)
+    assert len(re.findall(r"^\s+[01]\s+[0-9,]+\s+[0-9,]+$", out, re.MULTILINE)) == 2, out

@@ -56,6 +56,8 @@ def test_ring_and_ulysses_runs(capsys, tmp_path):
     (["--model", "sd3", "--parallelism", "ulysses", "--ranks", "3"], "head count (4)"),
     (["--model", "sd3", "--parallelism", "ring", "--codecs", "binary+async"], "+async needs patch"),
     (["--what-if", "sora"], "sora"),
+    (["--parallelism", "diffusers-ulysses"], "need real process groups; the simulator's ranks "
+                                              "are threads"),
 ])
 def test_bad_input_exits_with_the_valid_choices(args, message, tmp_path):
     with pytest.raises(SystemExit) as err:
