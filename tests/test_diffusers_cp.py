@@ -86,3 +86,29 @@ def test_stale_kv_ring_is_patch_parallelism_with_bounded_error(tmp_path_factory)
             assert not ident["exact"]  # later steps attend to last step's K/V
             assert ident["max_rel"] < 0.05 and binary["max_rel"] < 0.05, (model, ident, binary)
             assert all(b * 8 <= ident["bytes"][-1] for b in binary["bytes"][1:])
+
+
+def test_a_moved_diffusers_attribute_names_the_version_known_to_work(monkeypatch):
+    from diffusers.models import attention_dispatch
+
+    from adapters.xdit import HookPointError, enable_compression
+
+    funcol = attention_dispatch.funcol
+    monkeypatch.delattr(attention_dispatch, "_all_to_all_single")
+    with pytest.raises(HookPointError, match=r"_all_to_all_single.*diffusers 0\.42\.1"):
+        enable_compression(torch.nn.Linear(2, 2), points=["diffusers_ring",
+                                                          "diffusers_ulysses"])
+    assert attention_dispatch.funcol is funcol  # the ring, bound first, was unbound again
+
+
+def test_auto_binds_diffusers_points_only_for_a_parallel_model():
+    from adapters.xdit import enable_compression
+
+    model = torch.nn.Linear(2, 2)
+    handle = enable_compression(model)
+    assert not {"diffusers_ulysses", "diffusers_ring"} & set(handle.points)
+    handle.disable()
+    model._parallel_config = object()  # as enable_parallelism leaves it
+    handle = enable_compression(model)
+    assert {"diffusers_ulysses", "diffusers_ring"} <= set(handle.points)
+    handle.disable()
