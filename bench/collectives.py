@@ -26,22 +26,18 @@ deleted afterwards.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from typing import NoReturn
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from shaped_link import run_behind  # bench/ is this script's folder
 
 from compressed_comm import CompressedGroup, CompressionConfig
 
@@ -124,59 +120,6 @@ def _print_table(rows: list[Row], args: argparse.Namespace) -> None:
               f"{nbytes:>16,} {raw[op][1] / nbytes:>9.1f}x", flush=True)
 
 
-def _fail(why: str) -> NoReturn:
-    """Say why ``--rate`` cannot be set up and exit with status 2."""
-    print(f"collectives.py: --rate {why}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _netns_problem() -> str | None:
-    """Why a rate-limited namespace cannot be made here (None: it can be tried)."""
-    if os.geteuid() != 0:
-        return "not running as root"
-    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
-    return f"{' and '.join(missing)} not found on PATH" if missing else None
-
-
-def _setup(*cmd: str) -> None:
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    if done.returncode:
-        _fail(f"set-up failed: `{' '.join(cmd)}`: {done.stderr.strip() or done.returncode}")
-
-
-@contextlib.contextmanager
-def _shaped_netns(rate: str) -> Iterator[str]:
-    """A fresh network namespace whose loopback (up) sends at most ``rate``; deleted on exit."""
-    if problem := _netns_problem():
-        _fail(f"needs root and iproute2 (ip, tc) for a shaped network namespace: {problem}")
-    name = f"ccbench{os.getpid()}"
-    _setup("ip", "netns", "add", name)
-    try:
-        _setup("ip", "-n", name, "link", "set", "lo", "up")
-        _setup("ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
-               "rate", rate, "burst", "256kb", "latency", "50ms")
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
-
-
-def _run_ranks(cmd: list[str], timeout: float) -> int:
-    """Run ``cmd`` (which spawns the ranks) in its own process group, killed after ``timeout``,
-    with one OpenMP and numba thread per rank (set before numba is imported), gloo on lo."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        print(f"collectives.py: timed out after {timeout:.0f} s (--timeout); killed the ranks",
-              file=sys.stderr)
-        return 124
-    finally:
-        if proc.returncode is None:  # timed out or interrupted: end the ranks' process group
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", type=int, default=4)
@@ -192,12 +135,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             mp.spawn(_worker, args=(args, os.path.join(tmp, "store")), nprocs=args.world)
         return
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still kill ranks, delete netns
-    inner = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--inner"]
-    with contextlib.ExitStack() as stack:
-        if args.rate:
-            inner = ["ip", "netns", "exec", stack.enter_context(_shaped_netns(args.rate)), *inner]
-        sys.exit(_run_ranks(inner, args.timeout))
+    run_behind("collectives.py", sys.argv[1:], __file__, args.rate, None, args.timeout)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
    holds every available implementation to the torch reference; tests/test_cuda_kernels.py
    compiles the CUDA source with nvcc);
 2. times each fused kernel against the torch reference on the same GPU and reports the
-   achieved GB/s against a device-to-device copy of the same bytes (bench/kernels.py);
+   achieved GB/s against a device-to-device copy of the same bytes (bench/kernel_speed.py);
 3. runs short closed-loop streams on the GPU and checks that sender and receiver references
    stay bit-identical;
 4. reports whether encode and decode synchronise with the host (``torch.cuda.
@@ -33,7 +33,7 @@ def main() -> int:
     steps = [
         [sys.executable, "-m", "pytest", "-q", "tests/test_kernel_impls.py",
          "tests/test_cuda_kernels.py", "-k", "cupy or cuda"],
-        [sys.executable, "bench/kernels.py", "--device", "cuda", "--impls", "torch,cupy",
+        [sys.executable, "bench/kernel_speed.py", "--device", "cuda", "--impls", "torch,cupy",
          "--dtypes", "float16,bfloat16,float32", "--repeat", "20"],
         [sys.executable, "-c", STREAM_CHECK],
         [sys.executable, "-c", SYNC_CHECK],

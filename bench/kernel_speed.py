@@ -1,6 +1,6 @@
 """Fused kernels vs the torch reference vs a memory copy, measured side by side in one run.
 
-    python bench/kernels.py [--shape 4096 3072] [--dtypes float32,float16] [--impls torch,numba]
+    python bench/kernel_speed.py [--shape 4096 3072] [--dtypes float32,float16] [--impls torch,numba]
 
 For each codec's kernels (binary, int2, int4, int8), called through the codec's
 ``encode_into``/``decode_into`` (no payload header, no stream: ``bench/stream.py`` measures

@@ -1,0 +1,264 @@
+"""End-to-end generation on N processes, raw vs compressed, optionally over a capped link.
+
+    python bench/e2e.py [--world 4] [--steps 6] [--tokens 1024] [--heads 6] [--head-dim 64]
+        [--parallelisms patch,ring,ulysses,cp-ulysses,cp-ring] [--codecs binary,binary+async]
+        [--rate 1gbit] [--delay 1ms] [--json e2e.json] [--timeout 3600]
+
+Each of ``--world`` processes (gloo on CPU, NCCL when CUDA is available) holds the same
+random-weight diffusers ``FluxTransformer2DModel`` (2 double and 2 single blocks, width
+``heads x head-dim``, ``--tokens`` image tokens and 8 text tokens; float32 on CPU, bfloat16 on
+GPUs) and denoises the same noise for ``--steps`` flow-matching steps:
+
+* ``single``: rank 0 alone, the whole model (the others wait);
+* per parallelism -- ``patch``, ``ring``, ``ulysses`` through :mod:`adapters.dit`, and
+  diffusers' own context parallelism ``cp-ulysses`` / ``cp-ring`` with
+  :func:`adapters.xdit.enable_compression` -- ``raw`` (exact), ``distrifusion`` (patch:
+  stale raw K/V) and every ``--codecs`` spec (``+async``: stale K/V, for patch and cp-ring).
+
+It prints, per run, the median seconds per step of the slowest rank after the first step,
+the speedup against raw (same parallelism) and against one process, the bytes each rank
+sends per step after the first, and the PSNR of the final latents against raw; ``--json``
+writes the same. With ``--rate`` the ranks share one link of that rate (a fresh network
+namespace whose loopback is shaped by tc, see ``bench/shaped_link.py``; needs root, exits 2
+otherwise); ``--delay`` adds a netem delay where the kernel has netem. On CPU, diffusers' ring
+needs the log-sum-exp that its CP backends do not return there: ``cp-ring`` then uses a
+small math attention op (as ``examples/diffusers_cp_example.py`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from shaped_link import run_behind  # bench/ is this script's folder
+
+TOOL = "e2e.py"
+ADAPTER = ("patch", "ring", "ulysses")
+DIFFUSERS_CP = ("cp-ulysses", "cp-ring")
+
+
+def _model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+           ) -> tuple[torch.nn.Module, torch.Tensor, dict[str, torch.Tensor]]:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    d = args.head_dim
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=d,
+        num_attention_heads=args.heads, joint_attention_dim=64, pooled_projection_dim=64,
+        axes_dims_rope=(d - 2 * (3 * d // 8), 3 * d // 8, 3 * d // 8))
+    model = model.to(device) if dtype == torch.float32 else model.to(device, dtype)
+    model.eval()
+    side = math.isqrt(args.tokens)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.zeros(side * side, 3)
+    ids[:, 1], ids[:, 2] = torch.arange(side * side) // side, torch.arange(side * side) % side
+    fixed = dict(encoder_hidden_states=torch.randn(1, 8, 64, generator=g).to(device, dtype),
+                 pooled_projections=torch.randn(1, 64, generator=g).to(device, dtype),
+                 img_ids=ids.to(device), txt_ids=torch.zeros(8, 3, device=device))
+    noise = torch.randn(1, side * side, 16, generator=g).to(device, dtype)
+    return model, noise, fixed
+
+
+def _denoise(model: torch.nn.Module, noise: torch.Tensor, fixed: dict[str, torch.Tensor],
+             steps: int, counter: Any, together: bool = True
+             ) -> tuple[torch.Tensor, list[float], list[int]]:
+    """Latents after ``steps`` steps, this rank's seconds and bytes sent per step
+    (``together``: all ranks start each step at a barrier)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(steps)
+    latents, seconds, sent = noise.clone(), [], []
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            if together:
+                dist.barrier()
+            before, t0 = counter(), time.perf_counter()
+            v = model(hidden_states=latents, timestep=(t / 1000).expand(1).to(latents),
+                      **fixed, return_dict=False)[0]
+            latents = scheduler.step(v, t, latents, return_dict=False)[0]
+            if latents.is_cuda:
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - t0)
+            sent.append(counter() - before)
+    return latents, seconds, sent
+
+
+def _math_attention(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                    is_causal: bool = False, scale: float | None = None,
+                    enable_gqa: bool = False, return_lse: bool = False,
+                    _save_ctx: bool = True, _parallel_config: Any = None) -> Any:
+    """Attention of ``(B, S, H, D)`` tensors that can return the log-sum-exp (CPU cp-ring)."""
+    q, k, v = (x.permute(0, 2, 1, 3).float() for x in (query, key, value))
+    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    out = (torch.softmax(s, -1) @ v).permute(0, 2, 1, 3).to(query.dtype)
+    return (out, torch.logsumexp(s, -1).permute(0, 2, 1)) if return_lse else out
+
+
+def _methods(parallelism: str, codecs: list[str]) -> list[str]:
+    extra = ["distrifusion"] if parallelism == "patch" else []
+    ok = [c for c in codecs if not c.endswith("+async") or parallelism in ("patch", "cp-ring")]
+    return ["raw", *extra, *ok]
+
+
+def _run(parallelism: str, method: str, base: torch.nn.Module, noise: torch.Tensor,
+         fixed: dict[str, torch.Tensor], args: argparse.Namespace
+         ) -> tuple[torch.Tensor, list[float], list[int]]:
+    from adapters.dit import ParallelConfig, parallelize
+    from adapters.xdit import enable_compression
+    from compressed_comm import CompressionConfig, TorchDistTransport
+
+    model = copy.deepcopy(base)
+    codec = method.removesuffix("+async")
+    stale = method.endswith("+async") or method == "distrifusion"
+    if parallelism in ADAPTER:
+        compression = None if method in ("raw", "distrifusion") else CompressionConfig(codec=codec)
+        par = parallelize(model, TorchDistTransport(), ParallelConfig(
+            parallelism, compression=compression, asynchronous=stale, timeout=args.op_timeout))
+        try:
+            return _denoise(model, noise, fixed, args.steps, lambda: par.exchange.bytes_sent)
+        finally:
+            par.remove()
+    from diffusers import ContextParallelConfig
+    from diffusers.models import attention_dispatch
+
+    world = dist.get_world_size()
+    mode = parallelism.removeprefix("cp-")
+    with mock.patch.object(torch.accelerator, "device_count",
+                           return_value=max(1, torch.accelerator.device_count())):
+        model.enable_parallelism(config=ContextParallelConfig(**{f"{mode}_degree": world}))
+    lse = (mock.patch.object(attention_dispatch, "_native_attention_forward_op",
+                             _math_attention)
+           if mode == "ring" and not noise.is_cuda else nullcontext())
+    with lse:
+        if method == "raw":
+            return _denoise(model, noise, fixed, args.steps, lambda: 0)
+        handle = enable_compression(model, CompressionConfig(codec=codec), asynchronous=stale,
+                                    timeout=args.op_timeout)
+        try:
+            return _denoise(model, noise, fixed, args.steps, lambda: handle.bytes_sent)
+        finally:
+            handle.disable()
+
+
+def _psnr(got: torch.Tensor, want: torch.Tensor) -> float:
+    mse = float((got.double() - want.double()).pow(2).mean())
+    peak = float(want.max() - want.min())
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def _worker(rank: int, args: argparse.Namespace, init: str) -> None:
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init}", rank=rank,
+                            world_size=args.world, timeout=datetime.timedelta(seconds=600))
+    try:
+        torch.set_num_threads(1)
+        device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else \
+            torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        base, noise, fixed = _model(args, device, torch.bfloat16 if cuda else torch.float32)
+        rows: list[dict[str, Any]] = []
+        secs = (_denoise(base, noise, fixed, args.steps, lambda: 0, together=False)[1]
+                if rank == 0 else [])  # one process alone; the others wait below
+        times: list[Any] = [None] * args.world
+        dist.all_gather_object(times, secs)
+        single = statistics.median(times[0][1:])
+        rows.append({"parallelism": "-", "method": "single", "seconds": single})
+        if rank == 0:
+            _print_row(rows[-1])
+        for parallelism in args.parallelisms:
+            raw_latents, raw_seconds = None, None
+            for method in _methods(parallelism, args.codecs):
+                latents, secs, sent = _run(parallelism, method, base, noise, fixed, args)
+                gathered: list[Any] = [None] * args.world
+                dist.all_gather_object(gathered, (secs, sent))
+                slowest = [max(g[0][i] for g in gathered) for i in range(args.steps)]
+                seconds = statistics.median(slowest[1:])
+                if method == "raw":
+                    raw_latents, raw_seconds = latents, seconds
+                nbytes = max(statistics.mean(g[1][1:]) for g in gathered)
+                rows.append({
+                    "parallelism": parallelism, "method": method, "seconds": seconds,
+                    "speedup_vs_raw": raw_seconds / seconds, "speedup_vs_single": single / seconds,
+                    "bytes_per_step": None if parallelism in DIFFUSERS_CP and method == "raw"
+                    else nbytes,
+                    "psnr_vs_raw": _psnr(latents.float().cpu(), raw_latents.float().cpu()),
+                })
+                if rank == 0:
+                    _print_row(rows[-1])
+        if rank == 0 and args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": {k: v for k, v in vars(args).items() if k != "inner"},
+                           "rows": rows}, f, indent=1)
+            print(f"wrote {args.json}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _print_row(r: dict[str, Any]) -> None:
+    nbytes = "-" if r.get("bytes_per_step") is None else f"{r['bytes_per_step']:,.0f}"
+    psnr = r.get("psnr_vs_raw")
+    psnr = "-" if psnr is None else "inf" if psnr == math.inf else f"{psnr:.1f}"
+    print(f"{r['parallelism']:<11} {r['method']:<14} {r['seconds']:>8.3f} "
+          f"{r.get('speedup_vs_raw', 1.0):>7.2f}x {r.get('speedup_vs_single', 1.0):>9.2f}x "
+          f"{nbytes:>14} {psnr:>7}", flush=True)
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world", type=int, default=4)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--tokens", type=int, default=1024, help="image tokens (a square number)")
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--parallelisms", type=_csv, default=list(ADAPTER + DIFFUSERS_CP))
+    p.add_argument("--codecs", type=_csv, default=["binary", "binary+async"])
+    p.add_argument("--rate", help="cap the ranks' shared link at this tc rate (1gbit, 200mbit)")
+    p.add_argument("--delay", help="netem delay per packet (1ms), where the kernel has netem")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--timeout", type=float, default=3600.0, help="kill the run after (s)")
+    p.add_argument("--op-timeout", type=float, default=600.0, help=argparse.SUPPRESS)
+    p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.world < 2 or args.steps < 2 or math.isqrt(args.tokens) ** 2 != args.tokens:
+        p.error("--world and --steps must be at least 2 and --tokens a square number")
+    unknown = set(args.parallelisms) - set(ADAPTER + DIFFUSERS_CP)
+    if unknown:
+        p.error(f"unknown parallelisms {sorted(unknown)}; expected {ADAPTER + DIFFUSERS_CP}")
+    if args.inner:
+        print(f"{args.world} ranks, {args.tokens} image tokens, width "
+              f"{args.heads * args.head_dim}, {args.steps} steps, link "
+              f"{args.rate or 'loopback (uncapped)'}; median s/step of the slowest rank after "
+              "step 1; bytes sent per rank and step after step 1")
+        print(f"{'parallelism':<11} {'method':<14} {'s/step':>8} {'vs raw':>8} {'vs single':>10} "
+              f"{'bytes/step':>14} {'PSNR':>7}")
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_worker, args=(args, os.path.join(tmp, "store")), nprocs=args.world)
+        return
+    run_behind(TOOL, sys.argv[1:], __file__, args.rate, args.delay, args.timeout)
+
+
+if __name__ == "__main__":
+    main()

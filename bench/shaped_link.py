@@ -1,0 +1,93 @@
+"""Run a benchmark's ranks behind a rate-limited link: a fresh network namespace whose
+loopback is shaped by ``tc`` (a token bucket, and a netem delay where the kernel has it).
+
+Used by ``bench/collectives.py`` and ``bench/e2e.py``. All ranks' traffic shares the one
+bucket: it models one link of rate R for the whole group, not R per rank. Needs root and
+iproute2 (``ip``, ``tc``); the namespace is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import NoReturn
+
+
+def fail(tool: str, why: str) -> NoReturn:
+    """Say why the shaped link cannot be set up and exit with status 2."""
+    print(f"{tool}: {why}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _problem() -> str | None:
+    if os.geteuid() != 0:
+        return "not running as root"
+    missing = [t for t in ("ip", "tc") if shutil.which(t) is None]
+    return f"{' and '.join(missing)} not found on PATH" if missing else None
+
+
+def _run(tool: str, *cmd: str, required: bool = True) -> bool:
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if done.returncode and required:
+        fail(tool, f"set-up failed: `{' '.join(cmd)}`: {done.stderr.strip() or done.returncode}")
+    return done.returncode == 0
+
+
+@contextlib.contextmanager
+def shaped_netns(tool: str, rate: str, delay: str | None = None) -> Iterator[tuple[str, bool]]:
+    """A fresh namespace whose loopback sends at most ``rate`` (a ``tc`` rate: ``1gbit``),
+    with ``delay`` (``1ms``) added by netem when the kernel has it; yields the namespace's
+    name and whether the delay is applied."""
+    if problem := _problem():
+        fail(tool, f"--rate needs root and iproute2 (ip, tc) for a shaped network namespace: "
+                   f"{problem}")
+    name = f"ccbench{os.getpid()}"
+    _run(tool, "ip", "netns", "add", name)
+    try:
+        _run(tool, "ip", "-n", name, "link", "set", "lo", "up")
+        tc = ["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo"]
+        delayed = bool(delay) and _run(tool, *tc, "root", "handle", "1:", "netem", "delay",
+                                       str(delay), required=False)
+        _run(tool, *tc, *(("parent", "1:1") if delayed else ("root",)), "handle", "10:", "tbf",
+             "rate", rate, "burst", "256kb", "latency", "50ms")
+        yield name, delayed
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def run_ranks(tool: str, cmd: list[str], timeout: float) -> int:
+    """Run ``cmd`` (which spawns the ranks) in its own process group, killed after
+    ``timeout``, with one OpenMP and numba thread per rank and gloo on ``lo``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{tool}: timed out after {timeout:.0f} s (--timeout); killed the ranks",
+              file=sys.stderr)
+        return 124
+    finally:
+        if proc.returncode is None:  # timed out or interrupted: end the ranks' process group
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run_behind(tool: str, argv: list[str], script: str, rate: str | None, delay: str | None,
+               timeout: float) -> NoReturn:
+    """Re-run ``script`` with ``argv + ["--inner"]`` (the ranks), behind a link of ``rate``
+    when given; exits with the ranks' status."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still kill ranks, delete netns
+    inner = [sys.executable, os.path.abspath(script), *argv, "--inner"]
+    with contextlib.ExitStack() as stack:
+        if rate:
+            name, delayed = stack.enter_context(shaped_netns(tool, rate, delay))
+            if delay and not delayed:
+                print(f"{tool}: netem is not available in this kernel: --delay {delay} is not "
+                      "applied", file=sys.stderr)
+            inner = ["ip", "netns", "exec", name, *inner]
+        sys.exit(run_ranks(tool, inner, timeout))
