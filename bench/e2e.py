@@ -1,6 +1,6 @@
 """End-to-end generation on N processes, raw vs compressed, optionally over a capped link.
 
-    python bench/e2e.py [--world 4] [--steps 6] [--tokens 1024] [--heads 6] [--head-dim 64]
+    python bench/e2e.py [--world 4] [--steps 6] [--tokens 1024] [--heads 8] [--head-dim 48]
         [--parallelisms patch,ring,ulysses,cp-ulysses,cp-ring] [--codecs binary,binary+async]
         [--rate 1gbit] [--delay 1ms] [--json e2e.json] [--timeout 3600]
 
@@ -231,8 +231,8 @@ def main() -> None:
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--tokens", type=int, default=1024, help="image tokens (a square number)")
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=48)
     p.add_argument("--parallelisms", type=_csv, default=list(ADAPTER + DIFFUSERS_CP))
     p.add_argument("--codecs", type=_csv, default=["binary", "binary+async"])
     p.add_argument("--rate", help="cap the ranks' shared link at this tc rate (1gbit, 200mbit)")
