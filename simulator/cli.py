@@ -62,9 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "overlap (patch only) (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1,
                    help="steps sent in full before compressing / going stale (default: 1)")
-    p.add_argument("--links", default=DEFAULT_LINKS,
+    p.add_argument("--links", default=None,
                    help=f"link presets for the step-time estimate: {', '.join(LINKS)} "
-                        "(default: %(default)s)")
+                        f"(default: {DEFAULT_LINKS}, unless --link is given)")
+    p.add_argument("--link", action="append", default=[], metavar="RATE[,LATENCY]",
+                   help="a link as you describe it, e.g. 800mbit,50us or 25gbit or 10GB/s,5us "
+                        "(repeatable; per GPU and direction)")
     p.add_argument("--compute-ms", type=float, default=None,
                    help="compute time per step and rank for the step-time estimate (default: "
                         "the measured single-device step on this machine / ranks)")
@@ -75,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"estimate a real model instead: {', '.join(MODEL_SPECS)}")
     p.add_argument("--gpu", default="l20", help="GPU preset for --what-if (default: l20)")
     return p
+
+
+def _link_specs(args: argparse.Namespace) -> list[str]:
+    """The presets of ``--links`` (default when no ``--link``) and then every ``--link``."""
+    presets = args.links if args.links is not None else ("" if args.link else DEFAULT_LINKS)
+    return _csv(presets) + list(args.link)
 
 
 def _fail(message: str) -> None:
@@ -99,7 +108,7 @@ def _validate(args: argparse.Namespace) -> None:
             CompressionConfig(codec=spec.removesuffix("+async"))
         except ValueError as e:
             _fail(str(e))
-    for name in _csv(args.links):
+    for name in _link_specs(args):
         try:
             get_link(name)
         except ValueError as e:
@@ -120,7 +129,7 @@ def simulate(args: argparse.Namespace, progress: bool = True) -> SimulationRepor
         methods = make_methods(args.parallelism, _csv(args.codecs), warmup=args.warmup)
     except ValueError as e:
         _fail(str(e))
-    links = {name: get_link(name) for name in _csv(args.links)}
+    links = {name: get_link(name) for name in _link_specs(args)}
 
     bar = None
     if progress:
@@ -184,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _validate(args)
     if args.what_if is not None:
-        links = _csv(args.links)
+        links = _link_specs(args)
         try:
             report = run_what_if(args.what_if, args.gpu, args.ranks, args.parallelism, links[0],
                                  _csv(args.codecs), warmup=args.warmup)

@@ -12,6 +12,7 @@ cluster to the millisecond.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -23,6 +24,7 @@ __all__ = [
     "GPUS",
     "COLLECTIVES",
     "get_link",
+    "parse_link",
     "get_gpu",
     "collective_seconds",
     "StepEstimate",
@@ -216,9 +218,38 @@ def choose(table: Mapping[str, Any], name: str, what: str) -> Any:
         raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(table)}") from None
 
 
+_RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]?)(bit|bps|B/s)\s*$",
+                   re.IGNORECASE)
+_TIME = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(ns|us|ms|s)\s*$")
+_PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def parse_link(spec: str) -> Link:
+    """A link a user describes as ``RATE[,LATENCY]``: ``800mbit``, ``25gbit,20us``,
+    ``10GB/s,5us`` (``bit``/``bps``: bits per second, ``B/s``: bytes per second; decimal
+    prefixes k, M, G, T; latency in ns, us, ms or s, 0 if left out). The rate is what one
+    GPU achieves per direction. ``ValueError`` naming the expected form otherwise."""
+    rate, _, latency = spec.partition(",")
+    m = _RATE.match(rate)
+    t = _TIME.match(latency) if latency else None
+    if m is None or (latency and t is None):
+        raise ValueError(
+            f"link {spec!r}: expected a preset ({', '.join(LINKS)}) or RATE[,LATENCY] such as "
+            "'800mbit', '25gbit,20us' or '10GB/s,5us'")
+    value = float(m.group(1)) * _PREFIX[m.group(2).lower()]
+    bandwidth = value if m.group(3) == "B/s" else value / 8
+    seconds = float(t.group(1)) * _SECONDS[t.group(2)] if t else 0.0
+    return Link(spec.strip(), f"user-described link: {bandwidth / GB:.4g} GB/s per direction, "
+                f"{seconds * 1e6:.4g} us per message", bandwidth=bandwidth, latency=seconds)
+
+
 def get_link(name: str) -> Link:
-    """The :data:`LINKS` preset ``name``; ``ValueError`` listing the choices if unknown."""
-    return choose(LINKS, name, "link")
+    """The :data:`LINKS` preset ``name``, or a link described as ``RATE[,LATENCY]``
+    (:func:`parse_link`); ``ValueError`` listing the choices if neither."""
+    if isinstance(name, str) and name.strip().lower() in LINKS:
+        return LINKS[name.strip().lower()]
+    return parse_link(name)
 
 
 def get_gpu(name: str) -> GPU:

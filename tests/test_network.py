@@ -270,3 +270,29 @@ def test_to_dict_is_json_serialisable_and_matches_the_rows():
     assert [r["method"] for r in data["rows"]] == [r.method for r in report.rows]
     assert data["rows"][0]["bytes_per_step"] == report.row("raw").bytes_per_step
     assert data["assumptions"] == list(report.assumptions)
+
+
+@pytest.mark.parametrize("spec, bandwidth, latency", [
+    ("800mbit,50us", 100e6, 50e-6),
+    ("25gbit,20us", 25e9 / 8, 20e-6),
+    ("1gbit", 125e6, 0.0),
+    ("10GB/s,5us", 10e9, 5e-6),
+    ("400MB/s,1ms", 400e6, 1e-3),
+    ("1.5Gbps, 2e3ns", 1.5e9 / 8, 2e-6),
+])
+def test_links_as_users_describe_them(spec, bandwidth, latency):
+    link = get_link(spec)
+    assert link.bandwidth == pytest.approx(bandwidth) and link.latency == pytest.approx(latency)
+    assert link.seconds(1e6) == pytest.approx(latency + 1e6 / bandwidth)
+
+
+@pytest.mark.parametrize("spec", ["800", "fast", "1gbit,soon", "10 GB", "-1gbit", "1gbit,50"])
+def test_a_link_that_cannot_be_read_names_the_form(spec):
+    with pytest.raises(ValueError, match=r"RATE\[,LATENCY\].*800mbit"):
+        get_link(spec)
+
+
+def test_presets_still_win_and_zero_is_refused():
+    assert get_link("10GbE") is LINKS["10gbe"]
+    with pytest.raises(ValueError, match="bandwidth must be positive"):
+        get_link("0gbit")

@@ -76,3 +76,10 @@ def test_what_if_mode(capsys):
                    "--codecs", "binary,lowrank:8")
     text = json.dumps(out)
     assert "distrifusion" in text and "lowrank:8" in text
+
+
+def test_what_if_takes_a_link_as_the_user_describes_it(capsys):
+    assert main(["--what-if", "flux.1-dev", "--gpu", "l20", "--ranks", "4",
+                 "--link", "800mbit,50us", "--codecs", "binary"]) == 0
+    out = capsys.readouterr().out
+    assert "over 800mbit,50us (0.1 GB/s, 50 us per message)" in out
