@@ -159,7 +159,8 @@ def simulate(args: argparse.Namespace, progress: bool = True) -> SimulationRepor
                         quality=quality(run.images, exact.images, run.latents, exact.latents),
                         step_ms={k: 1e3 * t[0] for k, t in times.items()},
                         comm_ms={k: 1e3 * t[1] for k, t in times.items()},
-                        wall_s=run.wall_seconds))
+                        wall_s=run.wall_seconds,
+                        reference_bytes=None if run.stats is None else run.stats.reference_bytes))
     parallel_error = float((exact.latents - reference.latents).abs().max())
     setup = {"model": workload.name, "description": workload.description, "ranks": args.ranks,
              "parallelism": args.parallelism, "steps": args.steps, "batch": batch,

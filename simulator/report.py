@@ -24,12 +24,14 @@ class Row:
     step_ms: dict[str, float]      # estimated mean step time per link preset
     comm_ms: dict[str, float]      # of which communication not hidden behind compute
     wall_s: float                  # this simulation's wall time for the method
+    #: bytes rank 0's compressed streams hold (references, codec state); None for raw
+    reference_bytes: int | None = None
 
     def to_dict(self) -> dict:
         return {"method": self.method, "bytes_per_step": self.bytes_per_step,
                 "ratio": self.ratio, **self.quality.to_dict(),
                 "step_ms": dict(self.step_ms), "exposed_comm_ms": dict(self.comm_ms),
-                "wall_s": self.wall_s}
+                "wall_s": self.wall_s, "reference_bytes_rank0": self.reference_bytes}
 
 
 @dataclass

@@ -211,6 +211,18 @@ class Traffic:
         """Bytes one rank sends in one step (``world - 1`` messages per collective)."""
         return self.count * (self.world - 1) * self.message_bytes(codec)
 
+    def held_bytes(self, codec: str | None, overlap: bool) -> int:
+        """Bytes one rank keeps from one step to the next: for a codec (residual order 1)
+        a reference per stream -- every other rank's message of every collective, plus its
+        own encoder's (one per collective; one per peer for all-to-all); for raw stale
+        K/V (DistriFusion) every other rank's message; nothing for synchronous raw."""
+        raw = self.message_bytes(None)
+        others = self.count * (self.world - 1) * raw
+        if codec is None:
+            return others if overlap else 0
+        own = self.count * raw * ((self.world - 1) if self.collective == "all_to_all" else 1)
+        return others + own
+
     def seconds(self, link: Link, codec: str | None) -> float:
         """Communication seconds of one step, collectives run one after another."""
         one = collective_seconds(self.collective, self.message_bytes(codec), self.world, link)
@@ -257,6 +269,8 @@ class MethodRow:
     step_s: float | None            # steady step time
     total_s: float | None           # all steps, warmup included
     speedup: float | None           # raw total_s / this total_s
+    held_bytes: int | None = None   # per rank, kept between steps (references, stale K/V)
+    fits: bool | None = None        # weights + held bytes within the GPU's memory
     note: str = ""
 
 
@@ -328,21 +342,29 @@ class WhatIfReport:
             f"1 GPU: {self.single_gpu_total_s:.1f} s end to end",
         ]
         head = (f"{'method':<18}{'bytes/step/rank':>16}{'ratio':>9}{'compute s':>11}"
-                f"{'comm s':>9}{'exposed s':>11}{'step s':>9}{'total s':>9}{'speedup':>9}")
+                f"{'comm s':>9}{'exposed s':>11}{'step s':>9}{'total s':>9}{'speedup':>9}"
+                f"{'held GB':>9}")
         lines += [head, "-" * len(head)]
         notes = []
         for r in self.rows:
             if not r.applies:
                 lines.append(f"{r.method:<18}{'n/a':>16}" + "".join(
-                    f"{'n/a':>{w}}" for w in (9, 11, 9, 11, 9, 9, 9)))
+                    f"{'n/a':>{w}}" for w in (9, 11, 9, 11, 9, 9, 9, 9)))
                 notes.append(f"{r.method}: {r.note}")
                 continue
             lines.append(
                 f"{r.method:<18}{r.bytes_per_step:>16,}{r.ratio:>8.1f}x{r.compute_s:>11.3f}"
                 f"{r.comm_s:>9.3f}{r.exposed_comm_s:>11.3f}{r.step_s:>9.3f}{r.total_s:>9.2f}"
-                f"{r.speedup:>8.2f}x")
+                f"{r.speedup:>8.2f}x{r.held_bytes / 1e9:>8.2f}{'' if r.fits else '!'}")
+            if not r.fits:
+                notes.append(f"{r.method}: weights ({self.model.params * 2 / 1e9:.1f} GB "
+                             f"bf16) + {r.held_bytes / 1e9:.2f} GB held exceed the "
+                             f"{self.gpu.memory_bytes / 2**30:.0f} GiB of one "
+                             f"{self.gpu.name.upper()} (activations not counted)")
         if notes:
-            lines += ["", "Not applicable:"] + [f"  {n}" for n in notes]
+            lines += ["", "Not applicable or not fitting (!):"] + [f"  {n}" for n in notes]
+        lines.append("held GB: references (codecs) or stale K/V (DistriFusion) one rank keeps "
+                     "between steps")
         lines += ["", "Assumptions:"] + [f"  {i}. {a}" for i, a in enumerate(self.assumptions, 1)]
         return "\n".join(lines)
 
@@ -374,7 +396,7 @@ def _plain(obj: Any) -> Any:
 def _not_applicable(name: str, parallelism: str) -> MethodRow:
     note = (f"does not apply to {parallelism} parallelism: DistriFusion's one-step-stale K/V "
             "overlap is a patch-parallel (all-gather) method")
-    return MethodRow(name, False, None, None, None, None, None, None, None, None, note)
+    return MethodRow(name, False, None, None, None, None, None, None, None, None, note=note)
 
 
 def _general_assumptions(model: ModelSpec, gpu: GPU, link: Link, world: int,
@@ -471,6 +493,8 @@ def run_what_if(
             step_s=steady.step_s,
             total_s=end_to_end,
             speedup=raw_total / end_to_end,
+            held_bytes=(held := traffic.held_bytes(method.codec, method.overlap)),
+            fits=spec.params * 2 + held <= gpu_.memory_bytes,
         ))
     assumptions = spec.assumptions + _general_assumptions(spec, gpu_, link_, world,
                                                           parallelism, warmup)

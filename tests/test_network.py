@@ -296,3 +296,18 @@ def test_presets_still_win_and_zero_is_refused():
     assert get_link("10GbE") is LINKS["10gbe"]
     with pytest.raises(ValueError, match="bandwidth must be positive"):
         get_link("0gbit")
+
+
+def test_what_if_reports_the_bytes_each_rank_holds_between_steps():
+    report = run_what_if("flux.1-dev", "l20", 4, "patch", "1gbe", ["binary", "binary+async"])
+    t = report.traffic
+    message = t.shape[0] * t.shape[1] * 2  # bf16
+    rows = {r.method: r for r in report.rows}
+    assert rows["raw"].held_bytes == 0
+    assert rows["distrifusion"].held_bytes == t.count * 3 * message  # others' stale K/V
+    # a reference per stream: the 3 other ranks' and this rank's own, per collective
+    assert rows["binary"].held_bytes == rows["binary+async"].held_bytes == t.count * 4 * message
+    assert all(r.fits for r in rows.values())  # 2.9 GB next to 24 GB of weights on 48 GB
+    assert "held GB" in report.table() and report.to_dict()["rows"][2]["held_bytes"] > 0
+    ulysses = run_what_if("flux.1-dev", "l20", 4, "ulysses", "1gbe", ["binary"]).traffic
+    assert ulysses.held_bytes("binary", False) == ulysses.count * 2 * 3 * ulysses.message_bytes(None)
