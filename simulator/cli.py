@@ -27,7 +27,8 @@ from .network import LINKS, get_link
 from .report import Row, SimulationReport
 from .run import check_memory, estimate_memory, make_methods, run_method, run_reference, \
     step_seconds
-from .whatif import MODEL_SPECS, run_what_if
+from .whatif import MODEL_SPECS, best_methods, run_what_if
+from .whatif import PARALLELISMS as WHATIF_PARALLELISMS
 from .workloads import WORKLOADS, make_workload
 
 __all__ = ["main", "build_parser", "simulate"]
@@ -98,9 +99,10 @@ def _validate(args: argparse.Namespace) -> None:
               "without one. Run it over gloo instead: torchrun --nproc_per_node 2 "
               "examples/diffusers_cp_example.py --tiny --mode "
               f"{args.parallelism.split('-')[1]} (compressed vs uncompressed, bytes and PSNR)")
-    if args.parallelism not in PARALLELISMS:
-        _fail(f"unknown parallelism {args.parallelism!r}; expected one of "
-              f"{', '.join(PARALLELISMS)}")
+    known = WHATIF_PARALLELISMS if args.what_if is not None else PARALLELISMS
+    if args.parallelism not in known:
+        _fail(f"unknown parallelism {args.parallelism!r}; expected one of {', '.join(known)}"
+              + ("" if args.what_if is not None else " (the what-if also knows pipefusion)"))
     if args.ranks < 1 or args.steps < 1 or args.warmup < 0:
         _fail("--ranks and --steps must be at least 1 and --warmup at least 0")
     for spec in _csv(args.codecs):
@@ -200,7 +202,14 @@ def main(argv: list[str] | None = None) -> int:
                                  _csv(args.codecs), warmup=args.warmup)
         except ValueError as e:
             _fail(str(e))
-        print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+        if args.json:
+            print(json.dumps(report.to_dict(), indent=2))
+            return 0
+        ranked = best_methods(args.what_if, args.gpu, args.ranks, links[0], _csv(args.codecs),
+                              warmup=args.warmup)
+        print("Fastest on this GPU and link: " + ", ".join(
+            f"{p}/{m} {t:.1f} s" for p, m, t in ranked[:4]) + "\n")
+        print(report.table())
         return 0
     torch.manual_seed(args.seed)
     report = simulate(args, progress=not args.json and sys.stderr.isatty())

@@ -166,12 +166,14 @@ GPUS: Mapping[str, GPU] = _gpus(
     GPU(
         "l20",
         peak_bf16_flops=119.5 * TFLOPS,
-        achieved_fraction=0.5,
+        achieved_fraction=0.66,
         memory_bytes=48 * GIB,
         description="NVIDIA L20 (AD102, PCIe 4.0 x16, 48 GB GDDR6 at 864 GB/s, no NVLink): "
         "119.5 TFLOPS dense fp16/bf16 (2x its 59.8 TFLOPS fp32; about a third of an L40S). "
-        "Achieved 0.5: its compute/bandwidth balance (~138 FLOP/B) is close to an A100's, "
-        "so the A100 calibration is reused.",
+        "Achieved 0.66, calibrated: FLUX.1-dev, 1024x1024, 28 steps, plain diffusers on one "
+        "L20 takes 26.36 s (chengzeyi/ParaAttention doc/fastest_flux.md, commit 4de137c), "
+        "which this model's FLOP count reaches at 0.66 of peak (text encoder and VAE, a few "
+        "percent of that time, included in the measurement).",
     ),
     GPU(
         "a100",
@@ -186,12 +188,13 @@ GPUS: Mapping[str, GPU] = _gpus(
     GPU(
         "h100",
         peak_bf16_flops=989 * TFLOPS,
-        achieved_fraction=0.35,
+        achieved_fraction=0.31,
         memory_bytes=80 * GIB,
         description="NVIDIA H100 SXM5 80 GB: 989 TFLOPS dense bf16 (datasheet). Achieved "
-        "0.35: the CogVideoX-2b model card gives ~45 s per video on one H100 (diffusers, "
-        "VAE included), half the A100 time although the peak is 3.2x; 0.35 gives ~35 s of "
-        "transformer time.",
+        "0.31, calibrated: FLUX.1-dev, 1024px, 28 steps on one H100 takes 6.71 s with "
+        "PyTorch (4.30 s with torch.compile; xdit-project/xDiT docs/performance/flux.md, "
+        "commit 248abec), which this model's FLOP count reaches at 0.31 of peak; the "
+        "CogVideoX-2b model card's ~45 s per video on one H100 (VAE included) suggests 0.35.",
     ),
     GPU(
         "h20",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -42,7 +42,7 @@ __all__ = [
 
 #: Parallelisms priced here and the collective each one runs per exchange.
 PARALLELISMS: Mapping[str, str] = MappingProxyType(
-    {"patch": "all_gather", "ring": "ring", "ulysses": "all_to_all"}
+    {"patch": "all_gather", "ring": "ring", "ulysses": "all_to_all", "pipefusion": "p2p"}
 )
 WIRE_DTYPE = torch.bfloat16
 _ASYNC = "+async"
@@ -207,9 +207,14 @@ class Traffic:
             return self.shape[0] * self.shape[1] * WIRE_DTYPE.itemsize
         return get_codec(codec).payload_nbytes(self.shape, WIRE_DTYPE)
 
+    @property
+    def peers(self) -> int:
+        """Messages one rank sends per collective: one for a p2p hop, ``world - 1`` else."""
+        return 1 if self.collective == "p2p" else self.world - 1
+
     def bytes_per_step(self, codec: str | None) -> int:
-        """Bytes one rank sends in one step (``world - 1`` messages per collective)."""
-        return self.count * (self.world - 1) * self.message_bytes(codec)
+        """Bytes one rank sends in one step (:attr:`peers` messages per collective)."""
+        return self.count * self.peers * self.message_bytes(codec)
 
     def held_bytes(self, codec: str | None, overlap: bool) -> int:
         """Bytes one rank keeps from one step to the next: for a codec (residual order 1)
@@ -217,6 +222,8 @@ class Traffic:
         own encoder's (one per collective; one per peer for all-to-all); for raw stale
         K/V (DistriFusion) every other rank's message; nothing for synchronous raw."""
         raw = self.message_bytes(None)
+        if self.collective == "p2p":  # PipeFusion: one stream out and one in per patch
+            return 0 if codec is None else 2 * self.count * raw
         others = self.count * (self.world - 1) * raw
         if codec is None:
             return others if overlap else 0
@@ -229,20 +236,31 @@ class Traffic:
         return self.count * one
 
 
-def step_traffic(model: ModelSpec, world: int, parallelism: str) -> Traffic:
+def step_traffic(model: ModelSpec, world: int, parallelism: str,
+                 patches: int | None = None) -> Traffic:
     """The per-step collectives of ``parallelism`` for ``model`` on ``world`` ranks.
 
     * ``patch``: per layer, an all-gather of K and one of V, each the rank's local image
       tokens x hidden;
     * ``ring``: the same blocks passed around the ring (``world - 1`` hops);
     * ``ulysses``: per layer, four all-to-alls (Q, K, V, attention output), each sending
-      every other rank the local image tokens x ``hidden / world`` (its heads).
+      every other rank the local image tokens x ``hidden / world`` (its heads);
+    * ``pipefusion``: ``world`` pipeline stages of ``layers / world`` layers; each step,
+      every stage sends each of the ``patches`` (default ``world``) image patches' hidden
+      states to the next stage: ``patches`` point-to-point messages of
+      ``image tokens / patches`` x ``hidden``.
 
     Text tokens are replicated and never sent; the CFG batch multiplies the rows.
     """
     collective = choose(PARALLELISMS, parallelism, "parallelism")
     parallelism = parallelism.strip().lower()
     _check_world(model, world)
+    if parallelism == "pipefusion":
+        m = patches or world
+        if m < 1 or model.image_tokens < m:
+            raise ValueError(f"pipefusion needs 1 <= patches <= {model.image_tokens}, got {m}")
+        return Traffic(collective, m, (model.batch * math.ceil(model.image_tokens / m),
+                                       model.hidden), world)
     rows = model.batch * local_image_tokens(model, world)
     if parallelism == "ulysses":
         if model.heads % world:
@@ -338,7 +356,8 @@ class WhatIfReport:
             f"warmup {self.warmup}",
             f"per rank and step: {t.count} x {t.collective} of {t.shape} bf16 "
             f"({self.raw_message_bytes:,} B raw per message), "
-            f"{step_flops(m, self.world) / 1e12:.1f} TFLOP -> {self.compute_s:.3f} s compute; "
+            f"{self.compute_s * self.gpu.achieved_flops / 1e12:.1f} TFLOP -> "
+            f"{self.compute_s:.3f} s compute; "
             f"1 GPU: {self.single_gpu_total_s:.1f} s end to end",
         ]
         head = (f"{'method':<18}{'bytes/step/rank':>16}{'ratio':>9}{'compute s':>11}"
@@ -363,8 +382,8 @@ class WhatIfReport:
                              f"{self.gpu.name.upper()} (activations not counted)")
         if notes:
             lines += ["", "Not applicable or not fitting (!):"] + [f"  {n}" for n in notes]
-        lines.append("held GB: references (codecs) or stale K/V (DistriFusion) one rank keeps "
-                     "between steps")
+        lines.append("held GB: references (codecs), stale K/V (DistriFusion) or the stage's "
+                     "K/V cache (PipeFusion) one rank keeps between steps")
         lines += ["", "Assumptions:"] + [f"  {i}. {a}" for i, a in enumerate(self.assumptions, 1)]
         return "\n".join(lines)
 
@@ -393,9 +412,36 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def _pipefusion_timing(model: ModelSpec, gpu: GPU, link: Link, world: int, traffic: Traffic,
+                       warmup: int) -> Callable[[_Method], tuple[StepEstimate, float]]:
+    """PipeFusion's step and end-to-end time per method (``world`` stages, ``M`` patches).
+
+    A stage computes its ``layers / world`` layers for every patch of a step (one GPU's
+    step / world) and sends each patch on while it computes the next, so a steady step
+    takes ``max(stage compute, M messages)``. The ``warmup`` steps run the full image
+    through the stages one after another (no stale K/V yet): one GPU's step plus
+    ``world - 1`` full-image hops. Filling the pipeline once costs ``world - 1`` patch
+    stages (the bubble)."""
+    full = compute_seconds(model, gpu, 1)
+    stage = full / world
+    image = model.batch * model.image_tokens * model.hidden * WIRE_DTYPE.itemsize
+    warm_step = full + (world - 1) * collective_seconds("p2p", image, world, link)
+    bubble = (world - 1) * stage / traffic.count
+
+    def total(method: _Method) -> tuple[StepEstimate, float]:
+        comm = traffic.seconds(link, method.codec)
+        step = StepEstimate(compute_s=stage, comm_s=comm, exposed_comm_s=max(0.0, comm - stage),
+                            step_s=max(stage, comm), overlap=True)
+        return step, warmup * warm_step + (model.steps - warmup) * step.step_s + bubble
+    return total
+
+
 def _not_applicable(name: str, parallelism: str) -> MethodRow:
     note = (f"does not apply to {parallelism} parallelism: DistriFusion's one-step-stale K/V "
             "overlap is a patch-parallel (all-gather) method")
+    if parallelism == "pipefusion":
+        note = ("does not apply to pipefusion: PipeFusion is asynchronous by design (its "
+                "stages attend to one-step-stale K/V of the other patches)")
     return MethodRow(name, False, None, None, None, None, None, None, None, None, note=note)
 
 
@@ -431,6 +477,16 @@ def _general_assumptions(model: ModelSpec, gpu: GPU, link: Link, world: int,
         out.append("ring: hops are not overlapped with the attention of the block in hand "
                    "(real ring attention hides up to one block's attention per hop), so "
                    "exposed communication is an upper bound")
+    if parallelism == "pipefusion":
+        out.append(
+            f"pipefusion (xDiT): {world} stages of the layers, M = {world} image patches; a "
+            "stage's step is one GPU's step / world (each token through its layers once, the "
+            "text tokens included), sends overlap the next patch's compute (step = max(stage, "
+            f"M messages)); warmup steps run the full image through the stages in sequence; "
+            "the pipeline fills once per generation ((world-1)/M stage steps); smaller "
+            "per-patch kernels are assumed as efficient as whole-image ones, so this is a "
+            "lower bound of its time; weights are split, not replicated, in reality (the "
+            "weights line above overstates its memory)")
     out.append(f"GPU {gpu.name}: {gpu.description}")
     out.append(f"link {link.name}: {link.description}")
     return tuple(out)
@@ -474,6 +530,13 @@ def run_what_if(
         warm = estimate_step(compute, traffic.seconds(link_, method.warm_codec), False)
         return steady, n_warm * warm.step_s + (spec.steps - n_warm) * steady.step_s
 
+    kv_cache = 0
+    if parallelism == "pipefusion":
+        total = _pipefusion_timing(spec, gpu_, link_, world, traffic, warmup)
+        compute = compute_seconds(spec, gpu_, 1) / world
+        # each stage keeps its layers' K and V of every image token (stale for other patches)
+        kv_cache = (math.ceil(spec.layers / world) * 2 * spec.batch * spec.image_tokens
+                    * spec.hidden * WIRE_DTYPE.itemsize)
     raw_total = total(methods[0])[1]
     raw_message = traffic.message_bytes(None)
     rows = []
@@ -493,7 +556,7 @@ def run_what_if(
             step_s=steady.step_s,
             total_s=end_to_end,
             speedup=raw_total / end_to_end,
-            held_bytes=(held := traffic.held_bytes(method.codec, method.overlap)),
+            held_bytes=(held := traffic.held_bytes(method.codec, method.overlap) + kv_cache),
             fits=spec.params * 2 + held <= gpu_.memory_bytes,
         ))
     assumptions = spec.assumptions + _general_assumptions(spec, gpu_, link_, world,
@@ -504,3 +567,19 @@ def run_what_if(
         single_gpu_total_s=spec.steps * compute_seconds(spec, gpu_, 1), rows=tuple(rows),
         assumptions=assumptions,
     )
+
+
+def best_methods(model: str, gpu: str | GPU, world: int, link: str | Link,
+                 codecs: Sequence[str], warmup: int = 1) -> list[tuple[str, str, float]]:
+    """``(parallelism, method, total seconds)``: the fastest method of every parallelism
+    that applies to ``model`` on ``world`` ranks (Ulysses only where ``world`` divides the
+    heads), fastest first."""
+    out = []
+    for parallelism in PARALLELISMS:
+        try:
+            report = run_what_if(model, gpu, world, parallelism, link, codecs, warmup)
+        except ValueError:  # e.g. Ulysses with a world that does not divide the heads
+            continue
+        best = min((r for r in report.rows if r.applies), key=lambda r: r.total_s)
+        out.append((parallelism, best.method, best.total_s))
+    return sorted(out, key=lambda row: row[2])

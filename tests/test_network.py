@@ -248,7 +248,7 @@ def test_ulysses_needs_world_to_divide_the_heads():
     (dict(model="sd3"), ("flux.1-dev", "cogvideox-2b")),
     (dict(gpu="b200"), ("l20", "a100", "h100", "h20")),
     (dict(link="carrier-pigeon"), ("nvlink4", "pcie-host", "1gbe")),
-    (dict(parallelism="pipefusion"), ("patch", "ring", "ulysses")),
+    (dict(parallelism="tensor"), ("patch", "ring", "ulysses", "pipefusion")),
     (dict(codecs=["zstd"]), ("binary", "lowrank:R")),
     (dict(world=0), ("positive integer",)),
     (dict(warmup=99), ("[0, 28]",)),
@@ -311,3 +311,50 @@ def test_what_if_reports_the_bytes_each_rank_holds_between_steps():
     assert "held GB" in report.table() and report.to_dict()["rows"][2]["held_bytes"] > 0
     ulysses = run_what_if("flux.1-dev", "l20", 4, "ulysses", "1gbe", ["binary"]).traffic
     assert ulysses.held_bytes("binary", False) == ulysses.count * 2 * 3 * ulysses.message_bytes(None)
+
+
+def test_pipefusion_is_priced_from_its_patches_and_pipeline():
+    from simulator.whatif import MODEL_SPECS, best_methods, compute_seconds
+
+    world, link = 4, get_link("1gbe")
+    report = run_what_if("flux.1-dev", "l20", world, "pipefusion", link, ["binary"])
+    spec, t = MODEL_SPECS["flux.1-dev"], report.traffic
+    # one activation per patch and step to the next stage: M = world patches
+    assert (t.collective, t.count, t.shape) == ("p2p", world, (spec.image_tokens // world,
+                                                                spec.hidden))
+    raw, binary = report.row("raw"), report.row("binary")
+    assert raw.bytes_per_step == world * t.message_bytes(None)
+    assert not report.row("distrifusion").applies
+    full = compute_seconds(spec, report.gpu, 1)
+    stage = full / world
+    hop = link.latency + spec.image_tokens // world * spec.hidden * 2 / link.bandwidth
+    assert raw.step_s == pytest.approx(max(stage, world * hop))
+    image_hop = link.latency + spec.image_tokens * spec.hidden * 2 / link.bandwidth
+    warm = full + (world - 1) * image_hop
+    assert raw.total_s == pytest.approx(warm + (spec.steps - 1) * raw.step_s
+                                        + (world - 1) * stage / world)
+    kv = math.ceil(spec.layers / world) * 2 * spec.image_tokens * spec.hidden * 2
+    assert raw.held_bytes == kv and binary.held_bytes == kv + 2 * world * t.message_bytes(None)
+    ranked = best_methods("flux.1-dev", "l20", world, "1gbe", ["binary"])
+    assert [r[2] for r in ranked] == sorted(r[2] for r in ranked)
+    assert {r[0] for r in ranked} == {"patch", "ring", "ulysses", "pipefusion"}
+
+
+@pytest.mark.parametrize("gpu, published_s, source", [
+    ("l20", 26.36, "chengzeyi/ParaAttention doc/fastest_flux.md: FLUX.1-dev, 1024px, 28 steps"),
+    ("h100", 6.71, "xdit-project/xDiT docs/performance/flux.md: FLUX.1-dev, 1024px, 28 steps"),
+])
+def test_single_gpu_flux_matches_published_measurements(gpu, published_s, source):
+    report = run_what_if("flux.1-dev", gpu, 1, "patch", "pcie-host", ["binary"])
+    assert report.single_gpu_total_s == pytest.approx(published_s, rel=0.05), source
+
+
+@pytest.mark.parametrize("gpu", list(GPUS))
+def test_no_preset_is_faster_than_its_flop_floor(gpu):
+    from simulator.whatif import MODEL_SPECS, compute_seconds, step_flops
+
+    preset = GPUS[gpu]
+    assert 0 < preset.achieved_fraction <= 1
+    for model in MODEL_SPECS.values():
+        floor = step_flops(model, 1) / preset.peak_bf16_flops
+        assert compute_seconds(model, preset, 1) >= floor
