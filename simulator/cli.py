@@ -26,7 +26,7 @@ from .metrics import quality
 from .network import LINKS, get_link
 from .report import Row, SimulationReport
 from .run import check_memory, estimate_memory, make_methods, run_method, run_reference, \
-    step_seconds
+    codec_seconds, step_seconds
 from .whatif import MODEL_SPECS, best_methods, run_what_if
 from .whatif import PARALLELISMS as WHATIF_PARALLELISMS
 from .workloads import WORKLOADS, make_workload
@@ -155,14 +155,18 @@ def simulate(args: argparse.Namespace, progress: bool = True) -> SimulationRepor
     exact = runs[0]
     rows = []
     for run in runs:
-        times = {k: step_seconds(run, compute_s, link) for k, link in links.items()}
+        # codec kernels on this CPU: only when compute is this CPU's too (not --compute-ms)
+        codec_s = (codec_seconds(run.stats, run.method.config.compression)
+                   if args.compute_ms is None else 0.0)
+        times = {k: step_seconds(run, compute_s + codec_s, link) for k, link in links.items()}
         rows.append(Row(method=run.method.name, bytes_per_step=run.total_bytes_per_step,
                         ratio=exact.total_bytes_per_step / max(run.total_bytes_per_step, 1e-9),
                         quality=quality(run.images, exact.images, run.latents, exact.latents),
                         step_ms={k: 1e3 * t[0] for k, t in times.items()},
                         comm_ms={k: 1e3 * t[1] for k, t in times.items()},
                         wall_s=run.wall_seconds,
-                        reference_bytes=None if run.stats is None else run.stats.reference_bytes))
+                        reference_bytes=None if run.stats is None else run.stats.reference_bytes,
+                        codec_ms=1e3 * codec_s))
     parallel_error = float((exact.latents - reference.latents).abs().max())
     setup = {"model": workload.name, "description": workload.description, "ranks": args.ranks,
              "parallelism": args.parallelism, "steps": args.steps, "batch": batch,
@@ -180,7 +184,11 @@ def simulate(args: argparse.Namespace, progress: bool = True) -> SimulationRepor
         + (f"the measured single-device step on this machine / {args.ranks} ranks"
            if args.compute_ms is None else f"{args.compute_ms} ms (--compute-ms)")
         + "; communication = messages x latency + bytes / bandwidth for the busiest rank; "
-        "codec kernel time is not modelled",
+        + ("codec ms = rank 0's encode and decode kernels per step, measured on this machine "
+           "(one thread, one message per stream), added to compute"
+           if args.compute_ms is None else
+           "codec kernel time is not modelled with --compute-ms (it was not measured on the "
+           "device that compute is)"),
     ]
     report = SimulationReport(setup, rows, notes)
     out = Path(args.out)

@@ -66,6 +66,8 @@ class GPU:
     achieved_fraction: float    # share of the peak a DiT step achieves end to end
     memory_bytes: int
     description: str = ""       # sources and reasoning
+    #: achieved device-memory bytes/s (a codec's passes over a message run at this rate)
+    memory_bandwidth: float = 1e12
 
     def __post_init__(self) -> None:
         if not self.peak_bf16_flops > 0:
@@ -174,6 +176,7 @@ GPUS: Mapping[str, GPU] = _gpus(
         "L20 takes 26.36 s (chengzeyi/ParaAttention doc/fastest_flux.md, commit 4de137c), "
         "which this model's FLOP count reaches at 0.66 of peak (text encoder and VAE, a few "
         "percent of that time, included in the measurement).",
+        memory_bandwidth=0.864e12 * 0.8,  # 864 GB/s GDDR6 (datasheet) at 80 % achieved
     ),
     GPU(
         "a100",
@@ -184,6 +187,7 @@ GPUS: Mapping[str, GPU] = _gpus(
         "0.5: with it, this model's FLOP count for CogVideoX-2b (50 steps, CFG) gives "
         "~77 s of transformer time against the model card's ~90 s per video on one A100, "
         "VAE decoding included.",
+        memory_bandwidth=2.039e12 * 0.8,  # 2039 GB/s HBM2e (datasheet) at 80 % achieved
     ),
     GPU(
         "h100",
@@ -195,6 +199,7 @@ GPUS: Mapping[str, GPU] = _gpus(
         "PyTorch (4.30 s with torch.compile; xdit-project/xDiT docs/performance/flux.md, "
         "commit 248abec), which this model's FLOP count reaches at 0.31 of peak; the "
         "CogVideoX-2b model card's ~45 s per video on one H100 (VAE included) suggests 0.35.",
+        memory_bandwidth=3.35e12 * 0.8,  # 3.35 TB/s HBM3 (datasheet) at 80 % achieved
     ),
     GPU(
         "h20",
@@ -205,6 +210,7 @@ GPUS: Mapping[str, GPU] = _gpus(
         "TFLOPS dense fp16/bf16 (published specification). Achieved 0.65 (assumption): "
         "with ~37 FLOP/B of machine balance, DiT GEMMs and attention are firmly compute "
         "bound and run closer to peak than on an H100.",
+        memory_bandwidth=4.0e12 * 0.8,  # 4.0 TB/s HBM3 (datasheet) at 80 % achieved
     ),
 )
 

@@ -26,12 +26,15 @@ class Row:
     wall_s: float                  # this simulation's wall time for the method
     #: bytes rank 0's compressed streams hold (references, codec state); None for raw
     reference_bytes: int | None = None
+    #: codec kernel time per step on rank 0, measured on this machine (in step_ms)
+    codec_ms: float = 0.0
 
     def to_dict(self) -> dict:
         return {"method": self.method, "bytes_per_step": self.bytes_per_step,
                 "ratio": self.ratio, **self.quality.to_dict(),
                 "step_ms": dict(self.step_ms), "exposed_comm_ms": dict(self.comm_ms),
-                "wall_s": self.wall_s, "reference_bytes_rank0": self.reference_bytes}
+                "wall_s": self.wall_s, "reference_bytes_rank0": self.reference_bytes,
+                "codec_ms": self.codec_ms}
 
 
 @dataclass
@@ -49,12 +52,14 @@ class SimulationReport:
     def table(self) -> str:
         links = list(self.rows[0].step_ms) if self.rows else []
         head = (f"{'method':<14} {'wire MB/step':>12} {'ratio':>7} {'PSNR dB':>8} {'SSIM':>7} "
-                f"{'rel.L2':>8}" + "".join(f" {'step ms ' + k + ' (comm)':>24}" for k in links))
+                f"{'rel.L2':>8} {'codec ms':>8}"
+                + "".join(f" {'step ms ' + k + ' (comm)':>24}" for k in links))
         lines = [head, "-" * len(head)]
         for r in self.rows:
             psnr = "inf" if math.isinf(r.quality.psnr_db) else f"{r.quality.psnr_db:.1f}"
             lines.append(f"{r.method:<14} {r.bytes_per_step / 1e6:>12.3f} {r.ratio:>6.1f}x "
-                         f"{psnr:>8} {r.quality.ssim:>7.4f} {r.quality.rel_l2:>8.1e}"
+                         f"{psnr:>8} {r.quality.ssim:>7.4f} {r.quality.rel_l2:>8.1e} "
+                         f"{r.codec_ms:>8.2f}"
                          + "".join(f" {r.step_ms[k]:>14.2f} ({r.comm_ms[k]:>7.2f})"
                                    for k in links))
         return "\n".join(lines)

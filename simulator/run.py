@@ -10,6 +10,7 @@ counts the bytes and messages it sends in every step.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Callable
 import torch
 
 from adapters.dit import ParallelConfig, parallelize
-from compressed_comm import CompressionConfig, SessionStats
+from compressed_comm import CompressionConfig, SessionStats, StreamDecoder, StreamEncoder
 
 from .inprocess import run_ranks
 from .network import Link, estimate_step
@@ -166,6 +167,51 @@ def step_seconds(result: RunResult, compute_s: float, link: Link) -> tuple[float
         step_total += estimate.step_s
         exposed_total += estimate.exposed_comm_s
     return step_total / result.steps, exposed_total / result.steps
+
+
+def codec_seconds(stats: SessionStats | None, config: CompressionConfig | None) -> float:
+    """Seconds rank 0 spends per step in its streams' codec kernels, measured on this
+    machine with one thread: for every stream, one steady-state message of its size
+    (float32, viewed ``(rows, gcd(numel, 64))``) encoded if rank 0 sends it, decoded if it
+    receives it. 0 for raw exchanges."""
+    if stats is None or config is None:
+        return 0.0
+    timed: dict[tuple[str, int], float] = {}
+    total = 0.0
+    for st in stats.streams:
+        if st.steps == 0:
+            continue
+        key = (st.role, st.raw_bytes // st.steps)
+        if key not in timed:
+            timed[key] = _time_message(config, *key)
+        total += timed[key]
+    return total
+
+
+def _time_message(config: CompressionConfig, role: str, nbytes: int, repeat: int = 5) -> float:
+    numel = max(1, nbytes // 4)
+    cols = math.gcd(numel, 64)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(numel // cols, cols, generator=gen) * (1 + 0.01 * i)
+          for i in range(repeat + 2)]
+    enc = StreamEncoder("timed", xs[0], config)
+    dec = StreamDecoder("timed", xs[0], config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for x in xs[:2]:  # the keyframe and one message: kernels compiled and warm
+            dec.decode(enc.encode(x))
+        times = []
+        for x in xs[2:]:
+            t0 = time.perf_counter()
+            payload = enc.encode(x)
+            t1 = time.perf_counter()
+            dec.decode(payload)
+            t2 = time.perf_counter()
+            times.append(t1 - t0 if role == "encoder" else t2 - t1)
+        return sorted(times)[len(times) // 2]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def estimate_memory(workload: Workload, world: int, steps: int) -> int:

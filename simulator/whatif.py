@@ -46,6 +46,14 @@ PARALLELISMS: Mapping[str, str] = MappingProxyType(
 )
 WIRE_DTYPE = torch.bfloat16
 _ASYNC = "+async"
+#: Device-memory traffic of a codec in units of one raw message: (encode, decode), for
+#: residual order 1 with the fused kernels. Encode reads the tensor and the reference for
+#: the scale pass and again for the quantise pass and writes the reference (5); decode
+#: reads the reference and writes it back (2; the payload is small). Low-rank's subspace
+#: step reads the residual twice more (7); the identity keyframe copies (3, 2).
+CODEC_PASSES: Mapping[str, tuple[int, int]] = MappingProxyType({
+    "identity": (3, 2), "fp8": (3, 2), "int8": (5, 2), "int4": (5, 2), "int2": (5, 2),
+    "binary": (5, 2), "lowrank": (7, 2), "lowrankq": (7, 2), "topk": (6, 2)})
 
 
 @dataclass(frozen=True)
@@ -230,6 +238,17 @@ class Traffic:
         own = self.count * raw * ((self.world - 1) if self.collective == "all_to_all" else 1)
         return others + own
 
+    def codec_seconds(self, codec: str | None, bandwidth: float) -> float:
+        """Seconds one rank spends in codec kernels per step at ``bandwidth`` bytes/s of
+        device memory: per collective one encode (one per peer for all-to-all) and one
+        decode per message received (:data:`CODEC_PASSES`); 0 for raw tensors."""
+        if codec is None or self.world == 1:  # one rank sends nothing, encodes nothing
+            return 0.0
+        enc, dec = CODEC_PASSES[codec.split(":")[0]]
+        encodes = self.peers if self.collective == "all_to_all" else 1
+        decodes = self.peers
+        return self.count * (enc * encodes + dec * decodes) * self.message_bytes(None) / bandwidth
+
     def seconds(self, link: Link, codec: str | None) -> float:
         """Communication seconds of one step, collectives run one after another."""
         one = collective_seconds(self.collective, self.message_bytes(codec), self.world, link)
@@ -281,13 +300,14 @@ class MethodRow:
     applies: bool
     bytes_per_step: int | None      # bytes one rank sends in a steady (post-warmup) step
     ratio: float | None             # raw bytes / wire bytes of one steady-step message
-    compute_s: float | None         # per step
+    compute_s: float | None         # per step, codec kernels included
     comm_s: float | None            # all communication of a steady step
     exposed_comm_s: float | None    # the part of it the step waits for
     step_s: float | None            # steady step time
     total_s: float | None           # all steps, warmup included
     speedup: float | None           # raw total_s / this total_s
     held_bytes: int | None = None   # per rank, kept between steps (references, stale K/V)
+    codec_s: float | None = None    # of compute_s: encode/decode kernels per step
     fits: bool | None = None        # weights + held bytes within the GPU's memory
     note: str = ""
 
@@ -361,6 +381,7 @@ class WhatIfReport:
             f"1 GPU: {self.single_gpu_total_s:.1f} s end to end",
         ]
         head = (f"{'method':<18}{'bytes/step/rank':>16}{'ratio':>9}{'compute s':>11}"
+                f"{'codec s':>9}"
                 f"{'comm s':>9}{'exposed s':>11}{'step s':>9}{'total s':>9}{'speedup':>9}"
                 f"{'held GB':>9}")
         lines += [head, "-" * len(head)]
@@ -368,11 +389,12 @@ class WhatIfReport:
         for r in self.rows:
             if not r.applies:
                 lines.append(f"{r.method:<18}{'n/a':>16}" + "".join(
-                    f"{'n/a':>{w}}" for w in (9, 11, 9, 11, 9, 9, 9, 9)))
+                    f"{'n/a':>{w}}" for w in (9, 11, 9, 9, 11, 9, 9, 9, 9)))
                 notes.append(f"{r.method}: {r.note}")
                 continue
             lines.append(
                 f"{r.method:<18}{r.bytes_per_step:>16,}{r.ratio:>8.1f}x{r.compute_s:>11.3f}"
+                f"{r.codec_s:>9.3f}"
                 f"{r.comm_s:>9.3f}{r.exposed_comm_s:>11.3f}{r.step_s:>9.3f}{r.total_s:>9.2f}"
                 f"{r.speedup:>8.2f}x{r.held_bytes / 1e9:>8.2f}{'' if r.fits else '!'}")
             if not r.fits:
@@ -413,7 +435,8 @@ def _plain(obj: Any) -> Any:
 
 
 def _pipefusion_timing(model: ModelSpec, gpu: GPU, link: Link, world: int, traffic: Traffic,
-                       warmup: int) -> Callable[[_Method], tuple[StepEstimate, float]]:
+                       warmup: int, codec_s: Callable[[str | None], float]
+                       ) -> Callable[[_Method], tuple[StepEstimate, float]]:
     """PipeFusion's step and end-to-end time per method (``world`` stages, ``M`` patches).
 
     A stage computes its ``layers / world`` layers for every patch of a step (one GPU's
@@ -429,9 +452,9 @@ def _pipefusion_timing(model: ModelSpec, gpu: GPU, link: Link, world: int, traff
     bubble = (world - 1) * stage / traffic.count
 
     def total(method: _Method) -> tuple[StepEstimate, float]:
-        comm = traffic.seconds(link, method.codec)
-        step = StepEstimate(compute_s=stage, comm_s=comm, exposed_comm_s=max(0.0, comm - stage),
-                            step_s=max(stage, comm), overlap=True)
+        comm, work = traffic.seconds(link, method.codec), stage + codec_s(method.codec)
+        step = StepEstimate(compute_s=work, comm_s=comm, exposed_comm_s=max(0.0, comm - work),
+                            step_s=max(work, comm), overlap=True)
         return step, warmup * warm_step + (model.steps - warmup) * step.step_s + bubble
     return total
 
@@ -468,8 +491,10 @@ def _general_assumptions(model: ModelSpec, gpu: GPU, link: Link, world: int,
         "exchange is assumed to take no compute or memory bandwidth from the step",
         f"the first {warmup} step(s) of distrifusion and of every codec are synchronous and "
         f"send the full tensor (codecs: identity payload, header included)",
-        "codec encode/decode time is not counted (fused GPU kernels: one memory pass per "
-        "message) and neither is quality: stale or lossy activations cost nothing here",
+        f"codec kernels run at the GPU's memory bandwidth ({gpu.memory_bandwidth / 1e9:.0f} "
+        "GB/s achieved), moving per message the multiples of its raw bytes in CODEC_PASSES "
+        "(binary/int-k: 5 to encode, 2 to decode), serially with compute (codec s, included "
+        "in compute s); quality is not modelled: stale or lossy activations cost nothing here",
         f"weights replicated on every rank: {weights / 1e9:.1f} GB bf16 {fits} in "
         f"{gpu.memory_bytes / 1024**3:g} GiB",
     ]
@@ -524,15 +549,20 @@ def run_what_if(
 
     compute = compute_seconds(spec, gpu_, world)
 
+    def codec_s(name: str | None) -> float:
+        return traffic.codec_seconds(name, gpu_.memory_bandwidth)
+
     def total(method: _Method) -> tuple[StepEstimate, float]:
-        steady = estimate_step(compute, traffic.seconds(link_, method.codec), method.overlap)
+        steady = estimate_step(compute + codec_s(method.codec),
+                               traffic.seconds(link_, method.codec), method.overlap)
         n_warm = warmup if (method.codec is not None or method.overlap) else 0
-        warm = estimate_step(compute, traffic.seconds(link_, method.warm_codec), False)
+        warm = estimate_step(compute + codec_s(method.warm_codec),
+                             traffic.seconds(link_, method.warm_codec), False)
         return steady, n_warm * warm.step_s + (spec.steps - n_warm) * steady.step_s
 
     kv_cache = 0
     if parallelism == "pipefusion":
-        total = _pipefusion_timing(spec, gpu_, link_, world, traffic, warmup)
+        total = _pipefusion_timing(spec, gpu_, link_, world, traffic, warmup, codec_s)
         compute = compute_seconds(spec, gpu_, 1) / world
         # each stage keeps its layers' K and V of every image token (stale for other patches)
         kv_cache = (math.ceil(spec.layers / world) * 2 * spec.batch * spec.image_tokens
@@ -557,6 +587,7 @@ def run_what_if(
             total_s=end_to_end,
             speedup=raw_total / end_to_end,
             held_bytes=(held := traffic.held_bytes(method.codec, method.overlap) + kv_cache),
+            codec_s=codec_s(method.codec),
             fits=spec.params * 2 + held <= gpu_.memory_bytes,
         ))
     assumptions = spec.assumptions + _general_assumptions(spec, gpu_, link_, world,

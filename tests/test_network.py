@@ -186,11 +186,20 @@ def test_step_times_follow_the_documented_model():
     raw_bytes = 1024 * 3072 * 2
     full = get_codec("identity").payload_nbytes(t.shape, torch.bfloat16)
     small = get_codec("binary").payload_nbytes(t.shape, torch.bfloat16)
+    # codec kernels: per all-gather one encode (5 raw passes) and 3 decodes (2 each) at
+    # the GPU's memory bandwidth; the warmup's identity keyframe 3 + 3 * 2 passes
+    bandwidth = report.gpu.memory_bandwidth
+
+    def codec(enc, dec):
+        return 114 * (enc + 3 * dec) * raw_bytes / bandwidth
+
     raw, df, binary = report.row("raw"), report.row("distrifusion"), report.row("binary")
+    assert raw.codec_s == 0 and binary.codec_s == pytest.approx(codec(5, 2))
     assert raw.total_s == pytest.approx(28 * (compute + comm(raw_bytes)))
     assert df.exposed_comm_s == pytest.approx(max(0.0, comm(raw_bytes) - compute))
     assert df.total_s == pytest.approx(2 * (compute + comm(raw_bytes)) + 26 * df.step_s)
-    expected = 2 * (compute + comm(full)) + 26 * (compute + comm(small))
+    expected = (2 * (compute + codec(3, 2) + comm(full))
+                + 26 * (compute + codec(5, 2) + comm(small)))
     assert binary.total_s == pytest.approx(expected)
     assert binary.speedup == pytest.approx(raw.total_s / binary.total_s)
 

@@ -25,16 +25,21 @@ def test_json_output_of_a_short_run(capsys, tmp_path):
     assert list(rows) == ["raw", "distrifusion", "binary", "int4+async"]
     for r in rows.values():
         assert set(r) == {"method", "bytes_per_step", "ratio", "psnr_db", "ssim", "rel_l2",
-                          "step_ms", "exposed_comm_ms", "wall_s", "reference_bytes_rank0"}
+                          "step_ms", "exposed_comm_ms", "wall_s", "reference_bytes_rank0",
+                          "codec_ms"}
         assert set(r["step_ms"]) == set(r["exposed_comm_ms"]) == {"pcie4", "10gbe"}
     raw = rows["raw"]
     assert raw["ratio"] == 1.0 and raw["psnr_db"] is None and raw["rel_l2"] == 0.0
     assert raw["reference_bytes_rank0"] is None  # raw exchanges keep no references
     assert rows["binary"]["reference_bytes_rank0"] > 0
+    # codec kernel time, measured on this machine, is part of the estimated step
+    assert raw["codec_ms"] == 0 and rows["binary"]["codec_ms"] > 0
     assert rows["binary"]["ratio"] > 2 and 0 < rows["binary"]["rel_l2"] < 0.05
-    # on the slow link, compression makes the step faster than the raw exchange
-    assert rows["binary"]["step_ms"]["10gbe"] < raw["step_ms"]["10gbe"]
-    assert rows["binary"]["exposed_comm_ms"]["10gbe"] < 0.8 * raw["exposed_comm_ms"]["10gbe"]
+    # on the slower link, compression cuts the communication the step waits for; the step
+    # also pays the codec kernels (measured here, on one CPU thread)
+    binary = rows["binary"]
+    assert binary["exposed_comm_ms"]["10gbe"] < 0.8 * raw["exposed_comm_ms"]["10gbe"]
+    assert binary["step_ms"]["10gbe"] - binary["codec_ms"] < raw["step_ms"]["10gbe"]
     # DistriFusion moves as many bytes as raw but hides them behind compute
     assert rows["distrifusion"]["bytes_per_step"] == raw["bytes_per_step"]
     assert rows["distrifusion"]["step_ms"]["10gbe"] < raw["step_ms"]["10gbe"]
