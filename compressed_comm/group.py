@@ -560,7 +560,8 @@ class CompressedGroup(_GroupBase):
         mine = _HANDSHAKE.pack(_HANDSHAKE_MAGIC, self.session.id & 0xFFFFFFFF, name_crc,
                                seq & 0xFFFFFFFF, *self._config_crcs)
         mine += struct.pack(f"<{2 * world}Q", *send, *recv)
-        block = torch.frombuffer(bytearray(mine), dtype=torch.uint8).to(device)
+        # a tensor that owns its memory: the backend may release it from its own thread
+        block = torch.tensor(list(mine), dtype=torch.uint8, device=device)
         outs = list(self._buffer(len(mine) * world, block.device).view(world, len(mine)))
         what = f"{kind} of stream {stream!r} (size handshake)"
         self._wait(self._collective(what, self.transport.all_gather, block, outs, block),
