@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from .codecs import get_codec
 from .kernels import resolve_impl
 
-__all__ = ["CompressionConfig"]
+__all__ = ["CompressionConfig", "KEYFRAME_CODECS"]
+
+#: Codecs a keyframe may use: stateless ones that send the tensor itself.
+KEYFRAME_CODECS = ("identity", "fp8", "int8", "int4", "int2", "binary")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,11 @@ class CompressionConfig:
        references start exact; 1 is enough for order 1, use 2 or more for order 2.
     5. ``keyframe_period`` -- if > 0, every ``keyframe_period``-th step is also sent in full,
        resetting accumulated error (and recovering from any NaN that was let through).
+       ``keyframe_codec`` -- how warmup steps and keyframes are sent: ``"identity"``
+       (default, lossless) or a stateless lossy codec (``"int8"``, ``"fp8"`` halve the
+       bytes, ``"int4"`` quarters them; also ``"int2"``, ``"binary"``). Both sides take
+       the decoded keyframe as their reference, so what it loses is the next residual's to
+       correct.
     6. ``min_bytes`` -- tensors smaller than this are always sent raw; compression of tiny
        messages costs more in kernel launches than it saves in bytes.
     7. ``skip`` -- ``fnmatch`` patterns of stream names that are always sent raw.
@@ -58,7 +66,8 @@ class CompressionConfig:
         extra small collective per call and, on CUDA, a host synchronisation; turn it off
         only where every rank is known to issue the same calls.
 
-    All ranks of a group must use the same settings for 1-8, 12 and 13: every payload
+    All ranks of a group must use the same settings for 1-8 (keyframe_codec included), 12
+    and 13: every payload
     header carries them (skip and min_bytes as the codec a stream uses) and a receiver whose config differs raises
     :class:`~compressed_comm.WireFormatError` naming the fields.
     """
@@ -68,6 +77,7 @@ class CompressionConfig:
     decay: float = 0.5
     warmup_steps: int = 1
     keyframe_period: int = 0
+    keyframe_codec: str = "identity"
     min_bytes: int = 0
     skip: tuple[str, ...] = field(default_factory=tuple)
     closed_loop: bool = True
@@ -79,6 +89,10 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         get_codec(self.codec)  # raises ValueError naming the valid specs
+        if get_codec(self.keyframe_codec).spec not in KEYFRAME_CODECS:
+            raise ValueError(
+                f"keyframe_codec must be one of {', '.join(KEYFRAME_CODECS)} (a keyframe sends "
+                f"the tensor itself, with no state); got {self.keyframe_codec!r}")
         if self.residual_order not in (0, 1, 2):
             raise ValueError(f"residual_order must be 0, 1 or 2; got {self.residual_order!r}")
         if not 0.0 <= float(self.decay) <= 1.0:

@@ -95,7 +95,9 @@ class _Stream:
         self.check_finite = config.check_finite
         self.closed_loop = config.closed_loop
         self.checksum = config.checksum
-        self._keyframe_codec = IdentityCodec("identity")
+        self._keyframe_codec: Codec = (
+            IdentityCodec("identity") if self.codec.lossless or config.keyframe_codec == "identity"
+            else get_codec(config.keyframe_codec, kernels=config.kernels))
         # state: reference (and the previous one for order 2), codec state, step counter
         self._ref = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         self._prev = torch.zeros_like(self._ref) if self.order == 2 else None
@@ -231,8 +233,9 @@ class StreamEncoder(_Stream):
             check = None
         header = self.header()
         pred, target, codec = self._begin()
+        state = self._codec_state if codec is self.codec else None
         payload = codec.emit(as_2d(x), self.shape, None if pred is None else as_2d(pred),
-                             as_2d(target), header, self._codec_state, check=check)
+                             as_2d(target), header, state, check=check)
         if self.track_error:
             self._err = self._kernels.error_norms(x, target)
         if not self.closed_loop:

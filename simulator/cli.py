@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codecs", default=DEFAULT_CODECS,
                    help="comma-separated codec specs; append +async for DistriFusion-style "
                         "overlap (patch only) (default: %(default)s)")
+    p.add_argument("--keyframe-codec", default="identity",
+                   help="how warmup steps (keyframes) are sent: identity (lossless), int8, fp8, "
+                        "int4, int2, binary (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1,
                    help="steps sent in full before compressing / going stale (default: 1)")
     p.add_argument("--links", default=None,
@@ -107,7 +110,7 @@ def _validate(args: argparse.Namespace) -> None:
         _fail("--ranks and --steps must be at least 1 and --warmup at least 0")
     for spec in _csv(args.codecs):
         try:
-            CompressionConfig(codec=spec.removesuffix("+async"))
+            CompressionConfig(codec=spec.removesuffix("+async"), keyframe_codec=args.keyframe_codec)
         except ValueError as e:
             _fail(str(e))
     for name in _link_specs(args):
@@ -128,7 +131,8 @@ def simulate(args: argparse.Namespace, progress: bool = True) -> SimulationRepor
               f"({args.ranks})")
     check_memory(estimate_memory(workload, args.ranks, args.steps))
     try:
-        methods = make_methods(args.parallelism, _csv(args.codecs), warmup=args.warmup)
+        methods = make_methods(args.parallelism, _csv(args.codecs), warmup=args.warmup,
+                               keyframe_codec=args.keyframe_codec)
     except ValueError as e:
         _fail(str(e))
     links = {name: get_link(name) for name in _link_specs(args)}
@@ -170,7 +174,8 @@ def simulate(args: argparse.Namespace, progress: bool = True) -> SimulationRepor
     parallel_error = float((exact.latents - reference.latents).abs().max())
     setup = {"model": workload.name, "description": workload.description, "ranks": args.ranks,
              "parallelism": args.parallelism, "steps": args.steps, "batch": batch,
-             "warmup": args.warmup, "compute_ms_per_step": 1e3 * compute_s,
+             "warmup": args.warmup, "keyframe_codec": args.keyframe_codec,
+             "compute_ms_per_step": 1e3 * compute_s,
              "single_device_ms_per_step": 1e3 * reference.step_seconds,
              "exact_parallel_vs_single_device_max_abs": parallel_error,
              "links": {k: {"bandwidth_GBps": v.bandwidth / 1e9, "latency_us": v.latency * 1e6}
@@ -207,14 +212,15 @@ def main(argv: list[str] | None = None) -> int:
         links = _link_specs(args)
         try:
             report = run_what_if(args.what_if, args.gpu, args.ranks, args.parallelism, links[0],
-                                 _csv(args.codecs), warmup=args.warmup)
+                                 _csv(args.codecs), warmup=args.warmup,
+                                 keyframe_codec=args.keyframe_codec)
         except ValueError as e:
             _fail(str(e))
         if args.json:
             print(json.dumps(report.to_dict(), indent=2))
             return 0
         ranked = best_methods(args.what_if, args.gpu, args.ranks, links[0], _csv(args.codecs),
-                              warmup=args.warmup)
+                              warmup=args.warmup, keyframe_codec=args.keyframe_codec)
         print("Fastest on this GPU and link: " + ", ".join(
             f"{p}/{m} {t:.1f} s" for p, m, t in ranked[:4]) + "\n")
         print(report.table())

@@ -42,8 +42,10 @@ class Method:
 
 
 def make_methods(parallelism: str, codecs: list[str], *, warmup: int = 1,
-                 timeout: float = 120.0, distrifusion: bool = True) -> list[Method]:
-    """``raw``, ``distrifusion`` (patch only) and one method per codec spec."""
+                 timeout: float = 120.0, distrifusion: bool = True,
+                 keyframe_codec: str = "identity") -> list[Method]:
+    """``raw``, ``distrifusion`` (patch only) and one method per codec spec (warmup steps
+    sent through ``keyframe_codec``)."""
     methods = [Method("raw", ParallelConfig(parallelism, timeout=timeout))]
     if distrifusion and parallelism == "patch":
         methods.append(Method("distrifusion", ParallelConfig(
@@ -54,7 +56,8 @@ def make_methods(parallelism: str, codecs: list[str], *, warmup: int = 1,
         if asynchronous and parallelism != "patch":
             raise ValueError(f"method {spec!r}: +async needs patch parallelism, not "
                              f"{parallelism!r}")
-        compression = CompressionConfig(codec=codec, warmup_steps=warmup)
+        compression = CompressionConfig(codec=codec, warmup_steps=warmup,
+                                        keyframe_codec=keyframe_codec)
         methods.append(Method(spec, ParallelConfig(parallelism, compression, asynchronous,
                                                    warmup, timeout)))
     return methods

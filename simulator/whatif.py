@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from compressed_comm import get_codec
+from compressed_comm import CompressionConfig, get_codec
 
 from .network import (GPU, Link, StepEstimate, choose, collective_seconds, estimate_step, get_gpu,
                       get_link)
@@ -308,6 +308,7 @@ class MethodRow:
     speedup: float | None           # raw total_s / this total_s
     held_bytes: int | None = None   # per rank, kept between steps (references, stale K/V)
     codec_s: float | None = None    # of compute_s: encode/decode kernels per step
+    warmup_share: float | None = None  # of total_s: the warmup (keyframe) steps
     fits: bool | None = None        # weights + held bytes within the GPU's memory
     note: str = ""
 
@@ -320,7 +321,8 @@ class _Method:
     warm_codec: str | None  # what the warmup steps send
 
 
-def _methods(codecs: Sequence[str], async_combos: bool) -> list[_Method]:
+def _methods(codecs: Sequence[str], async_combos: bool,
+             keyframe_codec: str = "identity") -> list[_Method]:
     if isinstance(codecs, str):
         codecs = [c for c in codecs.split(",") if c.strip()]
     out = [_Method("raw", None, False, None), _Method("distrifusion", None, True, None)]
@@ -337,7 +339,7 @@ def _methods(codecs: Sequence[str], async_combos: bool) -> list[_Method]:
         name = base + _ASYNC if is_async else base
         if name not in seen:
             seen.add(name)
-            out.append(_Method(name, base, is_async, "identity"))
+            out.append(_Method(name, base, is_async, keyframe_codec))
     return out
 
 
@@ -383,20 +385,21 @@ class WhatIfReport:
         head = (f"{'method':<18}{'bytes/step/rank':>16}{'ratio':>9}{'compute s':>11}"
                 f"{'codec s':>9}"
                 f"{'comm s':>9}{'exposed s':>11}{'step s':>9}{'total s':>9}{'speedup':>9}"
-                f"{'held GB':>9}")
+                f"{'held GB':>9}{'warm %':>8}")
         lines += [head, "-" * len(head)]
         notes = []
         for r in self.rows:
             if not r.applies:
                 lines.append(f"{r.method:<18}{'n/a':>16}" + "".join(
-                    f"{'n/a':>{w}}" for w in (9, 11, 9, 9, 11, 9, 9, 9, 9)))
+                    f"{'n/a':>{w}}" for w in (9, 11, 9, 9, 11, 9, 9, 9, 9, 8)))
                 notes.append(f"{r.method}: {r.note}")
                 continue
             lines.append(
                 f"{r.method:<18}{r.bytes_per_step:>16,}{r.ratio:>8.1f}x{r.compute_s:>11.3f}"
                 f"{r.codec_s:>9.3f}"
                 f"{r.comm_s:>9.3f}{r.exposed_comm_s:>11.3f}{r.step_s:>9.3f}{r.total_s:>9.2f}"
-                f"{r.speedup:>8.2f}x{r.held_bytes / 1e9:>8.2f}{'' if r.fits else '!'}")
+                f"{r.speedup:>8.2f}x{r.held_bytes / 1e9:>8.2f}{' ' if r.fits else '!'}"
+                f"{100 * r.warmup_share:>7.0f}%")
             if not r.fits:
                 notes.append(f"{r.method}: weights ({self.model.params * 2 / 1e9:.1f} GB "
                              f"bf16) + {r.held_bytes / 1e9:.2f} GB held exceed the "
@@ -436,7 +439,7 @@ def _plain(obj: Any) -> Any:
 
 def _pipefusion_timing(model: ModelSpec, gpu: GPU, link: Link, world: int, traffic: Traffic,
                        warmup: int, codec_s: Callable[[str | None], float]
-                       ) -> Callable[[_Method], tuple[StepEstimate, float]]:
+                       ) -> Callable[[_Method], tuple[StepEstimate, float, float]]:
     """PipeFusion's step and end-to-end time per method (``world`` stages, ``M`` patches).
 
     A stage computes its ``layers / world`` layers for every patch of a step (one GPU's
@@ -451,11 +454,12 @@ def _pipefusion_timing(model: ModelSpec, gpu: GPU, link: Link, world: int, traff
     warm_step = full + (world - 1) * collective_seconds("p2p", image, world, link)
     bubble = (world - 1) * stage / traffic.count
 
-    def total(method: _Method) -> tuple[StepEstimate, float]:
+    def total(method: _Method) -> tuple[StepEstimate, float, float]:
         comm, work = traffic.seconds(link, method.codec), stage + codec_s(method.codec)
         step = StepEstimate(compute_s=work, comm_s=comm, exposed_comm_s=max(0.0, comm - work),
                             step_s=max(work, comm), overlap=True)
-        return step, warmup * warm_step + (model.steps - warmup) * step.step_s + bubble
+        warm = warmup * warm_step
+        return step, warm + (model.steps - warmup) * step.step_s + bubble, warm
     return total
 
 
@@ -527,6 +531,7 @@ def run_what_if(
     warmup: int = 1,
     *,
     async_combos: bool = False,
+    keyframe_codec: str = "identity",
 ) -> WhatIfReport:
     """Estimate one generation of ``model`` on ``world`` x ``gpu`` over ``link``.
 
@@ -545,20 +550,22 @@ def run_what_if(
     parallelism = parallelism.strip().lower()
     if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= spec.steps:
         raise ValueError(f"warmup must be an integer in [0, {spec.steps}], got {warmup!r}")
-    methods = _methods(codecs, async_combos)
+    CompressionConfig(keyframe_codec=keyframe_codec)  # ValueError naming the choices
+    methods = _methods(codecs, async_combos, keyframe_codec)
 
     compute = compute_seconds(spec, gpu_, world)
 
     def codec_s(name: str | None) -> float:
         return traffic.codec_seconds(name, gpu_.memory_bandwidth)
 
-    def total(method: _Method) -> tuple[StepEstimate, float]:
+    def total(method: _Method) -> tuple[StepEstimate, float, float]:
         steady = estimate_step(compute + codec_s(method.codec),
                                traffic.seconds(link_, method.codec), method.overlap)
         n_warm = warmup if (method.codec is not None or method.overlap) else 0
         warm = estimate_step(compute + codec_s(method.warm_codec),
                              traffic.seconds(link_, method.warm_codec), False)
-        return steady, n_warm * warm.step_s + (spec.steps - n_warm) * steady.step_s
+        warm_s = n_warm * warm.step_s
+        return steady, warm_s + (spec.steps - n_warm) * steady.step_s, warm_s
 
     kv_cache = 0
     if parallelism == "pipefusion":
@@ -574,7 +581,7 @@ def run_what_if(
         if method.overlap and parallelism != "patch":
             rows.append(_not_applicable(method.name, parallelism))
             continue
-        steady, end_to_end = total(method)
+        steady, end_to_end, warm_s = total(method)
         rows.append(MethodRow(
             method=method.name,
             applies=True,
@@ -588,6 +595,7 @@ def run_what_if(
             speedup=raw_total / end_to_end,
             held_bytes=(held := traffic.held_bytes(method.codec, method.overlap) + kv_cache),
             codec_s=codec_s(method.codec),
+            warmup_share=warm_s / end_to_end,
             fits=spec.params * 2 + held <= gpu_.memory_bytes,
         ))
     assumptions = spec.assumptions + _general_assumptions(spec, gpu_, link_, world,
@@ -601,14 +609,16 @@ def run_what_if(
 
 
 def best_methods(model: str, gpu: str | GPU, world: int, link: str | Link,
-                 codecs: Sequence[str], warmup: int = 1) -> list[tuple[str, str, float]]:
+                 codecs: Sequence[str], warmup: int = 1,
+                 keyframe_codec: str = "identity") -> list[tuple[str, str, float]]:
     """``(parallelism, method, total seconds)``: the fastest method of every parallelism
     that applies to ``model`` on ``world`` ranks (Ulysses only where ``world`` divides the
     heads), fastest first."""
     out = []
     for parallelism in PARALLELISMS:
         try:
-            report = run_what_if(model, gpu, world, parallelism, link, codecs, warmup)
+            report = run_what_if(model, gpu, world, parallelism, link, codecs, warmup,
+                                 keyframe_codec=keyframe_codec)
         except ValueError:  # e.g. Ulysses with a world that does not divide the heads
             continue
         best = min((r for r in report.rows if r.applies), key=lambda r: r.total_s)

@@ -367,3 +367,24 @@ def test_no_preset_is_faster_than_its_flop_floor(gpu):
     for model in MODEL_SPECS.values():
         floor = step_flops(model, 1) / preset.peak_bf16_flops
         assert compute_seconds(model, preset, 1) >= floor
+
+
+def test_lossy_keyframes_shrink_the_warmup_step():
+    from simulator.whatif import MODEL_SPECS
+
+    spec = MODEL_SPECS["flux.1-dev"]
+    totals = {}
+    for kc in ("identity", "int8", "int4"):
+        report = run_what_if("flux.1-dev", "l20", 4, "patch", "1gbe", ["lowrank:8"],
+                             keyframe_codec=kc)
+        row = report.row("lowrank:8")
+        totals[kc] = row.total_s
+        warm = row.warmup_share * row.total_s
+        t, link = report.traffic, report.link
+        keyframe = get_codec(kc).payload_nbytes(t.shape, torch.bfloat16)
+        assert warm > 114 * 3 * keyframe / link.bandwidth  # its keyframes cross the link
+        assert row.total_s == pytest.approx(warm + (spec.steps - 1) * row.step_s)
+        assert report.row("raw").warmup_share == 0
+    assert totals["int4"] < totals["int8"] < totals["identity"]
+    with pytest.raises(ValueError, match="keyframe_codec"):
+        run_what_if("flux.1-dev", "l20", 4, "patch", "1gbe", ["binary"], keyframe_codec="topk:0.1")

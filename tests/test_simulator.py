@@ -18,6 +18,7 @@ def test_json_output_of_a_short_run(capsys, tmp_path):
                    "binary,int4+async", "--out", str(tmp_path))
     setup = out["setup"]
     for key in ("model", "ranks", "parallelism", "steps", "batch", "compute_ms_per_step",
+                "keyframe_codec",
                 "exact_parallel_vs_single_device_max_abs", "links"):
         assert key in setup
     assert setup["exact_parallel_vs_single_device_max_abs"] < 1e-4

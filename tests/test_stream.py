@@ -424,3 +424,40 @@ def test_unchecked_nan_propagates_identically_until_a_keyframe():
 def test_unsupported_dtype_raises():
     with pytest.raises(UnsupportedDtypeError, match="float64"):
         StreamEncoder("s", torch.zeros(3, 3, dtype=torch.float64))
+
+
+@settings(max_examples=40, deadline=None)
+@given(codec=st.sampled_from(["binary", "int2", "int4", "lowrank:3"]),
+       keyframe_codec=st.sampled_from(["int8", "fp8", "int4", "binary"]),
+       order=st.sampled_from([0, 1, 2]), dtype=st.sampled_from(DTYPES),
+       warmup=st.integers(1, 2), period=st.sampled_from([0, 3]), seed=st.integers(0, 99))
+def test_lossy_keyframes_keep_references_identical_and_sizes_known(
+        codec, keyframe_codec, order, dtype, warmup, period, seed):
+    cfg = CompressionConfig(codec=codec, keyframe_codec=keyframe_codec, residual_order=order,
+                            warmup_steps=warmup, keyframe_period=period)
+    walk = list(random_walk((12, 8), 8, dtype, seed))
+    enc, dec = pair(cfg, walk[0])
+    kf = get_codec(keyframe_codec)
+    for step, x in enumerate(walk):
+        expected = enc.payload_nbytes()
+        key = enc.is_keyframe(step)
+        payload = enc.encode(x)
+        assert payload.numel() == expected  # known in advance, on both sides
+        header = read_header(payload)
+        assert header.keyframe == key
+        if key:  # the keyframe is the tensor itself through the keyframe codec
+            assert payload.numel() == kf.payload_nbytes(x.shape, dtype)
+            assert header.codec_id == kf.codec_id
+            assert torch.equal(enc.reference, kf.decode(payload))
+        dec.decode(payload)
+        assert torch.equal(enc.reference, dec.reference), step
+
+
+def test_keyframe_codec_must_be_stateless_and_agree():
+    with pytest.raises(ValueError, match="keyframe_codec must be one of identity, fp8, int8"):
+        CompressionConfig(keyframe_codec="lowrank:4")
+    x = torch.randn(8, 6)
+    enc = StreamEncoder("s", x, CompressionConfig(keyframe_codec="int8"))
+    dec = StreamDecoder("s", x, CompressionConfig())
+    with pytest.raises(WireFormatError, match="codec_id"):
+        dec.decode(enc.encode(x))
