@@ -42,7 +42,7 @@ SHARED_CONFIG = ("codec", "residual_order", "decay", "warmup_steps", "keyframe_p
                  "keyframe_codec", "min_bytes", "skip", "closed_loop", "checksum")
 #: a collective's size handshake block: magic, session, stream CRC, step, a CRC-32 per
 #: shared config field, pad; then 2 x world uint64 sizes (sent to, expected from, each rank)
-_HANDSHAKE = struct.Struct(f"<4sIII{len(SHARED_CONFIG)}I4x")
+_HANDSHAKE = struct.Struct(f"<4sIII{len(SHARED_CONFIG)}I{-4 * len(SHARED_CONFIG) % 8}x")
 _HANDSHAKE_MAGIC = b"CCHS"
 
 
