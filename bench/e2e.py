@@ -44,7 +44,6 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from shaped_link import run_behind  # bench/ is this script's folder
 
 TOOL = "e2e.py"
@@ -100,18 +99,6 @@ def _denoise(model: torch.nn.Module, noise: torch.Tensor, fixed: dict[str, torch
     return latents, seconds, sent
 
 
-def _math_attention(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-                    is_causal: bool = False, scale: float | None = None,
-                    enable_gqa: bool = False, return_lse: bool = False,
-                    _save_ctx: bool = True, _parallel_config: Any = None) -> Any:
-    """Attention of ``(B, S, H, D)`` tensors that can return the log-sum-exp (CPU cp-ring)."""
-    q, k, v = (x.permute(0, 2, 1, 3).float() for x in (query, key, value))
-    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    out = (torch.softmax(s, -1) @ v).permute(0, 2, 1, 3).to(query.dtype)
-    return (out, torch.logsumexp(s, -1).permute(0, 2, 1)) if return_lse else out
-
-
 def _methods(parallelism: str, codecs: list[str]) -> list[str]:
     extra = ["distrifusion"] if parallelism == "patch" else []
     ok = [c for c in codecs if not c.endswith("+async") or parallelism in ("patch", "cp-ring")]
@@ -137,16 +124,15 @@ def _run(parallelism: str, method: str, base: torch.nn.Module, noise: torch.Tens
         finally:
             par.remove()
     from diffusers import ContextParallelConfig
-    from diffusers.models import attention_dispatch
+
+    from adapters.xdit.cpu import lse_attention_on_cpu
 
     world = dist.get_world_size()
     mode = parallelism.removeprefix("cp-")
     with mock.patch.object(torch.accelerator, "device_count",
                            return_value=max(1, torch.accelerator.device_count())):
         model.enable_parallelism(config=ContextParallelConfig(**{f"{mode}_degree": world}))
-    lse = (mock.patch.object(attention_dispatch, "_native_attention_forward_op",
-                             _math_attention)
-           if mode == "ring" and not noise.is_cuda else nullcontext())
+    lse = lse_attention_on_cpu() if mode == "ring" and not noise.is_cuda else nullcontext()
     with lse:
         if method == "raw":
             return _denoise(model, noise, fixed, args.steps, lambda: 0)

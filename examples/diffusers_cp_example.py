@@ -21,7 +21,7 @@ Both print the bytes each rank sent per step through the compressed hook points 
 uncompressed run through the identity codec: the raw bytes plus headers), their ratio, and
 the PSNR of the compressed run's output against the uncompressed one. On CPU, ring
 attention needs the log-sum-exp, which none of diffusers' CP backends returns there; tiny
-mode substitutes a small math attention op for it (:func:`math_attention`).
+mode substitutes a small math attention op for it (``adapters.xdit.cpu``).
 """
 
 from __future__ import annotations
@@ -29,14 +29,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any
 from unittest import mock
 
 import torch
 import torch.distributed as dist
 
 from adapters.xdit import enable_compression
+from adapters.xdit.cpu import lse_attention_on_cpu
 from compressed_comm import CompressionConfig
 
 
@@ -85,25 +87,8 @@ def compare(generate: Callable[[str], tuple[torch.Tensor, float]], args: argpars
 
 # ---------------------------------------------------------------------- tiny mode: CPU
 
-def math_attention(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-                   is_causal: bool = False, scale: float | None = None,
-                   enable_gqa: bool = False, return_lse: bool = False, _save_ctx: bool = True,
-                   _parallel_config: Any = None) -> Any:
-    """Attention of ``(B, S, H, D)`` tensors that can also return the log-sum-exp, in plain
-    torch (stands in for diffusers' native op, which cannot, on CPU)."""
-    q, k, v = (x.permute(0, 2, 1, 3).float() for x in (query, key, value))
-    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
-            else s + attn_mask
-    out = (torch.softmax(s, -1) @ v).permute(0, 2, 1, 3).to(query.dtype)
-    return (out, torch.logsumexp(s, -1).permute(0, 2, 1)) if return_lse else out
-
-
 def run_tiny(args: argparse.Namespace) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.models import attention_dispatch
 
     from simulator.workloads import make_workload
 
@@ -115,8 +100,7 @@ def run_tiny(args: argparse.Namespace) -> None:
         # diffusers divides the rank by the accelerator count, which is 0 on a CPU machine
         with mock.patch.object(torch.accelerator, "device_count", return_value=1):
             model.enable_parallelism(config=parallel_config(args.mode, world))
-        lse = (mock.patch.object(attention_dispatch, "_native_attention_forward_op",
-                                 math_attention) if args.mode == "ring" else nullcontext())
+        lse = lse_attention_on_cpu() if args.mode == "ring" else nullcontext()
 
         def generate(codec: str) -> tuple[torch.Tensor, float]:
             scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)

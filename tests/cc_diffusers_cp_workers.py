@@ -5,7 +5,7 @@ compression bound by ``adapters.xdit.enable_compression``.
 Two workarounds a CPU test needs (diffusers 0.42.1): ``torch.accelerator.device_count`` is
 patched to 1 around ``enable_parallelism`` (it divides the rank by it), and ring attention,
 which needs the log-sum-exp that none of diffusers' CP backends returns on CPU, runs with
-:func:`math_forward_op` in place of the native backend's forward op (test code only).
+``adapters.xdit.cpu.lse_attention_on_cpu`` (a math op in place of the native one).
 Every model runs in float32 with diffusers' native attention backend.
 """
 
@@ -93,20 +93,6 @@ def _drifting(shape, steps):
     return [base + 0.02 * t * torch.randn(*shape, generator=g) for t in range(steps)]
 
 
-def math_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                    scale=None, enable_gqa=False, return_lse=False, _save_ctx=True,
-                    _parallel_config=None):
-    """Attention of ``(B, S, H, D)`` tensors that also returns the log-sum-exp ``(B, S, H)``
-    (what ring attention merges blocks with), in plain torch math."""
-    q, k, v = (x.permute(0, 2, 1, 3).float() for x in (query, key, value))
-    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
-            else s + attn_mask
-    out = (torch.softmax(s, -1) @ v).permute(0, 2, 1, 3).to(query.dtype)
-    return (out, torch.logsumexp(s, -1).permute(0, 2, 1)) if return_lse else out
-
-
 def cp_worker(rank, world, init_file, out_dir, names, degrees, asynchronous=False):
     """For each model: single-process outputs, diffusers' CP outputs (``degrees``: the
     ulysses and ring degrees), then CP with identity and binary compression (bytes per
@@ -115,14 +101,14 @@ def cp_worker(rank, world, init_file, out_dir, names, degrees, asynchronous=Fals
     from diffusers.models import attention_dispatch
 
     from adapters.xdit import enable_compression
+    from adapters.xdit.cpu import lse_attention_on_cpu
     from compressed_comm import CompressionConfig
 
     _init(rank, world, init_file)
     out = {}
     originals = (attention_dispatch._all_to_all_single, attention_dispatch.funcol)
     ulysses, ring = degrees
-    lse_backend = mock.patch.object(attention_dispatch, "_native_attention_forward_op",
-                                    math_forward_op)
+    lse_backend = lse_attention_on_cpu()
     try:
         for name in names:
             torch.manual_seed(0)

@@ -252,13 +252,13 @@ def install_yunchang_ring(handle: XDiTCompression, module: Any) -> list[Patch]:
 
 # ---------------------------------------------------------------------- yunchang's Ulysses
 
-class _DistWithCompressedAllToAll:
-    """``torch.distributed`` as yunchang's all-to-all module sees it: every attribute is
-    the real one except ``all_to_all_single``."""
+class _ModuleWith:
+    """A module (``torch.distributed``, its functional collectives) as a patched caller
+    sees it: the real one's attributes except the given replacements."""
 
-    def __init__(self, real: Any, all_to_all_single: Callable[..., Any]) -> None:
+    def __init__(self, real: Any, **replacements: Callable[..., Any]) -> None:
         self._real = real
-        self.all_to_all_single = all_to_all_single
+        self.__dict__.update(replacements)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
@@ -284,7 +284,7 @@ def install_yunchang_ulysses(handle: XDiTCompression, module: Any) -> list[Patch
             output.copy_(compressed.all_to_all(input.contiguous(),
                                                stream=handle.stream_name("a2a")))
             return None
-        return _DistWithCompressedAllToAll(real, all_to_all_single)
+        return _ModuleWith(real, all_to_all_single=all_to_all_single)
 
     return [make_patch(owner, "dist", handle, build)]
 
@@ -427,18 +427,6 @@ def ring_row(numel: int) -> int:
     return row if row >= 8 else 0
 
 
-class _FuncolWithCompressedAllGather:
-    """``torch.distributed._functional_collectives`` as diffusers' attention dispatch sees
-    it: every attribute is the real one except ``all_gather_tensor``."""
-
-    def __init__(self, real: Any, all_gather_tensor: Callable[..., Any]) -> None:
-        self._real = real
-        self.all_gather_tensor = all_gather_tensor
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-
 def install_diffusers_ring(handle: XDiTCompression, module: Any) -> list[Patch]:
     """``TemplatedRingAttention`` all-gathers every rank's flat ``K||V`` with
     ``funcol.all_gather_tensor(buf, gather_dim=0, group=ring group)``; compressed as an
@@ -460,7 +448,7 @@ def install_diffusers_ring(handle: XDiTCompression, module: Any) -> list[Patch]:
             parts = (handle.stale_all_gather(compressed, x, stream) if handle.asynchronous
                      else compressed.all_gather(x, stream=stream))
             return torch.cat([p.reshape(-1) for p in parts])
-        return _FuncolWithCompressedAllGather(real, all_gather_tensor)
+        return _ModuleWith(real, all_gather_tensor=all_gather_tensor)
 
     return [make_patch(owner, "funcol", handle, build)]
 
