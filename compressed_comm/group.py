@@ -138,9 +138,12 @@ class _GroupBase:
         self.step_index = 0
         #: counts the sessions this group has started (ranks agree on it)
         self.session_index = 0
-        #: bytes and point-to-point messages this rank has sent in the current session
+        #: bytes and point-to-point messages this rank has sent in the current session; the
+        #: size handshakes' messages are among them and also counted apart, since the caller
+        #: waits for them before the payloads move, asynchronous or not
         self.bytes_sent = 0
         self.messages_sent = 0
+        self.handshake_messages_sent = 0
         self._inflight: dict[StreamKey, list[Handle[Any]]] = {}
         self._failure: BaseException | None = None
         self._closed: str | None = None
@@ -192,7 +195,7 @@ class _GroupBase:
         self._failure = None
         self.step_index = 0
         self.session_index += 1
-        self.bytes_sent = self.messages_sent = 0
+        self.bytes_sent = self.messages_sent = self.handshake_messages_sent = 0
         self._reset()
 
     def abort(self) -> None:
@@ -566,7 +569,8 @@ class CompressedGroup(_GroupBase):
         what = f"{kind} of stream {stream!r} (size handshake)"
         self._wait(self._collective(what, self.transport.all_gather, block, outs, block),
                    self.timeout, what)
-        self._sent(len(mine) * (world - 1), 0)
+        self._sent(len(mine) * (world - 1), world - 1)
+        self.handshake_messages_sent += world - 1
         views = [bytes(o.cpu().numpy()) for o in outs]
         fields = [_HANDSHAKE.unpack(v[:_HANDSHAKE.size]) for v in views]
         sizes = [struct.unpack(f"<{2 * world}Q", v[_HANDSHAKE.size:]) for v in views]

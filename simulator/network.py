@@ -308,16 +308,20 @@ class StepEstimate:
     overlap: bool           # communication runs during compute (asynchronous)
 
 
-def estimate_step(compute_s: float, comm_s: float, overlap: bool) -> StepEstimate:
+def estimate_step(compute_s: float, comm_s: float, overlap: bool,
+                  blocking_s: float = 0.0) -> StepEstimate:
     """Step time from compute and communication seconds.
 
     Synchronous (``overlap=False``): the step waits for all of its communication,
     ``compute + comm``. Asynchronous (``overlap=True``, DistriFusion-style stale
     activations): communication runs during compute and only ``max(0, comm - compute)``
-    is exposed.
+    is exposed, except ``blocking_s`` of it (size handshakes: the payloads wait for them),
+    which is always exposed.
     """
     if compute_s < 0 or comm_s < 0:
         raise ValueError(f"compute_s and comm_s must be >= 0, got {compute_s}, {comm_s}")
-    exposed = max(0.0, comm_s - compute_s) if overlap else comm_s
+    if not 0 <= blocking_s <= comm_s:
+        raise ValueError(f"blocking_s must be in [0, comm_s={comm_s}], got {blocking_s}")
+    exposed = blocking_s + max(0.0, comm_s - blocking_s - compute_s) if overlap else comm_s
     return StepEstimate(compute_s=compute_s, comm_s=comm_s, exposed_comm_s=exposed,
                         step_s=compute_s + exposed, overlap=overlap)

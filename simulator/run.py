@@ -26,7 +26,8 @@ from .network import Link, estimate_step
 from .workloads import Workload, sample
 
 __all__ = ["Method", "make_methods", "Reference", "RunResult", "run_reference", "run_method",
-           "estimate_memory", "check_memory", "available_memory", "step_seconds"]
+           "estimate_memory", "check_memory", "available_memory", "step_seconds",
+           "codec_seconds"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ class RunResult:
     messages_per_step: list[list[int]]   # [rank][step] messages sent
     wall_seconds: float
     stats: SessionStats | None = None    # rank 0's compressed streams
+    #: [rank][step] of those messages, the size handshakes' (waited for before the payloads)
+    handshakes_per_step: list[list[int]] | None = None
 
     @property
     def steps(self) -> int:
@@ -93,10 +96,11 @@ class RunResult:
         """Bytes all ranks send per step, averaged over the run."""
         return sum(map(sum, self.bytes_per_step)) / self.steps
 
-    def bottleneck(self, step: int) -> tuple[int, int]:
-        """(bytes, messages) of the rank that sends most in ``step``."""
-        return max((b[step], m[step]) for b, m in zip(self.bytes_per_step,
-                                                       self.messages_per_step))
+    def bottleneck(self, step: int) -> tuple[int, int, int]:
+        """(bytes, messages, handshake messages) of the rank that sends most in ``step``."""
+        hs = self.handshakes_per_step or [[0] * self.steps for _ in self.bytes_per_step]
+        return max((b[step], m[step], h[step]) for b, m, h in zip(
+            self.bytes_per_step, self.messages_per_step, hs))
 
 
 def run_reference(workload: Workload, steps: int) -> Reference:
@@ -123,13 +127,15 @@ def run_method(workload: Workload, method: Method, world: int, steps: int, *,
         torch.set_num_threads(1)
         model = copy.deepcopy(workload.model)
         par = parallelize(model, transport, method.config)
-        sent_bytes, sent_msgs = [], []
+        sent_bytes, sent_msgs, sent_handshakes = [], [], []
 
         def forward(m, x, t):
-            b0, m0 = par.exchange.bytes_sent, par.exchange.messages_sent
+            ex = par.exchange
+            b0, m0, h0 = ex.bytes_sent, ex.messages_sent, ex.handshake_messages_sent
             out = workload.forward(m, x, t)
-            sent_bytes.append(par.exchange.bytes_sent - b0)
-            sent_msgs.append(par.exchange.messages_sent - m0)
+            sent_bytes.append(ex.bytes_sent - b0)
+            sent_msgs.append(ex.messages_sent - m0)
+            sent_handshakes.append(ex.handshake_messages_sent - h0)
             if on_step is not None and transport.rank == 0:
                 on_step()
             return out
@@ -138,7 +144,7 @@ def run_method(workload: Workload, method: Method, world: int, steps: int, *,
         latents = sample(run_workload, model, steps)
         par.finish()
         stats = par.stats()
-        return latents, sent_bytes, sent_msgs, stats
+        return latents, sent_bytes, sent_msgs, stats, sent_handshakes
 
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
@@ -147,29 +153,36 @@ def run_method(workload: Workload, method: Method, world: int, steps: int, *,
     finally:
         torch.set_num_threads(threads)
     wall = time.perf_counter() - t0
-    latents, _, _, stats = results[0]
+    latents, _, _, stats, _ = results[0]
     for r, (other, *_rest) in enumerate(results[1:], start=1):
         if not torch.equal(other, latents):
             raise AssertionError(f"{method.name}: rank {r} ended with other latents than rank 0")
     return RunResult(method, latents, workload.to_images(latents),
-                     [r[1] for r in results], [r[2] for r in results], wall, stats)
+                     [r[1] for r in results], [r[2] for r in results], wall, stats,
+                     [r[4] for r in results])
 
 
-def step_seconds(result: RunResult, compute_s: float, link: Link) -> tuple[float, float]:
-    """Estimated mean (step time, exposed communication) on ``link``, in seconds.
+def step_seconds(result: RunResult, compute_s: float, link: Link, after: int = 0
+                 ) -> tuple[float, float]:
+    """Estimated mean (step time, exposed communication) on ``link``, in seconds, over the
+    steps from ``after`` on (0: all of them).
 
     Per step the busiest rank's traffic costs ``messages * latency + bytes / bandwidth``;
-    asynchronous methods hide it behind compute after their synchronous warmup steps.
+    asynchronous methods hide it behind compute after their synchronous warmup steps, all but
+    the latency of their size handshakes (the payloads wait for them).
     """
+    if not 0 <= after < result.steps:
+        raise ValueError(f"after must be in [0, {result.steps}), got {after}")
     step_total = exposed_total = 0.0
-    for step in range(result.steps):
-        nbytes, messages = result.bottleneck(step)
+    for step in range(after, result.steps):
+        nbytes, messages, handshakes = result.bottleneck(step)
         comm = messages * link.latency + nbytes / link.bandwidth
         overlap = result.method.asynchronous and step >= result.method.config.warmup
-        estimate = estimate_step(compute_s, comm, overlap)
+        estimate = estimate_step(compute_s, comm, overlap, handshakes * link.latency)
         step_total += estimate.step_s
         exposed_total += estimate.exposed_comm_s
-    return step_total / result.steps, exposed_total / result.steps
+    n = result.steps - after
+    return step_total / n, exposed_total / n
 
 
 def codec_seconds(stats: SessionStats | None, config: CompressionConfig | None) -> float:

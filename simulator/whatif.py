@@ -250,9 +250,19 @@ class Traffic:
         return self.count * (enc * encodes + dec * decodes) * self.message_bytes(None) / bandwidth
 
     def seconds(self, link: Link, codec: str | None) -> float:
-        """Communication seconds of one step, collectives run one after another."""
+        """Communication seconds of one step, collectives run one after another, the size
+        handshakes (:meth:`handshake_seconds`) included."""
         one = collective_seconds(self.collective, self.message_bytes(codec), self.world, link)
-        return self.count * one
+        return self.count * one + self.handshake_seconds(link, codec)
+
+    def handshake_seconds(self, link: Link, codec: str | None) -> float:
+        """Seconds of one step's size handshakes: before every compressed collective, an
+        all-gather of 56 + 16 x world bytes per rank (``CompressionConfig(handshake=True)``,
+        the default); none for raw tensors and point-to-point messages."""
+        if codec is None or self.collective == "p2p":
+            return 0.0
+        block = 56 + 16 * self.world
+        return self.count * collective_seconds("all_gather", block, self.world, link)
 
 
 def step_traffic(model: ModelSpec, world: int, parallelism: str,
@@ -493,6 +503,9 @@ def _general_assumptions(model: ModelSpec, gpu: GPU, link: Link, world: int,
         "(compute + comm); async (distrifusion, +async): step t's exchange runs during "
         "step t's compute and only max(0, comm - compute) is exposed; the overlapped "
         "exchange is assumed to take no compute or memory bandwidth from the step",
+        f"every compressed collective is preceded by a size handshake (an all-gather of "
+        f"{56 + 16 * world} bytes per rank, CompressionConfig(handshake=True), the default; "
+        "counted in comm s and exposed even when async; handshake=False removes it)",
         f"the first {warmup} step(s) of distrifusion and of every codec are synchronous and "
         f"send the full tensor (codecs: identity payload, header included)",
         f"codec kernels run at the GPU's memory bandwidth ({gpu.memory_bandwidth / 1e9:.0f} "
@@ -560,7 +573,8 @@ def run_what_if(
 
     def total(method: _Method) -> tuple[StepEstimate, float, float]:
         steady = estimate_step(compute + codec_s(method.codec),
-                               traffic.seconds(link_, method.codec), method.overlap)
+                               traffic.seconds(link_, method.codec), method.overlap,
+                               traffic.handshake_seconds(link_, method.codec))
         n_warm = warmup if (method.codec is not None or method.overlap) else 0
         warm = estimate_step(compute + codec_s(method.warm_codec),
                              traffic.seconds(link_, method.warm_codec), False)

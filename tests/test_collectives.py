@@ -193,6 +193,23 @@ def test_bytes_sent_matches_the_fabric(codec):
         assert sent[r] == sum(v for (src, _), v in links.items() if src == r)
 
 
+@pytest.mark.parametrize("codec, handshake", [("raw", False), ("int4", True), ("int4", False)])
+def test_messages_sent_count_every_hop_and_the_handshakes_apart(codec, handshake):
+    """An all-gather sends world - 1 messages; a compressed one with the size handshake
+    (the default) another world - 1, also counted in handshake_messages_sent."""
+    world, steps = 3, 4
+
+    def body(t):
+        g = group(t, codec) if codec == "raw" else group(t, codec, handshake=handshake)
+        for x in walk(t.rank, (4, C), torch.float16, steps):
+            g.all_gather(x, stream="a")
+        return g.messages_sent, g.handshake_messages_sent
+    hops = steps * (world - 1)
+    for messages, handshakes in run_ranks(world, body):
+        assert handshakes == (hops if handshake else 0)
+        assert messages == hops + handshakes
+
+
 def test_world_size_one_works_without_traffic():
     def body(t):
         g = group(t, "int2")

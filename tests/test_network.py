@@ -114,6 +114,17 @@ def test_overlap_hides_communication_up_to_compute(comm):
     assert hidden.step_s <= sync.step_s
 
 
+@pytest.mark.parametrize("comm, blocking", [(0.5, 0.1), (1.5, 0.1), (2.0, 2.0), (0.2, 0.0)])
+def test_blocking_communication_is_exposed_even_when_overlapped(comm, blocking):
+    compute = 1.0
+    hidden = estimate_step(compute, comm, overlap=True, blocking_s=blocking)
+    assert hidden.exposed_comm_s == pytest.approx(blocking + max(0.0, comm - blocking - compute))
+    assert estimate_step(compute, comm, overlap=False, blocking_s=blocking).step_s == \
+        pytest.approx(compute + comm)
+    with pytest.raises(ValueError, match="blocking_s"):
+        estimate_step(compute, comm, overlap=True, blocking_s=comm + 1)
+
+
 def test_negative_times_raise():
     with pytest.raises(ValueError):
         estimate_step(-1.0, 0.0, overlap=False)
@@ -193,15 +204,27 @@ def test_step_times_follow_the_documented_model():
     def codec(enc, dec):
         return 114 * (enc + 3 * dec) * raw_bytes / bandwidth
 
+    # before every compressed all-gather, a size handshake of 56 + 16 x 4 bytes per rank
+    handshake = comm(56 + 16 * 4)
+
     raw, df, binary = report.row("raw"), report.row("distrifusion"), report.row("binary")
     assert raw.codec_s == 0 and binary.codec_s == pytest.approx(codec(5, 2))
     assert raw.total_s == pytest.approx(28 * (compute + comm(raw_bytes)))
     assert df.exposed_comm_s == pytest.approx(max(0.0, comm(raw_bytes) - compute))
     assert df.total_s == pytest.approx(2 * (compute + comm(raw_bytes)) + 26 * df.step_s)
-    expected = (2 * (compute + codec(3, 2) + comm(full))
-                + 26 * (compute + codec(5, 2) + comm(small)))
+    expected = (2 * (compute + codec(3, 2) + comm(full) + handshake)
+                + 26 * (compute + codec(5, 2) + comm(small) + handshake))
     assert binary.total_s == pytest.approx(expected)
     assert binary.speedup == pytest.approx(raw.total_s / binary.total_s)
+
+
+def test_an_asynchronous_codec_still_waits_for_its_size_handshakes():
+    report = run_what_if("flux.1-dev", "h100", 4, "patch", "1gbe", ["binary+async"])
+    link, row = get_link("1gbe"), report.row("binary+async")
+    handshake = 114 * 3 * (link.latency + (56 + 16 * 4) / link.bandwidth)
+    assert row.exposed_comm_s == pytest.approx(
+        handshake + max(0.0, row.comm_s - handshake - row.compute_s))
+    assert row.exposed_comm_s >= handshake > 0
 
 
 @pytest.mark.parametrize("parallelism", list(PARALLELISMS))

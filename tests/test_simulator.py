@@ -5,7 +5,8 @@ import json
 import pytest
 
 from simulator.cli import main
-from simulator.run import check_memory
+from simulator.network import Link
+from simulator.run import RunResult, check_memory, make_methods, step_seconds
 
 
 def run_json(capsys, *args):
@@ -15,7 +16,7 @@ def run_json(capsys, *args):
 
 def test_json_output_of_a_short_run(capsys, tmp_path):
     out = run_json(capsys, "--model", "sd3", "--ranks", "2", "--steps", "3", "--codecs",
-                   "binary,int4+async", "--out", str(tmp_path))
+                   "binary,int4+async", "--links", "pcie4,10gbe,1gbe", "--out", str(tmp_path))
     setup = out["setup"]
     for key in ("model", "ranks", "parallelism", "steps", "batch", "compute_ms_per_step",
                 "keyframe_codec",
@@ -28,7 +29,7 @@ def test_json_output_of_a_short_run(capsys, tmp_path):
         assert set(r) == {"method", "bytes_per_step", "ratio", "psnr_db", "ssim", "rel_l2",
                           "step_ms", "exposed_comm_ms", "wall_s", "reference_bytes_rank0",
                           "codec_ms"}
-        assert set(r["step_ms"]) == set(r["exposed_comm_ms"]) == {"pcie4", "10gbe"}
+        assert set(r["step_ms"]) == set(r["exposed_comm_ms"]) == {"pcie4", "10gbe", "1gbe"}
     raw = rows["raw"]
     assert raw["ratio"] == 1.0 and raw["psnr_db"] is None and raw["rel_l2"] == 0.0
     assert raw["reference_bytes_rank0"] is None  # raw exchanges keep no references
@@ -36,11 +37,12 @@ def test_json_output_of_a_short_run(capsys, tmp_path):
     # codec kernel time, measured on this machine, is part of the estimated step
     assert raw["codec_ms"] == 0 and rows["binary"]["codec_ms"] > 0
     assert rows["binary"]["ratio"] > 2 and 0 < rows["binary"]["rel_l2"] < 0.05
-    # on the slower link, compression cuts the communication the step waits for; the step
-    # also pays the codec kernels (measured here, on one CPU thread)
+    # on the slowest link, compression cuts the communication the step waits for; the step
+    # also pays the codec kernels (measured here, on one CPU thread) and, per compressed
+    # all-gather, a size handshake's latency (on these tiny messages that is most of 10gbe's)
     binary = rows["binary"]
-    assert binary["exposed_comm_ms"]["10gbe"] < 0.8 * raw["exposed_comm_ms"]["10gbe"]
-    assert binary["step_ms"]["10gbe"] - binary["codec_ms"] < raw["step_ms"]["10gbe"]
+    assert binary["exposed_comm_ms"]["1gbe"] < 0.8 * raw["exposed_comm_ms"]["1gbe"]
+    assert binary["step_ms"]["1gbe"] - binary["codec_ms"] < raw["step_ms"]["1gbe"]
     # DistriFusion moves as many bytes as raw but hides them behind compute
     assert rows["distrifusion"]["bytes_per_step"] == raw["bytes_per_step"]
     assert rows["distrifusion"]["step_ms"]["10gbe"] < raw["step_ms"]["10gbe"]
@@ -91,3 +93,25 @@ def test_what_if_takes_a_link_as_the_user_describes_it(capsys):
                  "--link", "800mbit,50us", "--codecs", "binary"]) == 0
     out = capsys.readouterr().out
     assert "over 800mbit,50us (0.1 GB/s, 50 us per message)" in out
+
+
+def test_step_seconds_price_each_step_from_the_busiest_rank():
+    """Synchronous: compute + messages x latency + bytes / bandwidth of the busiest rank;
+    asynchronous after the warmup: the overlapped part hidden, the handshakes' latency not;
+    ``after`` leaves the first steps out."""
+    raw, _, fast = make_methods("patch", ["binary+async"])
+    link = Link("test", "test", bandwidth=1000.0, latency=0.01)
+
+    def result(method):  # 2 ranks, 3 steps; rank 1 sends most
+        return RunResult(method, None, None, bytes_per_step=[[100, 50, 50], [200, 100, 100]],
+                         messages_per_step=[[2, 4, 4], [2, 4, 4]], wall_seconds=0.0,
+                         handshakes_per_step=[[0, 2, 2], [0, 2, 2]])
+    compute = 0.5
+    step0, later = 0.5 + 2 * 0.01 + 0.2, 0.5 + 4 * 0.01 + 0.1
+    assert step_seconds(result(raw), compute, link)[0] == pytest.approx((step0 + 2 * later) / 3)
+    assert step_seconds(result(raw), compute, link, after=1)[0] == pytest.approx(later)
+    hidden = 0.5 + 2 * 0.01  # compute covers the rest; the two handshake hops stay exposed
+    got, exposed = step_seconds(result(fast), compute, link, after=1)
+    assert got == pytest.approx(hidden) and exposed == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="after"):
+        step_seconds(result(raw), compute, link, after=3)
