@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from shaped_link import run_behind  # bench/ is this script's folder
+from shaped_link import end_rank, run_behind  # bench/ is this script's folder
 
 from compressed_comm import CompressedGroup, CompressionConfig
 
@@ -104,6 +104,7 @@ def _worker(rank: int, args: argparse.Namespace, init: str) -> None:
         _print_table([(op, m, s, b) for (op, m, _, b), s in zip(rows, slowest.tolist())], args)
     dist.barrier()
     dist.destroy_process_group()
+    end_rank()
 
 
 def _print_table(rows: list[Row], args: argparse.Namespace) -> None:

@@ -5,9 +5,10 @@
         [--rate 1gbit] [--delay 1ms] [--json e2e.json] [--timeout 3600]
 
 Each of ``--world`` processes (gloo on CPU, NCCL when CUDA is available) holds the same
-random-weight diffusers ``FluxTransformer2DModel`` (2 double and 2 single blocks, width
-``heads x head-dim``, ``--tokens`` image tokens and 8 text tokens; float32 on CPU, bfloat16 on
-GPUs) and denoises the same noise for ``--steps`` flow-matching steps:
+random-weight diffusers ``FluxTransformer2DModel`` (``simulator.workloads.flux_workload``: 2
+double and 2 single blocks, width ``heads x head-dim``, ``--tokens`` image tokens and 8 text
+tokens; float32 on CPU, bfloat16 on GPUs) and denoises the same noise for ``--steps``
+flow-matching steps:
 
 * ``single``: rank 0 alone, the whole model (the others wait);
 * per parallelism -- ``patch``, ``ring``, ``ulysses`` through :mod:`adapters.dit`, and
@@ -15,10 +16,11 @@ GPUs) and denoises the same noise for ``--steps`` flow-matching steps:
   :func:`adapters.xdit.enable_compression` -- ``raw`` (exact), ``distrifusion`` (patch:
   stale raw K/V) and every ``--codecs`` spec (``+async``: stale K/V, for patch and cp-ring).
 
-It prints, per run, the median seconds per step of the slowest rank after the first step,
-the speedup against raw (same parallelism) and against one process, the bytes each rank
-sends per step after the first, and the PSNR of the final latents against raw; ``--json``
-writes the same. With ``--rate`` the ranks share one link of that rate (a fresh network
+It first measures the link with timed raw all_gathers (bytes/s per rank, seconds per hop:
+what ``bench/sim_vs_e2e.py`` gives the simulator), then prints, per run, the median seconds
+per step of the slowest rank after the first step, the speedup against raw (same
+parallelism) and against one process, the bytes each rank sends per step after the first,
+and the PSNR of the final latents against raw; ``--json`` writes the same. With ``--rate`` the ranks share one link of that rate (a fresh network
 namespace whose loopback is shaped by tc, see ``bench/shaped_link.py``; needs root, exits 2
 otherwise); ``--delay`` adds a netem delay where the kernel has netem. On CPU, diffusers' ring
 needs the log-sum-exp that its CP backends do not return there: ``cp-ring`` then uses a
@@ -44,38 +46,22 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from shaped_link import run_behind  # bench/ is this script's folder
+from shaped_link import end_rank, run_behind  # bench/ is this script's folder
+
+from simulator.workloads import Workload, flux_workload
 
 TOOL = "e2e.py"
 ADAPTER = ("patch", "ring", "ulysses")
 DIFFUSERS_CP = ("cp-ulysses", "cp-ring")
 
 
-def _model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
-           ) -> tuple[torch.nn.Module, torch.Tensor, dict[str, torch.Tensor]]:
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    d = args.head_dim
-    model = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=d,
-        num_attention_heads=args.heads, joint_attention_dim=64, pooled_projection_dim=64,
-        axes_dims_rope=(d - 2 * (3 * d // 8), 3 * d // 8, 3 * d // 8))
-    model = model.to(device) if dtype == torch.float32 else model.to(device, dtype)
-    model.eval()
-    side = math.isqrt(args.tokens)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.zeros(side * side, 3)
-    ids[:, 1], ids[:, 2] = torch.arange(side * side) // side, torch.arange(side * side) % side
-    fixed = dict(encoder_hidden_states=torch.randn(1, 8, 64, generator=g).to(device, dtype),
-                 pooled_projections=torch.randn(1, 64, generator=g).to(device, dtype),
-                 img_ids=ids.to(device), txt_ids=torch.zeros(8, 3, device=device))
-    noise = torch.randn(1, side * side, 16, generator=g).to(device, dtype)
-    return model, noise, fixed
+def _workload(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Workload:
+    return flux_workload(1, 0, tokens=args.tokens, heads=args.heads, head_dim=args.head_dim,
+                         device=device, dtype=dtype)
 
 
-def _denoise(model: torch.nn.Module, noise: torch.Tensor, fixed: dict[str, torch.Tensor],
-             steps: int, counter: Any, together: bool = True
+def _denoise(workload: Workload, model: torch.nn.Module, steps: int, counter: Any,
+             together: bool = True
              ) -> tuple[torch.Tensor, list[float], list[int]]:
     """Latents after ``steps`` steps, this rank's seconds and bytes sent per step
     (``together``: all ranks start each step at a barrier)."""
@@ -83,14 +69,13 @@ def _denoise(model: torch.nn.Module, noise: torch.Tensor, fixed: dict[str, torch
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(steps)
-    latents, seconds, sent = noise.clone(), [], []
+    latents, seconds, sent = workload.noise.clone(), [], []
     with torch.no_grad():
         for t in scheduler.timesteps:
             if together:
                 dist.barrier()
             before, t0 = counter(), time.perf_counter()
-            v = model(hidden_states=latents, timestep=(t / 1000).expand(1).to(latents),
-                      **fixed, return_dict=False)[0]
+            v = workload.forward(model, latents, (t / 1000).expand(latents.shape[0]))
             latents = scheduler.step(v, t, latents, return_dict=False)[0]
             if latents.is_cuda:
                 torch.cuda.synchronize()
@@ -99,20 +84,42 @@ def _denoise(model: torch.nn.Module, noise: torch.Tensor, fixed: dict[str, torch
     return latents, seconds, sent
 
 
+def _probe_link(world: int, device: torch.device, block: int = 4 << 20, repeat: int = 3
+                ) -> dict[str, float]:
+    """This group's link as each rank achieves it: the median of timed raw all_gathers of 4
+    bytes (seconds per hop, ``world - 1`` hops) and of ``block`` bytes per rank (bytes/s a
+    rank sends, after the hops' latency)."""
+    def timed(nbytes: int, times: int) -> float:
+        x = torch.zeros(nbytes // 4, device=device)
+        out = [torch.empty_like(x) for _ in range(world)]
+        secs = []
+        for _ in range(times):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_gather(out, x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            secs.append(time.perf_counter() - t0)
+        return statistics.median(secs)
+    hop = timed(4, 2 * repeat + 1) / (world - 1)
+    whole = timed(block, repeat)
+    return {"latency_s": hop,
+            "bytes_per_s": (world - 1) * block / max(whole - (world - 1) * hop, 1e-9)}
+
+
 def _methods(parallelism: str, codecs: list[str]) -> list[str]:
     extra = ["distrifusion"] if parallelism == "patch" else []
     ok = [c for c in codecs if not c.endswith("+async") or parallelism in ("patch", "cp-ring")]
     return ["raw", *extra, *ok]
 
 
-def _run(parallelism: str, method: str, base: torch.nn.Module, noise: torch.Tensor,
-         fixed: dict[str, torch.Tensor], args: argparse.Namespace
+def _run(parallelism: str, method: str, workload: Workload, args: argparse.Namespace
          ) -> tuple[torch.Tensor, list[float], list[int]]:
     from adapters.dit import ParallelConfig, parallelize
     from adapters.xdit import enable_compression
     from compressed_comm import CompressionConfig, TorchDistTransport
 
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(workload.model)
     codec = method.removesuffix("+async")
     stale = method.endswith("+async") or method == "distrifusion"
     if parallelism in ADAPTER:
@@ -120,7 +127,7 @@ def _run(parallelism: str, method: str, base: torch.nn.Module, noise: torch.Tens
         par = parallelize(model, TorchDistTransport(), ParallelConfig(
             parallelism, compression=compression, asynchronous=stale, timeout=args.op_timeout))
         try:
-            return _denoise(model, noise, fixed, args.steps, lambda: par.exchange.bytes_sent)
+            return _denoise(workload, model, args.steps, lambda: par.exchange.bytes_sent)
         finally:
             par.remove()
     from diffusers import ContextParallelConfig
@@ -132,14 +139,15 @@ def _run(parallelism: str, method: str, base: torch.nn.Module, noise: torch.Tens
     with mock.patch.object(torch.accelerator, "device_count",
                            return_value=max(1, torch.accelerator.device_count())):
         model.enable_parallelism(config=ContextParallelConfig(**{f"{mode}_degree": world}))
-    lse = lse_attention_on_cpu() if mode == "ring" and not noise.is_cuda else nullcontext()
+    on_cpu = not workload.noise.is_cuda
+    lse = lse_attention_on_cpu() if mode == "ring" and on_cpu else nullcontext()
     with lse:
         if method == "raw":
-            return _denoise(model, noise, fixed, args.steps, lambda: 0)
+            return _denoise(workload, model, args.steps, lambda: 0)
         handle = enable_compression(model, CompressionConfig(codec=codec), asynchronous=stale,
                                     timeout=args.op_timeout)
         try:
-            return _denoise(model, noise, fixed, args.steps, lambda: handle.bytes_sent)
+            return _denoise(workload, model, args.steps, lambda: handle.bytes_sent)
         finally:
             handle.disable()
 
@@ -160,9 +168,13 @@ def _worker(rank: int, args: argparse.Namespace, init: str) -> None:
             torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
-        base, noise, fixed = _model(args, device, torch.bfloat16 if cuda else torch.float32)
+        workload = _workload(args, device, torch.bfloat16 if cuda else torch.float32)
+        link = _probe_link(args.world, device)
+        if rank == 0:
+            print(f"link as measured (raw all_gather): {link['bytes_per_s'] / 1e6:.1f} MB/s "
+                  f"per rank, {link['latency_s'] * 1e6:.0f} us per hop", flush=True)
         rows: list[dict[str, Any]] = []
-        secs = (_denoise(base, noise, fixed, args.steps, lambda: 0, together=False)[1]
+        secs = (_denoise(workload, workload.model, args.steps, lambda: 0, together=False)[1]
                 if rank == 0 else [])  # one process alone; the others wait below
         times: list[Any] = [None] * args.world
         dist.all_gather_object(times, secs)
@@ -173,7 +185,7 @@ def _worker(rank: int, args: argparse.Namespace, init: str) -> None:
         for parallelism in args.parallelisms:
             raw_latents, raw_seconds = None, None
             for method in _methods(parallelism, args.codecs):
-                latents, secs, sent = _run(parallelism, method, base, noise, fixed, args)
+                latents, secs, sent = _run(parallelism, method, workload, args)
                 gathered: list[Any] = [None] * args.world
                 dist.all_gather_object(gathered, (secs, sent))
                 slowest = [max(g[0][i] for g in gathered) for i in range(args.steps)]
@@ -193,10 +205,11 @@ def _worker(rank: int, args: argparse.Namespace, init: str) -> None:
         if rank == 0 and args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": {k: v for k, v in vars(args).items() if k != "inner"},
-                           "rows": rows}, f, indent=1)
+                           "link": link, "rows": rows}, f, indent=1)
             print(f"wrote {args.json}")
     finally:
         dist.destroy_process_group()
+    end_rank()
 
 
 def _print_row(r: dict[str, Any]) -> None:

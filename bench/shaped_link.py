@@ -1,7 +1,7 @@
 """Run a benchmark's ranks behind a rate-limited link: a fresh network namespace whose
 loopback is shaped by ``tc`` (a token bucket, and a netem delay where the kernel has it).
 
-Used by ``bench/collectives.py`` and ``bench/e2e.py``. All ranks' traffic shares the one
+Used by ``bench/collectives.py`` and ``bench/e2e.py`` (also :func:`end_rank`). All ranks' traffic shares the one
 bucket: it models one link of rate R for the whole group, not R per rank. Needs root and
 iproute2 (``ip``, ``tc``); the namespace is deleted afterwards.
 """
@@ -58,6 +58,16 @@ def shaped_netns(tool: str, rate: str, delay: str | None = None) -> Iterator[tup
         yield name, delayed
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def end_rank() -> NoReturn:
+    """End a rank's process once its process group is destroyed, skipping interpreter
+    finalisation: a gloo thread that drops the last reference to a tensor during
+    finalisation aborts the process ("terminate called without an active exception",
+    pytorch/pytorch#190489), after the results are written."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(tool: str, cmd: list[str], timeout: float) -> int:

@@ -9,15 +9,16 @@ compression error is measured against their exact parallel output just the same.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Mapping
 
 import torch
 
 from .digits import IMAGE_SIZE, NUM_CLASSES, flow_sample, load_digits_model
 
-__all__ = ["Workload", "WORKLOADS", "make_workload", "sample"]
+__all__ = ["WORKLOADS", "Workload", "flux_workload", "make_workload", "sample"]
 
 #: (model, latents, t in [0, 1]) -> velocity
 Forward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -125,33 +126,50 @@ def _pixart(batch: int, seed: int) -> Workload:
                     model, noise, forward, _false_colour)
 
 
-def _flux(batch: int, seed: int) -> Workload:
+def flux_workload(batch: int, seed: int, *, tokens: int = 256, heads: int = 4,
+                  head_dim: int = 16, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> Workload:
+    """A random-weight ``FluxTransformer2DModel`` (2 double and 2 single blocks, width
+    ``heads * head_dim``, ``tokens`` packed image tokens of 16 channels (a square number) and
+    8 text tokens, RoPE over the image grid) on ``device`` in ``dtype``; the ``flux``
+    workload is its default size."""
+    side = math.isqrt(tokens)
+    if tokens < 1 or side * side != tokens:
+        raise ValueError(f"tokens must be a positive square number, got {tokens}")
+    rope = 3 * head_dim // 8  # RoPE axes (time, row, column): each must be even
+    if head_dim < 8 or head_dim % 2 or rope % 2:
+        raise ValueError(f"head_dim must split into even RoPE axes (16, 32, 48, 64, ...), got "
+                         f"{head_dim}")
     from diffusers import FluxTransformer2DModel
     model = _randomized(FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32,
-        axes_dims_rope=(4, 6, 6)), seed)
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32,
+        pooled_projection_dim=32, axes_dims_rope=(head_dim - 2 * rope, rope, rope)), seed)
+    model = model.to(device) if dtype == torch.float32 else model.to(device, dtype)
     g = _generator(seed)
-    side = 16  # packed 2x2: a 32x32x4 latent is 16x16 tokens of 16 channels
-    text, pooled = torch.randn(batch, 8, 32, generator=g), torch.randn(batch, 32, generator=g)
-    noise = torch.randn(batch, side * side, 16, generator=g)
-    img_ids = torch.zeros(side * side, 3)
-    img_ids[:, 1] = torch.arange(side * side) // side
-    img_ids[:, 2] = torch.arange(side * side) % side
-    txt_ids = torch.zeros(8, 3)
+    text = torch.randn(batch, 8, 32, generator=g).to(device, dtype)
+    pooled = torch.randn(batch, 32, generator=g).to(device, dtype)
+    noise = torch.randn(batch, tokens, 16, generator=g).to(device, dtype)
+    img_ids = torch.zeros(tokens, 3, device=device)
+    img_ids[:, 1] = torch.arange(tokens, device=device) // side
+    img_ids[:, 2] = torch.arange(tokens, device=device) % side
+    txt_ids = torch.zeros(8, 3, device=device)
 
     def forward(m, x, t):
-        return m(hidden_states=x, timestep=t, encoder_hidden_states=text,
+        return m(hidden_states=x, timestep=t.to(x), encoder_hidden_states=text,
                  pooled_projections=pooled, img_ids=img_ids, txt_ids=txt_ids,
                  return_dict=False)[0]
 
-    def to_images(x: torch.Tensor) -> torch.Tensor:  # unpack (B, 256, 16) -> (B, 4, 32, 32)
+    def to_images(x: torch.Tensor) -> torch.Tensor:  # unpack (B, T, 16) -> (B, 4, 2s, 2s)
         b = x.shape[0]
-        x = x.view(b, side, side, 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, 4, 2 * side,
-                                                                           2 * side)
-        return _false_colour(x)
-    return Workload("flux", "random-weight FluxTransformer2DModel (16x16 packed tokens, RoPE)",
-                    model, noise, forward, to_images)
+        x = x.float().cpu().view(b, side, side, 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return _false_colour(x.reshape(b, 4, 2 * side, 2 * side))
+    return Workload("flux", f"random-weight FluxTransformer2DModel ({side}x{side} packed "
+                    f"tokens, width {heads * head_dim}, RoPE)", model, noise, forward, to_images)
+
+
+def _flux(batch: int, seed: int) -> Workload:
+    return flux_workload(batch, seed)
 
 
 def _cogvideox(batch: int, seed: int) -> Workload:
