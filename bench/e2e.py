@@ -16,8 +16,8 @@ flow-matching steps:
   :func:`adapters.xdit.enable_compression` -- ``raw`` (exact), ``distrifusion`` (patch:
   stale raw K/V) and every ``--codecs`` spec (``+async``: stale K/V, for patch and cp-ring).
 
-It first measures the link with timed raw all_gathers (bytes/s per rank, seconds per hop:
-what ``bench/sim_vs_e2e.py`` gives the simulator), then prints, per run, the median seconds
+It first measures the link's latency with timed 4-byte all_gathers (seconds per hop, which
+``bench/sim_vs_e2e.py`` gives the simulator), then prints, per run, the median seconds
 per step of the slowest rank after the first step, the speedup against raw (same
 parallelism) and against one process, the bytes each rank sends per step after the first,
 and the PSNR of the final latents against raw; ``--json`` writes the same. With ``--rate`` the ranks share one link of that rate (a fresh network
@@ -84,27 +84,18 @@ def _denoise(workload: Workload, model: torch.nn.Module, steps: int, counter: An
     return latents, seconds, sent
 
 
-def _probe_link(world: int, device: torch.device, block: int = 4 << 20, repeat: int = 3
-                ) -> dict[str, float]:
-    """This group's link as each rank achieves it: the median of timed raw all_gathers of 4
-    bytes (seconds per hop, ``world - 1`` hops) and of ``block`` bytes per rank (bytes/s a
-    rank sends, after the hops' latency)."""
-    def timed(nbytes: int, times: int) -> float:
-        x = torch.zeros(nbytes // 4, device=device)
-        out = [torch.empty_like(x) for _ in range(world)]
-        secs = []
-        for _ in range(times):
-            dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_gather(out, x)
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            secs.append(time.perf_counter() - t0)
-        return statistics.median(secs)
-    hop = timed(4, 2 * repeat + 1) / (world - 1)
-    whole = timed(block, repeat)
-    return {"latency_s": hop,
-            "bytes_per_s": (world - 1) * block / max(whole - (world - 1) * hop, 1e-9)}
+def _hop_latency(world: int, device: torch.device, repeat: int = 7) -> float:
+    """Seconds per hop of this group's link: the median of timed raw all_gathers of 4
+    bytes, over the ``world - 1`` hops of one."""
+    x = torch.zeros(1, device=device)
+    out = [torch.empty_like(x) for _ in range(world)]
+    secs = []
+    for _ in range(repeat):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_gather(out, x)
+        secs.append(time.perf_counter() - t0)
+    return statistics.median(secs) / (world - 1)
 
 
 def _methods(parallelism: str, codecs: list[str]) -> list[str]:
@@ -169,10 +160,10 @@ def _worker(rank: int, args: argparse.Namespace, init: str) -> None:
         if cuda:
             torch.cuda.set_device(device)
         workload = _workload(args, device, torch.bfloat16 if cuda else torch.float32)
-        link = _probe_link(args.world, device)
+        link = {"latency_s": _hop_latency(args.world, device)}
         if rank == 0:
-            print(f"link as measured (raw all_gather): {link['bytes_per_s'] / 1e6:.1f} MB/s "
-                  f"per rank, {link['latency_s'] * 1e6:.0f} us per hop", flush=True)
+            print(f"link latency (4-byte all_gather): {link['latency_s'] * 1e6:.0f} us per hop",
+                  flush=True)
         rows: list[dict[str, Any]] = []
         secs = (_denoise(workload, workload.model, args.steps, lambda: 0, together=False)[1]
                 if rank == 0 else [])  # one process alone; the others wait below
