@@ -493,6 +493,13 @@ def _general_assumptions(model: ModelSpec, gpu: GPU, link: Link, world: int,
         "embeddings, text encoder and VAE not counted",
         f"image tokens split {world} ways (the busiest rank, ceil({model.image_tokens}/"
         f"{world}), sets the pace); text tokens replicated on every rank and never sent",
+        "the split is ideal: a rank's kernels on 1/world of the tokens are assumed as "
+        "efficient as one GPU's, and launch overheads are not counted. Published parallel "
+        "runs are slower: FLUX.1-dev on 4 H100 over NVLink takes 4.24 s with Ulysses-4 and "
+        "5.11 s with Ring-4 in PyTorch (1.63 s and 1.98 s compiled; xdit-project/xDiT "
+        "docs/performance/flux.md) where this model gives 2.40 s and 2.46 s. Parallel times "
+        "are lower bounds, and the speedups of compression (which only cuts communication) "
+        "upper bounds",
         "messages are bf16; a codec's message is exactly "
         "get_codec(spec).payload_nbytes((rows, cols), bfloat16), header included; the ratio "
         "column is raw bytes / that payload",
