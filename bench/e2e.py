@@ -2,6 +2,7 @@
 
     python bench/e2e.py [--world 4] [--steps 6] [--tokens 1024] [--heads 8] [--head-dim 48]
         [--parallelisms patch,ring,ulysses,cp-ulysses,cp-ring] [--codecs binary,binary+async]
+        [--keyframe-codec int8] [--keyframe-period 10] [--keyframe-spread 4]
         [--rate 1gbit] [--delay 1ms] [--json e2e.json] [--timeout 3600]
 
 Each of ``--world`` processes (gloo on CPU, NCCL when CUDA is available) holds the same
@@ -108,13 +109,13 @@ def _run(parallelism: str, method: str, workload: Workload, args: argparse.Names
          ) -> tuple[torch.Tensor, list[float], list[int]]:
     from adapters.dit import ParallelConfig, parallelize
     from adapters.xdit import enable_compression
-    from compressed_comm import CompressionConfig, TorchDistTransport
+    from compressed_comm import TorchDistTransport
 
     model = copy.deepcopy(workload.model)
     codec = method.removesuffix("+async")
     stale = method.endswith("+async") or method == "distrifusion"
     if parallelism in ADAPTER:
-        compression = None if method in ("raw", "distrifusion") else CompressionConfig(codec=codec)
+        compression = None if method in ("raw", "distrifusion") else _config(codec, args)
         par = parallelize(model, TorchDistTransport(), ParallelConfig(
             parallelism, compression=compression, asynchronous=stale, timeout=args.op_timeout))
         try:
@@ -135,12 +136,20 @@ def _run(parallelism: str, method: str, workload: Workload, args: argparse.Names
     with lse:
         if method == "raw":
             return _denoise(workload, model, args.steps, lambda: 0)
-        handle = enable_compression(model, CompressionConfig(codec=codec), asynchronous=stale,
+        handle = enable_compression(model, _config(codec, args), asynchronous=stale,
                                     timeout=args.op_timeout)
         try:
             return _denoise(workload, model, args.steps, lambda: handle.bytes_sent)
         finally:
             handle.disable()
+
+
+def _config(codec: str, args: argparse.Namespace) -> Any:
+    from compressed_comm import CompressionConfig
+
+    return CompressionConfig(codec=codec, keyframe_codec=args.keyframe_codec,
+                             keyframe_period=args.keyframe_period,
+                             keyframe_spread=args.keyframe_spread)
 
 
 def _psnr(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -225,6 +234,12 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=48)
     p.add_argument("--parallelisms", type=_csv, default=list(ADAPTER + DIFFUSERS_CP))
     p.add_argument("--codecs", type=_csv, default=["binary", "binary+async"])
+    p.add_argument("--keyframe-codec", default="identity",
+                   help="how the codecs' keyframes are sent (CompressionConfig.keyframe_codec)")
+    p.add_argument("--keyframe-period", type=int, default=0,
+                   help="a keyframe every this many steps (0: only the warmup step)")
+    p.add_argument("--keyframe-spread", type=int, default=1,
+                   help="each periodic keyframe in this many row slices over as many steps")
     p.add_argument("--rate", help="cap the ranks' shared link at this tc rate (1gbit, 200mbit)")
     p.add_argument("--delay", help="netem delay per packet (1ms), where the kernel has netem")
     p.add_argument("--json", help="write the results here")
@@ -234,6 +249,10 @@ def main() -> None:
     args = p.parse_args()
     if args.world < 2 or args.steps < 2 or math.isqrt(args.tokens) ** 2 != args.tokens:
         p.error("--world and --steps must be at least 2 and --tokens a square number")
+    try:
+        _config("binary", args)
+    except ValueError as e:
+        p.error(str(e))
     unknown = set(args.parallelisms) - set(ADAPTER + DIFFUSERS_CP)
     if unknown:
         p.error(f"unknown parallelisms {sorted(unknown)}; expected {ADAPTER + DIFFUSERS_CP}")

@@ -33,7 +33,11 @@ class CompressionConfig:
        (default, lossless) or a stateless lossy codec (``"int8"``, ``"fp8"`` halve the
        bytes, ``"int4"`` quarters them; also ``"int2"``, ``"binary"``). Both sides take
        the decoded keyframe as their reference, so what it loses is the next residual's to
-       correct.
+       correct. ``keyframe_spread`` -- if > 1, each periodic keyframe is sent in that many
+       slices over as many consecutive steps: step ``t`` with ``t % keyframe_period = j <
+       keyframe_spread`` sends slice ``j`` of the rows through ``keyframe_codec`` and the
+       other rows as residuals, so no single step pays the whole tensor (warmup steps stay
+       whole). At most ``keyframe_period``.
     6. ``min_bytes`` -- tensors smaller than this are always sent raw; compression of tiny
        messages costs more in kernel launches than it saves in bytes.
     7. ``skip`` -- ``fnmatch`` patterns of stream names that are always sent raw.
@@ -59,14 +63,15 @@ class CompressionConfig:
         The header (codec, stream, session, step, config) is always checked.
 
     13. ``handshake`` -- before each compressed all-gather, all-to-all and ring pass, the
-        ranks all-gather a block of ``56 + 16 * world_size`` bytes with the sizes, session,
+        ranks all-gather a block of ``64 + 16 * world_size`` bytes with the sizes, session,
         step and config each will use, so ranks that disagree (a missed ``step()``, another config) all
         raise the same :class:`~compressed_comm.WireFormatError` instead of hanging or
         crashing the backend (gloo aborts the process on mismatched sizes). Costs one
         extra small collective per call and, on CUDA, a host synchronisation; turn it off
         only where every rank is known to issue the same calls.
 
-    All ranks of a group must use the same settings for 1-8 (keyframe_codec included), 12
+    All ranks of a group must use the same settings for 1-8 (keyframe_codec and
+    keyframe_spread included), 12
     and 13: every payload
     header carries them (skip and min_bytes as the codec a stream uses) and a receiver whose config differs raises
     :class:`~compressed_comm.WireFormatError` naming the fields.
@@ -78,6 +83,7 @@ class CompressionConfig:
     warmup_steps: int = 1
     keyframe_period: int = 0
     keyframe_codec: str = "identity"
+    keyframe_spread: int = 1
     min_bytes: int = 0
     skip: tuple[str, ...] = field(default_factory=tuple)
     closed_loop: bool = True
@@ -101,6 +107,13 @@ class CompressionConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
+        spread = self.keyframe_spread
+        if not isinstance(spread, int) or isinstance(spread, bool) or spread < 1:
+            raise ValueError(f"keyframe_spread must be a positive integer; got {spread!r}")
+        if spread > 1 and not spread <= self.keyframe_period:
+            raise ValueError(f"keyframe_spread={spread} needs keyframe_period >= {spread} (the "
+                             f"slices of one keyframe go out before the next); got "
+                             f"keyframe_period={self.keyframe_period}")
         if isinstance(self.skip, str):
             raise ValueError(f"skip must be a sequence of name patterns, not the string {self.skip!r}")
         object.__setattr__(self, "skip", tuple(self.skip))

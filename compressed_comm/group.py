@@ -39,7 +39,8 @@ DEFAULT_TIMEOUT = 300.0
 CONTROL_TAG = 0x4343
 #: CompressionConfig fields all ranks must share, as checked by the size handshake
 SHARED_CONFIG = ("codec", "residual_order", "decay", "warmup_steps", "keyframe_period",
-                 "keyframe_codec", "min_bytes", "skip", "closed_loop", "checksum")
+                 "keyframe_spread", "keyframe_codec", "min_bytes", "skip", "closed_loop",
+                 "checksum")
 #: a collective's size handshake block: magic, session, stream CRC, step, a CRC-32 per
 #: shared config field, pad; then 2 x world uint64 sizes (sent to, expected from, each rank)
 _HANDSHAKE = struct.Struct(f"<4sIII{len(SHARED_CONFIG)}I{-4 * len(SHARED_CONFIG) % 8}x")

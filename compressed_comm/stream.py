@@ -10,24 +10,28 @@ residual (error feedback).
 Predictions by ``residual_order``: 0 -> zero (plain compression), 1 -> ``ref``,
 2 -> ``ref + decay * (ref - previous ref)``. Steps ``t < warmup_steps`` and, if
 ``keyframe_period > 0``, steps with ``t % keyframe_period == 0`` are keyframes: the tensor
-itself, lossless. The schedule depends only on ``t``, so both sides know every payload
-size in advance (:meth:`payload_nbytes`).
+itself, through the keyframe codec (lossless by default). With ``keyframe_spread = K > 1``
+a periodic keyframe is sent in ``K`` row slices instead: step ``t`` with ``t %
+keyframe_period = j < K`` sends slice ``j`` of the rows as a keyframe and the other rows
+as residuals. The schedule depends only on ``t``, so both sides know every payload size
+in advance (:meth:`payload_nbytes`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .codecs import Codec, IdentityCodec, get_codec
-from .codecs.base import as_2d, check_finite
+from .codecs.base import _nc, as_2d, check_finite
 from .config import CompressionConfig
 from .kernels.torch_ref import FP32_MAX
 from .errors import StaleMessageError, StreamMismatchError, StreamOrderError, WireFormatError
-from .wire import (CONFIG_FIELDS, FLAG_CHECKSUM, FLAG_KEYFRAME, Header, check_dtype,
-                   contiguous_payload, read_header, stream_tag, verify_checksum)
+from .wire import (ALIGN, CONFIG_FIELDS, FLAG_CHECKSUM, FLAG_KEYFRAME, FLAG_SPREAD, Header,
+                   check_dtype, contiguous_payload, read_header, stream_tag, verify_checksum)
 
 __all__ = ["StreamEncoder", "StreamDecoder", "StreamStats"]
 
@@ -55,6 +59,10 @@ class StreamStats:
     def ratio(self) -> float:
         """raw bytes / wire bytes (inf before the first message)."""
         return self.raw_bytes / self.wire_bytes if self.wire_bytes else float("inf")
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 class _Stream:
@@ -92,6 +100,7 @@ class _Stream:
         self.decay = float(config.decay)
         self.warmup_steps = 0 if self.codec.lossless else config.warmup_steps
         self.keyframe_period = 0 if self.codec.lossless else config.keyframe_period
+        self.keyframe_spread = 1 if self.codec.lossless else config.keyframe_spread
         self.check_finite = config.check_finite
         self.closed_loop = config.closed_loop
         self.checksum = config.checksum
@@ -131,22 +140,53 @@ class _Stream:
         return self._ref
 
     def is_keyframe(self, step: int) -> bool:
-        """Whether message ``step`` is sent in full."""
+        """Whether message ``step`` sends the whole tensor through the keyframe codec."""
         if step < self.warmup_steps:
             return True
-        return self.keyframe_period > 0 and step % self.keyframe_period == 0
+        return (self.keyframe_period > 0 and self.keyframe_spread == 1
+                and step % self.keyframe_period == 0)
+
+    def spread_rows(self, step: int) -> tuple[int, int] | None:
+        """Rows ``(lo, hi)`` of the tensor viewed ``(N, C)`` that message ``step`` sends as
+        its slice of a spread keyframe (the other rows go as residuals); None if the
+        message is not such a slice."""
+        k = self.keyframe_spread
+        j = step % self.keyframe_period if k > 1 else k
+        if j >= k or step - j < self.warmup_steps:  # not in a keyframe after the warmup
+            return None
+        n = _nc(self.shape)[0]
+        return j * n // k, (j + 1) * n // k
+
+    def _fields(self, step: int, flags: int) -> dict[str, Any]:
+        return dict(seq=step & 0xFFFFFFFF, tag=self.tag, flags=flags,
+                    session=self.session & 0xFFFFFFFF, residual_order=self.order,
+                    closed_loop=self.closed_loop, warmup_steps=self.warmup_steps,
+                    keyframe_period=self.keyframe_period,
+                    decay=self.decay if self.order == 2 else 0.0)
+
+    def _parts(self, step: int, lo: int, hi: int) -> list[tuple[int, int, Codec, Header]]:
+        """The row blocks of a spread keyframe's message: ``(start, end, codec, header)``
+        of the rows before the slice, the slice (keyframe codec) and the rows after."""
+        n, c = _nc(self.shape)
+        blocks = ((0, lo, self.codec, 0), (lo, hi, self._keyframe_codec, FLAG_KEYFRAME),
+                  (hi, n, self.codec, 0))
+        return [(a, b, codec, codec.header((b - a, c), self.dtype, **self._fields(step, flags)))
+                for a, b, codec, flags in blocks if b > a]
 
     def header(self, step: int | None = None) -> Header:
         """The header of message ``step`` (default: the next one)."""
         step = self._step if step is None else step
-        codec = self._keyframe_codec if self.is_keyframe(step) else self.codec
-        flags = (FLAG_KEYFRAME if self.is_keyframe(step) else 0) | (
-            FLAG_CHECKSUM if self.checksum else 0)
-        return codec.header(self.shape, self.dtype, seq=step & 0xFFFFFFFF, tag=self.tag,
-                            flags=flags, session=self.session & 0xFFFFFFFF,
-                            residual_order=self.order, closed_loop=self.closed_loop,
-                            warmup_steps=self.warmup_steps, keyframe_period=self.keyframe_period,
-                            decay=self.decay if self.order == 2 else 0.0)
+        checksum = FLAG_CHECKSUM if self.checksum else 0
+        rows = self.spread_rows(step)
+        if rows is not None:
+            body = sum(_aligned(h.payload_nbytes) for *_, h in self._parts(step, *rows))
+            outer = self.codec.header(self.shape, self.dtype,
+                                      **self._fields(step, FLAG_SPREAD | checksum))
+            return dataclasses.replace(outer, body_nbytes=body)
+        keyframe = self.is_keyframe(step)
+        codec = self._keyframe_codec if keyframe else self.codec
+        return codec.header(self.shape, self.dtype,
+                            **self._fields(step, (FLAG_KEYFRAME if keyframe else 0) | checksum))
 
     def payload_nbytes(self, step: int | None = None) -> int:
         """Size of the payload of message ``step`` (default: the next one)."""
@@ -154,8 +194,11 @@ class _Stream:
 
     def max_payload_nbytes(self) -> int:
         """The largest payload any message of this stream can have (keyframe or not)."""
-        return max(c.payload_nbytes(self.shape, self.dtype)
-                   for c in (self.codec, self._keyframe_codec))
+        whole = [c.payload_nbytes(self.shape, self.dtype)
+                 for c in (self.codec, self._keyframe_codec)]
+        first = -(-self.warmup_steps // max(self.keyframe_period, 1)) * self.keyframe_period
+        return max(whole + [self.payload_nbytes(first + j) for j in range(self.keyframe_spread)
+                            if self.keyframe_spread > 1])
 
     @property
     def reference_bytes(self) -> int:
@@ -232,16 +275,40 @@ class StreamEncoder(_Stream):
             check_finite(x, what, self._kernels)
             check = None
         header = self.header()
+        rows = self.spread_rows(self._step)
+        if rows is not None and check is not None:  # the slices must not change the stream
+            check_finite(x, what, self._kernels)   # before a later one finds a NaN
+            check = None
         pred, target, codec = self._begin()
-        state = self._codec_state if codec is self.codec else None
-        payload = codec.emit(as_2d(x), self.shape, None if pred is None else as_2d(pred),
-                             as_2d(target), header, state, check=check)
+        if rows is not None:
+            payload = self._emit_spread(x, header, rows, pred, target)
+        else:
+            state = self._codec_state if codec is self.codec else None
+            payload = codec.emit(as_2d(x), self.shape, None if pred is None else as_2d(pred),
+                                 as_2d(target), header, state, check=check)
         if self.track_error:
             self._err = self._kernels.error_norms(x, target)
         if not self.closed_loop:
             target.copy_(x)
         self._wire_bytes += payload.numel()
         self._finish()
+        return payload
+
+    def _emit_spread(self, x: torch.Tensor, header: Header, rows: tuple[int, int],
+                     pred: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
+        """The payload of a spread keyframe's slice: one sub-payload per row block."""
+        n, c = _nc(self.shape)
+        x2, t2 = as_2d(x), target.view(n, c)
+        p2 = None if pred is None else pred.view(n, c)
+        payload = torch.zeros(header.payload_nbytes, dtype=torch.uint8, device=x.device)
+        header.write(payload)
+        offset = header.nbytes
+        for a, b, codec, sub in self._parts(self._step, *rows):
+            part = codec.emit(x2[a:b], (b - a, c), None if sub.keyframe or p2 is None
+                              else p2[a:b], t2[a:b], sub)
+            payload[offset:offset + part.numel()] = part
+            offset += _aligned(part.numel())
+        header.seal(payload)
         return payload
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -298,7 +365,12 @@ class StreamDecoder(_Stream):
                 f"{header.seq} (a {kind} message)"
             )
         bad = header.mismatches(expected)
-        config = [b for b in bad if b.split("=")[0] in CONFIG_FIELDS]
+        if (header.flags ^ expected.flags) & FLAG_SPREAD:
+            bad.append(f"keyframe_spread (step {expected.seq} is "
+                       f"{'' if expected.flags & FLAG_SPREAD else 'not '}a slice of a spread "
+                       "keyframe here)")
+        config = [b for b in bad if b.split("=")[0].split(" ")[0] in (*CONFIG_FIELDS,
+                                                                    "keyframe_spread")]
         if config:
             raise WireFormatError(
                 f"{self.what}: the sender's CompressionConfig differs from this rank's: "
@@ -309,13 +381,43 @@ class StreamDecoder(_Stream):
         verify_checksum(payload, header, self.what)
         if self._broken is not None:
             raise WireFormatError(f"{self.what}: {self._broken}; start a new session")
+        rows = self.spread_rows(self._step)
+        parts = None if rows is None else self._spread_parts(payload, header, rows)
         pred, target, codec = self._begin()
         try:
-            codec.absorb(payload, header, pred, target)
+            if parts is None:
+                codec.absorb(payload, header, pred, target)
+            else:
+                self._absorb_spread(parts, pred, target)
         except WireFormatError as e:  # a body the codec rejects (e.g. a corrupt top-k index)
-            if self.order == 2:  # the prediction was already made in place
+            if self.order == 2 or parts is not None:  # the reference is already changed
                 self._broken = f"out of step with its sender since step {self._step} ({e})"
             raise WireFormatError(f"{self.what}: {e}") from None
         self._wire_bytes += payload.numel()
         self._finish()
         return self._ref
+
+    def _spread_parts(self, payload: torch.Tensor, header: Header, rows: tuple[int, int]
+                      ) -> list[tuple[int, int, Codec, Header, torch.Tensor]]:
+        """The validated sub-payloads of a spread keyframe's slice (before any is applied)."""
+        parts, offset = [], header.nbytes
+        for a, b, codec, sub in self._parts(self._step, *rows):
+            part = payload[offset:offset + sub.payload_nbytes]
+            try:
+                bad = read_header(part).mismatches(sub)
+            except WireFormatError as e:
+                bad = [str(e)]
+            if bad:
+                raise WireFormatError(f"{self.what}: rows {a}:{b} of the spread keyframe at step "
+                                      f"{self._step}: {', '.join(bad)}")
+            parts.append((a, b, codec, sub, part))
+            offset += _aligned(sub.payload_nbytes)
+        return parts
+
+    def _absorb_spread(self, parts: list[tuple[int, int, Codec, Header, torch.Tensor]],
+                       pred: torch.Tensor | None, target: torch.Tensor) -> None:
+        n, c = _nc(self.shape)
+        t2 = target.view(n, c)
+        p2 = None if pred is None else pred.view(n, c)
+        for a, b, codec, sub, part in parts:
+            codec.absorb(part, sub, None if sub.keyframe or p2 is None else p2[a:b], t2[a:b])

@@ -7,7 +7,8 @@ Every payload is one contiguous 1-D ``uint8`` tensor::
     2       1      version (currently 3; 3 added session, config and checksum fields)
     3       1      codec id (see ``compressed_comm.codecs``)
     4       1      dtype code: 1 float32, 2 float16, 3 bfloat16
-    5       1      flags: bit 0 = keyframe (full tensor, lossless), bit 1 = body checksum
+    5       1      flags: bit 0 = keyframe (the tensor itself), bit 1 = body checksum,
+                   bit 2 = a slice of a spread keyframe (the body is sub-payloads, below)
     6       1      ndim
     7       1      stream config: residual order (bits 0-1), open loop (bit 2)
     8       4      codec parameter (rank for low-rank, k for top-k, else 0)
@@ -21,6 +22,12 @@ Every payload is one contiguous 1-D ``uint8`` tensor::
     40      8      body length in bytes
     48      8*ndim shape, one uint64 per dimension
     ...            body: the codec's sections, each starting at a multiple of 8
+
+A spread keyframe's message (``CompressionConfig(keyframe_spread=K)``) has the stream's
+header with flag bit 2 and, as its body, complete payloads (header and body each) of
+contiguous row blocks of the tensor viewed ``(N, C)``: the residual-codec payload of the
+rows before the slice, the keyframe-codec payload of the slice, that of the rows after
+(empty blocks left out). The slice is fixed by the step, so the size is known in advance.
 
 All integers are little-endian. The header size depends only on ``ndim``, and a codec's
 body size only on shape, dtype and codec parameters, so every payload size is known in
@@ -45,6 +52,7 @@ __all__ = [
     "VERSION",
     "FLAG_KEYFRAME",
     "FLAG_CHECKSUM",
+    "FLAG_SPREAD",
     "SUPPORTED_DTYPES",
     "Header",
     "Section",
@@ -64,6 +72,7 @@ MAGIC = b"CC"
 VERSION = 3
 FLAG_KEYFRAME = 1
 FLAG_CHECKSUM = 2
+FLAG_SPREAD = 4
 _OPEN_LOOP = 4
 ALIGN = 8
 _U32 = 0xFFFFFFFF

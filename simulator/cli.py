@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keyframe-codec", default="identity",
                    help="how warmup steps (keyframes) are sent: identity (lossless), int8, fp8, "
                         "int4, int2, binary (default: %(default)s)")
+    p.add_argument("--keyframe-period", type=int, default=0,
+                   help="also send a keyframe every this many steps (0: never; default: "
+                        "%(default)s)")
+    p.add_argument("--keyframe-spread", type=int, default=1,
+                   help="send each periodic keyframe as this many row slices over as many "
+                        "steps (default: %(default)s, whole)")
     p.add_argument("--warmup", type=int, default=1,
                    help="steps sent in full before compressing / going stale (default: 1)")
     p.add_argument("--links", default=None,
@@ -90,6 +96,12 @@ def _link_specs(args: argparse.Namespace) -> list[str]:
     return _csv(presets) + list(args.link)
 
 
+def _keyframes(args: argparse.Namespace) -> dict:
+    """The keyframe options as CompressionConfig keywords."""
+    return dict(keyframe_codec=args.keyframe_codec, keyframe_period=args.keyframe_period,
+                keyframe_spread=args.keyframe_spread)
+
+
 def _fail(message: str) -> None:
     raise SystemExit(f"error: {message}")
 
@@ -108,9 +120,9 @@ def _validate(args: argparse.Namespace) -> None:
               + ("" if args.what_if is not None else " (the what-if also knows pipefusion)"))
     if args.ranks < 1 or args.steps < 1 or args.warmup < 0:
         _fail("--ranks and --steps must be at least 1 and --warmup at least 0")
-    for spec in _csv(args.codecs):
+    for spec in ["binary", *_csv(args.codecs)]:
         try:
-            CompressionConfig(codec=spec.removesuffix("+async"), keyframe_codec=args.keyframe_codec)
+            CompressionConfig(codec=spec.removesuffix("+async"), **_keyframes(args))
         except ValueError as e:
             _fail(str(e))
     for name in _link_specs(args):
@@ -132,7 +144,7 @@ def simulate(args: argparse.Namespace, progress: bool = True) -> SimulationRepor
     check_memory(estimate_memory(workload, args.ranks, args.steps))
     try:
         methods = make_methods(args.parallelism, _csv(args.codecs), warmup=args.warmup,
-                               keyframe_codec=args.keyframe_codec)
+                               **_keyframes(args))
     except ValueError as e:
         _fail(str(e))
     links = {name: get_link(name) for name in _link_specs(args)}
@@ -174,7 +186,7 @@ def simulate(args: argparse.Namespace, progress: bool = True) -> SimulationRepor
     parallel_error = float((exact.latents - reference.latents).abs().max())
     setup = {"model": workload.name, "description": workload.description, "ranks": args.ranks,
              "parallelism": args.parallelism, "steps": args.steps, "batch": batch,
-             "warmup": args.warmup, "keyframe_codec": args.keyframe_codec,
+             "warmup": args.warmup, **_keyframes(args),
              "compute_ms_per_step": 1e3 * compute_s,
              "single_device_ms_per_step": 1e3 * reference.step_seconds,
              "exact_parallel_vs_single_device_max_abs": parallel_error,
@@ -212,15 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         links = _link_specs(args)
         try:
             report = run_what_if(args.what_if, args.gpu, args.ranks, args.parallelism, links[0],
-                                 _csv(args.codecs), warmup=args.warmup,
-                                 keyframe_codec=args.keyframe_codec)
+                                 _csv(args.codecs), warmup=args.warmup, **_keyframes(args))
         except ValueError as e:
             _fail(str(e))
         if args.json:
             print(json.dumps(report.to_dict(), indent=2))
             return 0
         ranked = best_methods(args.what_if, args.gpu, args.ranks, links[0], _csv(args.codecs),
-                              warmup=args.warmup, keyframe_codec=args.keyframe_codec)
+                              warmup=args.warmup, **_keyframes(args))
         print("Fastest on this GPU and link: " + ", ".join(
             f"{p}/{m} {t:.1f} s" for p, m, t in ranked[:4]) + "\n")
         print(report.table())

@@ -44,9 +44,10 @@ class Method:
 
 def make_methods(parallelism: str, codecs: list[str], *, warmup: int = 1,
                  timeout: float = 120.0, distrifusion: bool = True,
-                 keyframe_codec: str = "identity") -> list[Method]:
-    """``raw``, ``distrifusion`` (patch only) and one method per codec spec (warmup steps
-    sent through ``keyframe_codec``)."""
+                 keyframe_codec: str = "identity", keyframe_period: int = 0,
+                 keyframe_spread: int = 1) -> list[Method]:
+    """``raw``, ``distrifusion`` (patch only) and one method per codec spec (keyframes as in
+    :class:`~compressed_comm.CompressionConfig`)."""
     methods = [Method("raw", ParallelConfig(parallelism, timeout=timeout))]
     if distrifusion and parallelism == "patch":
         methods.append(Method("distrifusion", ParallelConfig(
@@ -58,7 +59,9 @@ def make_methods(parallelism: str, codecs: list[str], *, warmup: int = 1,
             raise ValueError(f"method {spec!r}: +async needs patch parallelism, not "
                              f"{parallelism!r}")
         compression = CompressionConfig(codec=codec, warmup_steps=warmup,
-                                        keyframe_codec=keyframe_codec)
+                                        keyframe_codec=keyframe_codec,
+                                        keyframe_period=keyframe_period,
+                                        keyframe_spread=keyframe_spread)
         methods.append(Method(spec, ParallelConfig(parallelism, compression, asynchronous,
                                                    warmup, timeout)))
     return methods

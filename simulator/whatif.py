@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from compressed_comm import CompressionConfig, get_codec
+from compressed_comm import CompressionConfig, StreamEncoder, get_codec
 
 from .network import (GPU, Link, StepEstimate, choose, collective_seconds, estimate_step, get_gpu,
                       get_link)
@@ -257,11 +257,11 @@ class Traffic:
 
     def handshake_seconds(self, link: Link, codec: str | None) -> float:
         """Seconds of one step's size handshakes: before every compressed collective, an
-        all-gather of 56 + 16 x world bytes per rank (``CompressionConfig(handshake=True)``,
+        all-gather of 64 + 16 x world bytes per rank (``CompressionConfig(handshake=True)``,
         the default); none for raw tensors and point-to-point messages."""
         if codec is None or self.collective == "p2p":
             return 0.0
-        block = 56 + 16 * self.world
+        block = 64 + 16 * self.world
         return self.count * collective_seconds("all_gather", block, self.world, link)
 
 
@@ -318,7 +318,8 @@ class MethodRow:
     speedup: float | None           # raw total_s / this total_s
     held_bytes: int | None = None   # per rank, kept between steps (references, stale K/V)
     codec_s: float | None = None    # of compute_s: encode/decode kernels per step
-    warmup_share: float | None = None  # of total_s: the warmup (keyframe) steps
+    warmup_share: float | None = None  # of total_s: warmup, keyframe and spread-slice steps
+    max_step_s: float | None = None    # the slowest step of the generation
     fits: bool | None = None        # weights + held bytes within the GPU's memory
     note: str = ""
 
@@ -395,21 +396,21 @@ class WhatIfReport:
         head = (f"{'method':<18}{'bytes/step/rank':>16}{'ratio':>9}{'compute s':>11}"
                 f"{'codec s':>9}"
                 f"{'comm s':>9}{'exposed s':>11}{'step s':>9}{'total s':>9}{'speedup':>9}"
-                f"{'held GB':>9}{'warm %':>8}")
+                f"{'max s':>8}{'held GB':>9}{'key %':>7}")
         lines += [head, "-" * len(head)]
         notes = []
         for r in self.rows:
             if not r.applies:
                 lines.append(f"{r.method:<18}{'n/a':>16}" + "".join(
-                    f"{'n/a':>{w}}" for w in (9, 11, 9, 9, 11, 9, 9, 9, 9, 8)))
+                    f"{'n/a':>{w}}" for w in (9, 11, 9, 9, 11, 9, 9, 9, 8, 9, 7)))
                 notes.append(f"{r.method}: {r.note}")
                 continue
             lines.append(
                 f"{r.method:<18}{r.bytes_per_step:>16,}{r.ratio:>8.1f}x{r.compute_s:>11.3f}"
                 f"{r.codec_s:>9.3f}"
                 f"{r.comm_s:>9.3f}{r.exposed_comm_s:>11.3f}{r.step_s:>9.3f}{r.total_s:>9.2f}"
-                f"{r.speedup:>8.2f}x{r.held_bytes / 1e9:>8.2f}{' ' if r.fits else '!'}"
-                f"{100 * r.warmup_share:>7.0f}%")
+                f"{r.speedup:>8.2f}x{r.max_step_s:>8.3f}{r.held_bytes / 1e9:>8.2f}"
+                f"{' ' if r.fits else '!'}{100 * r.warmup_share:>6.0f}%")
             if not r.fits:
                 notes.append(f"{r.method}: weights ({self.model.params * 2 / 1e9:.1f} GB "
                              f"bf16) + {r.held_bytes / 1e9:.2f} GB held exceed the "
@@ -417,8 +418,10 @@ class WhatIfReport:
                              f"{self.gpu.name.upper()} (activations not counted)")
         if notes:
             lines += ["", "Not applicable or not fitting (!):"] + [f"  {n}" for n in notes]
-        lines.append("held GB: references (codecs), stale K/V (DistriFusion) or the stage's "
-                     "K/V cache (PipeFusion) one rank keeps between steps")
+        lines.append("max s: the slowest step; held GB: references (codecs), stale K/V "
+                     "(DistriFusion) or the stage's K/V cache (PipeFusion) one rank keeps "
+                     "between steps; key %: the share of total s in warmup, keyframe and "
+                     "spread-keyframe steps")
         lines += ["", "Assumptions:"] + [f"  {i}. {a}" for i, a in enumerate(self.assumptions, 1)]
         return "\n".join(lines)
 
@@ -449,7 +452,7 @@ def _plain(obj: Any) -> Any:
 
 def _pipefusion_timing(model: ModelSpec, gpu: GPU, link: Link, world: int, traffic: Traffic,
                        warmup: int, codec_s: Callable[[str | None], float]
-                       ) -> Callable[[_Method], tuple[StepEstimate, float, float]]:
+                       ) -> Callable[[_Method], tuple[StepEstimate, float, float, float]]:
     """PipeFusion's step and end-to-end time per method (``world`` stages, ``M`` patches).
 
     A stage computes its ``layers / world`` layers for every patch of a step (one GPU's
@@ -464,12 +467,13 @@ def _pipefusion_timing(model: ModelSpec, gpu: GPU, link: Link, world: int, traff
     warm_step = full + (world - 1) * collective_seconds("p2p", image, world, link)
     bubble = (world - 1) * stage / traffic.count
 
-    def total(method: _Method) -> tuple[StepEstimate, float, float]:
+    def total(method: _Method) -> tuple[StepEstimate, float, float, float]:
         comm, work = traffic.seconds(link, method.codec), stage + codec_s(method.codec)
         step = StepEstimate(compute_s=work, comm_s=comm, exposed_comm_s=max(0.0, comm - work),
                             step_s=max(work, comm), overlap=True)
         warm = warmup * warm_step
-        return step, warm + (model.steps - warmup) * step.step_s + bubble, warm
+        slowest = max(warm_step if warmup else 0.0, step.step_s)
+        return step, warm + (model.steps - warmup) * step.step_s + bubble, warm, slowest
     return total
 
 
@@ -511,10 +515,10 @@ def _general_assumptions(model: ModelSpec, gpu: GPU, link: Link, world: int,
         "step t's compute and only max(0, comm - compute) is exposed; the overlapped "
         "exchange is assumed to take no compute or memory bandwidth from the step",
         f"every compressed collective is preceded by a size handshake (an all-gather of "
-        f"{56 + 16 * world} bytes per rank, CompressionConfig(handshake=True), the default; "
+        f"{64 + 16 * world} bytes per rank, CompressionConfig(handshake=True), the default; "
         "counted in comm s and exposed even when async; handshake=False removes it)",
         f"the first {warmup} step(s) of distrifusion and of every codec are synchronous and "
-        f"send the full tensor (codecs: identity payload, header included)",
+        f"send the full tensor (codecs: the keyframe codec's payload, header included)",
         f"codec kernels run at the GPU's memory bandwidth ({gpu.memory_bandwidth / 1e9:.0f} "
         "GB/s achieved), moving per message the multiples of its raw bytes in CODEC_PASSES "
         "(binary/int-k: 5 to encode, 2 to decode), serially with compute (codec s, included "
@@ -552,6 +556,8 @@ def run_what_if(
     *,
     async_combos: bool = False,
     keyframe_codec: str = "identity",
+    keyframe_period: int = 0,
+    keyframe_spread: int = 1,
 ) -> WhatIfReport:
     """Estimate one generation of ``model`` on ``world`` x ``gpu`` over ``link``.
 
@@ -562,6 +568,9 @@ def run_what_if(
     ``async_combos=True``; patch parallelism only). Unknown names raise ``ValueError``
     listing the choices; ``ulysses`` needs ``world`` to divide the attention heads.
     ``gpu`` and ``link`` are preset names or :class:`GPU` / :class:`Link` objects.
+    ``keyframe_codec``, ``keyframe_period`` and ``keyframe_spread`` are the codecs'
+    keyframes as in :class:`~compressed_comm.CompressionConfig` (every step priced with the
+    payload a stream of that config sends; PipeFusion: warmup only).
     """
     spec = get_model(model)
     gpu_ = gpu if isinstance(gpu, GPU) else get_gpu(gpu)
@@ -570,7 +579,8 @@ def run_what_if(
     parallelism = parallelism.strip().lower()
     if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= spec.steps:
         raise ValueError(f"warmup must be an integer in [0, {spec.steps}], got {warmup!r}")
-    CompressionConfig(keyframe_codec=keyframe_codec)  # ValueError naming the choices
+    CompressionConfig(keyframe_codec=keyframe_codec, keyframe_period=keyframe_period,
+                      keyframe_spread=keyframe_spread)  # ValueError naming what is wrong
     methods = _methods(codecs, async_combos, keyframe_codec)
 
     compute = compute_seconds(spec, gpu_, world)
@@ -578,15 +588,34 @@ def run_what_if(
     def codec_s(name: str | None) -> float:
         return traffic.codec_seconds(name, gpu_.memory_bandwidth)
 
-    def total(method: _Method) -> tuple[StepEstimate, float, float]:
+    def total(method: _Method) -> tuple[StepEstimate, float, float, float]:
+        """(steady step, total, seconds of the keyed steps, slowest step)."""
+        handshake = traffic.handshake_seconds(link_, method.codec)
         steady = estimate_step(compute + codec_s(method.codec),
-                               traffic.seconds(link_, method.codec), method.overlap,
-                               traffic.handshake_seconds(link_, method.codec))
-        n_warm = warmup if (method.codec is not None or method.overlap) else 0
-        warm = estimate_step(compute + codec_s(method.warm_codec),
-                             traffic.seconds(link_, method.warm_codec), False)
-        warm_s = n_warm * warm.step_s
-        return steady, warm_s + (spec.steps - n_warm) * steady.step_s, warm_s
+                               traffic.seconds(link_, method.codec), method.overlap, handshake)
+        if method.codec is None:  # raw tensors: warmup steps synchronous (DistriFusion)
+            n_warm = warmup if method.overlap else 0
+            warm = estimate_step(compute, traffic.seconds(link_, None), False)
+            warm_s = n_warm * warm.step_s
+            slowest = warm.step_s if n_warm else steady.step_s
+            return steady, warm_s + (spec.steps - n_warm) * steady.step_s, warm_s, slowest
+        stream = StreamEncoder("what-if", torch.empty(traffic.shape, dtype=WIRE_DTYPE,
+                                                      device="meta"), CompressionConfig(
+            codec=method.codec, warmup_steps=warmup, keyframe_codec=method.warm_codec,
+            keyframe_period=keyframe_period, keyframe_spread=keyframe_spread))
+        total_s = keyed_s = slowest = 0.0
+        for t in range(spec.steps):
+            size = stream.payload_nbytes(t)
+            comm = traffic.count * collective_seconds(traffic.collective, size, world,
+                                                      link_) + handshake
+            codec = method.warm_codec if stream.is_keyframe(t) else method.codec
+            step = estimate_step(compute + codec_s(codec), comm,
+                                 method.overlap and t >= warmup, handshake).step_s
+            total_s += step
+            slowest = max(slowest, step)
+            if stream.is_keyframe(t) or stream.spread_rows(t) is not None:
+                keyed_s += step
+        return steady, total_s, keyed_s, slowest
 
     kv_cache = 0
     if parallelism == "pipefusion":
@@ -602,7 +631,7 @@ def run_what_if(
         if method.overlap and parallelism != "patch":
             rows.append(_not_applicable(method.name, parallelism))
             continue
-        steady, end_to_end, warm_s = total(method)
+        steady, end_to_end, warm_s, slowest = total(method)
         rows.append(MethodRow(
             method=method.name,
             applies=True,
@@ -617,10 +646,17 @@ def run_what_if(
             held_bytes=(held := traffic.held_bytes(method.codec, method.overlap) + kv_cache),
             codec_s=codec_s(method.codec),
             warmup_share=warm_s / end_to_end,
+            max_step_s=slowest,
             fits=spec.params * 2 + held <= gpu_.memory_bytes,
         ))
     assumptions = spec.assumptions + _general_assumptions(spec, gpu_, link_, world,
                                                           parallelism, warmup)
+    if keyframe_period:
+        assumptions += (
+            f"codecs also send a keyframe ({keyframe_codec}) every {keyframe_period} steps"
+            + (f", spread over {keyframe_spread} steps (each a slice of the rows plus "
+               "residuals of the rest)" if keyframe_spread > 1 else "")
+            + ("; not modelled for pipefusion" if parallelism == "pipefusion" else ""),)
     return WhatIfReport(
         model=spec, gpu=gpu_, link=link_, world=world, parallelism=parallelism,
         warmup=warmup, traffic=traffic, raw_message_bytes=raw_message, compute_s=compute,
@@ -631,7 +667,8 @@ def run_what_if(
 
 def best_methods(model: str, gpu: str | GPU, world: int, link: str | Link,
                  codecs: Sequence[str], warmup: int = 1,
-                 keyframe_codec: str = "identity") -> list[tuple[str, str, float]]:
+                 keyframe_codec: str = "identity", keyframe_period: int = 0,
+                 keyframe_spread: int = 1) -> list[tuple[str, str, float]]:
     """``(parallelism, method, total seconds)``: the fastest method of every parallelism
     that applies to ``model`` on ``world`` ranks (Ulysses only where ``world`` divides the
     heads), fastest first."""
@@ -639,7 +676,9 @@ def best_methods(model: str, gpu: str | GPU, world: int, link: str | Link,
     for parallelism in PARALLELISMS:
         try:
             report = run_what_if(model, gpu, world, parallelism, link, codecs, warmup,
-                                 keyframe_codec=keyframe_codec)
+                                 keyframe_codec=keyframe_codec,
+                                 keyframe_period=keyframe_period,
+                                 keyframe_spread=keyframe_spread)
         except ValueError:  # e.g. Ulysses with a world that does not divide the heads
             continue
         best = min((r for r in report.rows if r.applies), key=lambda r: r.total_s)

@@ -60,9 +60,9 @@ def check_lock_step(results):
     assert checked > 0
 
 
-def all_collectives(t, codec, dtype, steps):
+def all_collectives(t, codec, dtype, steps, **cfg):
     """20 steps of all_gather, ring pass, all_to_all and a ring of send/recv."""
-    g = group(t, codec)
+    g = group(t, codec, **cfg)
     world, me = t.world_size, t.rank
     shapes = [(rows(r), C) for r in range(world)]
     a2a_in = [rows(d) for d in range(world)]               # rank me sends rows(d) rows to d
@@ -114,6 +114,20 @@ def test_every_collective_every_codec(world, codec, dtype):
             assert torch.equal(mine, r["xs"][step][1].split(a2a_in)[me])
 
 
+@pytest.mark.parametrize("keyframe_codec", ["identity", "int8"])
+def test_spread_keyframes_in_every_collective(keyframe_codec):
+    """Keyframes spread over 3 steps (every 4th step, from step 4) in all collectives: the
+    references stay in lock step, and the sizes each rank announces agree (the handshake)."""
+    cfg = dict(keyframe_period=4, keyframe_spread=3, keyframe_codec=keyframe_codec)
+    res = run_ranks(3, lambda t: all_collectives(t, "binary", torch.float16, 12, **cfg))
+    check_lock_step(res)
+    for me in range(3):
+        for step in range(12):
+            truth = [res[o]["xs"][step][0] for o in range(3)]
+            for got, want in zip(res[me]["gathers"][step], truth):
+                assert (got.float() - want.float()).norm() <= 0.3 * want.float().norm()
+
+
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_raw_group_is_exact_and_identity_codec_matches_it(world):
     raw = run_ranks(world, all_collectives, "raw", torch.float16, 5)
@@ -159,7 +173,7 @@ def test_wire_bytes_are_counted_per_link():
     stats = run_ranks(world, body, fabric=fabric)
     key = get_codec("identity").payload_nbytes(shape, torch.float16)
     step = get_codec("binary").payload_nbytes(shape, torch.float16)
-    handshake = 56 + 16 * world  # the size check before every all-gather (config.handshake)
+    handshake = 64 + 16 * world  # the size check before every all-gather (config.handshake)
     per_link = key + (steps - 1) * step + steps * handshake
     links = fabric.link_bytes()
     assert set(links) == {(s, d) for s in range(world) for d in range(world) if s != d}

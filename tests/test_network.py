@@ -204,8 +204,8 @@ def test_step_times_follow_the_documented_model():
     def codec(enc, dec):
         return 114 * (enc + 3 * dec) * raw_bytes / bandwidth
 
-    # before every compressed all-gather, a size handshake of 56 + 16 x 4 bytes per rank
-    handshake = comm(56 + 16 * 4)
+    # before every compressed all-gather, a size handshake of 64 + 16 x 4 bytes per rank
+    handshake = comm(64 + 16 * 4)
 
     raw, df, binary = report.row("raw"), report.row("distrifusion"), report.row("binary")
     assert raw.codec_s == 0 and binary.codec_s == pytest.approx(codec(5, 2))
@@ -221,7 +221,7 @@ def test_step_times_follow_the_documented_model():
 def test_an_asynchronous_codec_still_waits_for_its_size_handshakes():
     report = run_what_if("flux.1-dev", "h100", 4, "patch", "1gbe", ["binary+async"])
     link, row = get_link("1gbe"), report.row("binary+async")
-    handshake = 114 * 3 * (link.latency + (56 + 16 * 4) / link.bandwidth)
+    handshake = 114 * 3 * (link.latency + (64 + 16 * 4) / link.bandwidth)
     assert row.exposed_comm_s == pytest.approx(
         handshake + max(0.0, row.comm_s - handshake - row.compute_s))
     assert row.exposed_comm_s >= handshake > 0
@@ -410,6 +410,20 @@ def test_no_preset_is_faster_than_its_flop_floor(gpu):
     for model in MODEL_SPECS.values():
         floor = step_flops(model, 1) / preset.peak_bf16_flops
         assert compute_seconds(model, preset, 1) >= floor
+
+
+def test_periodic_keyframes_cost_time_and_spreading_hides_them_behind_compute():
+    """On 10GbE a binary residual hides behind an L20's compute with stale K/V, a whole
+    identity keyframe does not; sliced over 7 steps, each slice nearly does."""
+    common = ("flux.1-dev", "l20", 4, "patch", "10gbe", ["binary+async"])
+    none, whole, spread = (run_what_if(*common, keyframe_period=p, keyframe_spread=k)
+                           .row("binary+async") for p, k in ((0, 1), (7, 1), (7, 7)))
+    assert none.total_s < spread.total_s < whole.total_s
+    assert none.warmup_share < spread.warmup_share
+    assert spread.max_step_s == whole.max_step_s == none.max_step_s  # the warmup step
+    sync = [run_what_if(*common[:5], ["binary"], warmup=0, keyframe_period=7,
+                        keyframe_spread=k).row("binary") for k in (1, 7)]
+    assert sync[1].max_step_s < sync[0].max_step_s / 3  # no step pays the whole tensor
 
 
 def test_lossy_keyframes_shrink_the_warmup_step():

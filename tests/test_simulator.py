@@ -66,6 +66,9 @@ def test_ring_and_ulysses_runs(capsys, tmp_path):
     (["--model", "sd3", "--parallelism", "ulysses", "--ranks", "3"], "head count (4)"),
     (["--model", "sd3", "--parallelism", "ring", "--codecs", "binary+async"], "+async needs patch"),
     (["--what-if", "sora"], "sora"),
+    (["--keyframe-spread", "3"], "keyframe_spread=3 needs keyframe_period >= 3"),
+    (["--what-if", "flux.1-dev", "--keyframe-period", "2", "--keyframe-spread", "3"],
+     "needs keyframe_period >= 3"),
     (["--parallelism", "diffusers-ulysses"], "need real process groups; the simulator's ranks "
                                               "are threads"),
 ])
@@ -115,3 +118,20 @@ def test_step_seconds_price_each_step_from_the_busiest_rank():
     assert got == pytest.approx(hidden) and exposed == pytest.approx(0.02)
     with pytest.raises(ValueError, match="after"):
         step_seconds(result(raw), compute, link, after=3)
+
+
+def test_spread_keyframes_run_on_virtual_ranks(capsys, tmp_path):
+    """Keyframes every 3 steps, spread over 3: the steps after the warmup carry a slice each,
+    so they send more than plain residuals but far less than whole keyframes."""
+    common = ["--model", "sd3", "--ranks", "2", "--steps", "6", "--codecs", "int2", "--out",
+              str(tmp_path)]
+    plain = run_json(capsys, *common)
+    spread = run_json(capsys, *common, "--keyframe-period", "3", "--keyframe-spread", "3",
+                      "--keyframe-codec", "int8")
+    assert spread["setup"]["keyframe_spread"] == 3 and spread["setup"]["keyframe_period"] == 3
+    rows = {r["method"]: r for r in spread["results"]}
+    base = {r["method"]: r for r in plain["results"]}
+    assert rows["raw"]["bytes_per_step"] == base["raw"]["bytes_per_step"]
+    assert base["int2"]["bytes_per_step"] < rows["int2"]["bytes_per_step"]
+    assert rows["int2"]["bytes_per_step"] < rows["raw"]["bytes_per_step"]
+    assert 0 < rows["int2"]["rel_l2"] < 0.05

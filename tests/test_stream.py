@@ -461,3 +461,95 @@ def test_keyframe_codec_must_be_stateless_and_agree():
     dec = StreamDecoder("s", x, CompressionConfig())
     with pytest.raises(WireFormatError, match="codec_id"):
         dec.decode(enc.encode(x))
+
+
+# ---------------------------------------------------------------- spread keyframes
+
+@settings(max_examples=60, deadline=None)
+@given(codec=st.sampled_from(["binary", "int2", "lowrank:3", "topk:0.1"]),
+       keyframe_codec=st.sampled_from(["identity", "int8", "int4"]),
+       order=st.sampled_from([0, 1, 2]), dtype=st.sampled_from(DTYPES),
+       warmup=st.integers(0, 2), period=st.integers(2, 5), spread=st.integers(2, 5),
+       rows=st.integers(1, 13), checksum=st.booleans(), seed=st.integers(0, 99))
+def test_spread_keyframes_keep_references_identical_and_sizes_known(
+        codec, keyframe_codec, order, dtype, warmup, period, spread, rows, checksum, seed):
+    """Slice j of a keyframe spread over K steps is rows [j*N//K, (j+1)*N//K) of the (N, C)
+    view, sent through the keyframe codec (exact for identity); every other row is a
+    residual. Both references stay bit-identical and every size is known in advance."""
+    spread = min(spread, period)
+    cfg = CompressionConfig(codec=codec, keyframe_codec=keyframe_codec, residual_order=order,
+                            warmup_steps=warmup, keyframe_period=period, keyframe_spread=spread,
+                            checksum=checksum)
+    walk = list(random_walk((rows, 2, 4), 3 * period + 2, dtype, seed))
+    enc, dec = pair(cfg, walk[0])
+    largest = enc.max_payload_nbytes()
+    n, slices = rows * 2, 0
+    for step, x in enumerate(walk):
+        expected = enc.payload_nbytes()
+        span = enc.spread_rows(step)
+        cycle = step - step % period
+        assert (span is not None) == (cycle >= warmup and step % period < spread)
+        assert enc.is_keyframe(step) == (step < warmup)
+        payload = enc.encode(x)
+        assert payload.numel() == expected <= largest
+        assert bool(read_header(payload).flags & 4) == (span is not None)
+        dec.decode(payload)
+        assert torch.equal(enc.reference, dec.reference), step
+        if span is not None:
+            j = step % period
+            assert span == (j * n // spread, (j + 1) * n // spread)
+            slices += 1
+            if keyframe_codec == "identity":  # the slice's rows are the tensor itself
+                got, want = enc.reference.reshape(n, 4), x.reshape(n, 4)
+                assert torch.equal(got[span[0]:span[1]], want[span[0]:span[1]])
+    assert slices > 0
+
+
+def test_spread_slices_cover_every_row_once_per_keyframe():
+    cfg = CompressionConfig(codec="binary", keyframe_period=6, keyframe_spread=4)
+    enc = StreamEncoder("s", torch.zeros(10, 3), cfg)
+    spans = [enc.spread_rows(t) for t in range(13)]
+    assert spans[:6] == [None] * 6  # step 0 is the warmup keyframe, whole
+    assert spans[6:10] == [(0, 2), (2, 5), (5, 7), (7, 10)] and spans[10:12] == [None, None]
+    assert spans[12] == (0, 2)
+
+
+def test_a_spread_keyframe_costs_less_than_a_whole_one():
+    x = torch.randn(64, 128, dtype=torch.float16)
+    whole = StreamEncoder("s", x, CompressionConfig(keyframe_period=8))
+    spread = StreamEncoder("s", x, CompressionConfig(keyframe_period=8, keyframe_spread=4))
+    assert whole.payload_nbytes(8) == get_codec("identity").payload_nbytes(x.shape, x.dtype)
+    slices = [spread.payload_nbytes(8 + j) for j in range(4)]
+    assert max(slices) < 0.4 * whole.payload_nbytes(8)
+    assert spread.payload_nbytes(12) == whole.payload_nbytes(9)  # a plain residual again
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(keyframe_spread=0), "keyframe_spread must be a positive integer"),
+    (dict(keyframe_spread=2), "keyframe_spread=2 needs keyframe_period >= 2"),
+    (dict(keyframe_spread=4, keyframe_period=3), "needs keyframe_period >= 4"),
+])
+def test_spread_needs_a_keyframe_period(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CompressionConfig(**kwargs)
+
+
+def test_spread_mismatch_is_named_and_a_corrupt_slice_is_refused():
+    x = torch.randn(8, 6)
+    enc = StreamEncoder("s", x, CompressionConfig(keyframe_period=2, keyframe_spread=2))
+    dec = StreamDecoder("s", x, CompressionConfig(keyframe_period=2))
+    dec.decode(enc.encode(x))
+    dec.decode(enc.encode(x))
+    with pytest.raises(WireFormatError, match="differs from this rank's: .*keyframe_spread"):
+        dec.decode(enc.encode(x))  # step 2: a slice for the sender, whole for the receiver
+    cfg = CompressionConfig(keyframe_period=2, keyframe_spread=2, residual_order=1)
+    enc, dec = pair(cfg, x)
+    for _ in range(2):
+        dec.decode(enc.encode(x))
+    payload = enc.encode(x + 0.1).clone()
+    header = read_header(payload)
+    payload[header.nbytes] ^= 0xFF  # the first sub-payload's magic
+    before = dec.reference.clone()
+    with pytest.raises(WireFormatError, match="rows 0:4 of the spread keyframe at step 2"):
+        dec.decode(payload)
+    assert torch.equal(dec.reference, before)  # checked before any row changed

@@ -54,7 +54,7 @@ def test_identity_sends_the_raw_bytes_plus_headers(gloo_results, point):
     res = gloo_results[0]
     raw = res[f"{point.split(':')[0]}:raw_bytes"]
     # payload headers, and the size handshake before each of at most 4 collectives a step
-    handshake = (56 + 16 * WORLD) * (WORLD - 1)
+    handshake = (64 + 16 * WORLD) * (WORLD - 1)
     assert 0 < res[f"{point}:identity"]["last_bytes"] - raw <= 0.01 * raw + 4 * handshake
 
 
