@@ -126,8 +126,7 @@ def test_spread_keyframes_run_on_virtual_ranks(capsys, tmp_path):
     common = ["--model", "sd3", "--ranks", "2", "--steps", "6", "--codecs", "int2", "--out",
               str(tmp_path)]
     plain = run_json(capsys, *common)
-    spread = run_json(capsys, *common, "--keyframe-period", "3", "--keyframe-spread", "3",
-                      "--keyframe-codec", "int8")
+    spread = run_json(capsys, *common, "--keyframe-period", "3", "--keyframe-spread", "3")
     assert spread["setup"]["keyframe_spread"] == 3 and spread["setup"]["keyframe_period"] == 3
     rows = {r["method"]: r for r in spread["results"]}
     base = {r["method"]: r for r in plain["results"]}
