@@ -1,7 +1,8 @@
 """Compressed vs raw collectives over real gloo, measured side by side in one run.
 
     python bench/collectives.py [--world 4] [--shape 4096 3072] [--dtype float16]
-        [--codecs binary,int2,int4,lowrank:8] [--repeat 5] [--rate R] [--timeout 1800]
+        [--codecs binary,int2,int4,lowrank:8] [--ops all_gather,ring,all_reduce] [--repeat 5]
+        [--rate R] [--timeout 1800]
     python bench/collectives.py --rate 1gbit      # the ranks share a 1 Gbit/s link
     python bench/collectives.py --rate 100mbit    # ... a 100 Mbit/s link
     python bench/collectives.py --rate 10gbit     # ... a 10 Gbit/s link
@@ -9,8 +10,9 @@
 Spawns ``world`` processes on this machine (gloo over loopback, one torch and one numba
 thread each; all are killed after ``--timeout`` seconds). Each rank holds a (4096, 3072)
 float16 activation that drifts a little every step. For the plain ``torch.distributed``
-all-gather and a ``batch_isend_irecv`` ring pass (raw) and for :class:`CompressedGroup` with
-each codec (default config, residual order 1, after the warmup keyframe), it reports the
+all-gather, a ``batch_isend_irecv`` ring pass and ``all_reduce`` (raw) and for
+:class:`CompressedGroup` with each codec (default config, residual order 1, after the warmup
+keyframe; ``all_reduce`` is a compressed reduce-scatter and all-gather), it reports the
 median wall time per call of the slowest rank (encode + transfer + decode), the speedup
 raw / compressed, and the bytes each rank sends per call.
 
@@ -72,7 +74,8 @@ def _raw_ring(x: torch.Tensor) -> list[torch.Tensor]:
 def _time_compressed(op: str, codec: str, drift: list[torch.Tensor], repeat: int) -> Row:
     """Time ``CompressedGroup.all_gather`` or ``.ring_pass`` (default config) after warmup."""
     group = CompressedGroup(None, CompressionConfig(codec=codec), timeout=OP_TIMEOUT_S)
-    call = group.all_gather if op == "all_gather" else group.ring_pass
+    call = {"all_gather": group.all_gather, "ring": group.ring_pass,
+            "all_reduce": group.all_reduce}[op]
     call(drift[0], stream="kv")  # warmup keyframe (sent in full)
     steps, sent = iter(drift[1:]), group.bytes_sent
     seconds = _median_s(lambda: call(next(steps), stream="kv"), repeat)
@@ -94,10 +97,14 @@ def _worker(rank: int, args: argparse.Namespace, init: str) -> None:
     def gather_raw() -> None:
         dist.all_gather([torch.empty_like(x) for _ in range(world)], x)
 
-    rows: list[Row] = [("all_gather", "raw", _median_s(gather_raw, args.repeat), raw_bytes),
-                       ("ring", "raw", _median_s(lambda: _raw_ring(x), args.repeat), raw_bytes)]
+    raw = {"all_gather": (gather_raw, raw_bytes), "ring": (lambda: _raw_ring(x), raw_bytes),
+           # gloo's ring all-reduce: a reduce-scatter and an all-gather of world blocks
+           "all_reduce": (lambda: dist.all_reduce(x.clone()),
+                          2 * (world - 1) * x.nbytes // world)}
+    rows: list[Row] = [(op, "raw", _median_s(raw[op][0], args.repeat), raw[op][1])
+                       for op in args.ops]
     rows += [_time_compressed(op, codec, drift, args.repeat)
-             for codec in args.codecs.split(",") for op in ("all_gather", "ring")]
+             for codec in args.codecs.split(",") for op in args.ops]
     slowest = torch.tensor([seconds for _, _, seconds, _ in rows], dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     if rank == 0:
@@ -127,11 +134,16 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=2, default=(4096, 3072))
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     p.add_argument("--codecs", default="binary,int2,int4,lowrank:8")
+    p.add_argument("--ops", type=lambda t: t.split(","), default=["all_gather", "ring",
+                                                                   "all_reduce"])
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--rate", help="shape loopback to this tc rate (1gbit, 100mbit, 10gbit)")
     p.add_argument("--timeout", type=float, default=1800.0, help="kill the run after (s)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)  # run the ranks here
     args = p.parse_args()
+    unknown = set(args.ops) - {"all_gather", "ring", "all_reduce"}
+    if unknown:
+        p.error(f"unknown --ops {sorted(unknown)}; choose from all_gather, ring, all_reduce")
     if args.inner:
         with tempfile.TemporaryDirectory() as tmp:
             mp.spawn(_worker, args=(args, os.path.join(tmp, "store")), nprocs=args.world)

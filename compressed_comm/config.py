@@ -70,6 +70,13 @@ class CompressionConfig:
         extra small collective per call and, on CUDA, a host synchronisation; turn it off
         only where every rank is known to issue the same calls.
 
+    14. ``reduce`` -- the drop-in process group (:func:`~compressed_comm.wrap_process_group`)
+        also compresses ``all_reduce``, ``all_reduce_coalesced`` and
+        ``reduce_scatter_tensor`` of float tensors with SUM or AVG (a compressed
+        reduce-scatter, then an all-gather: every rank gets the same bits). Off by default:
+        code often relies on an all-reduce being exact. The explicit
+        :meth:`~compressed_comm.CompressedGroup.all_reduce` needs no switch.
+
     All ranks of a group must use the same settings for 1-8 (keyframe_codec and
     keyframe_spread included), 12
     and 13: every payload
@@ -92,6 +99,7 @@ class CompressionConfig:
     track_error: bool = False
     checksum: bool = False
     handshake: bool = True
+    reduce: bool = False
 
     def __post_init__(self) -> None:
         get_codec(self.codec)  # raises ValueError naming the valid specs

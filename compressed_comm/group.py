@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import struct
 import time
+import weakref
 import zlib
 from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
@@ -66,7 +67,10 @@ class Handle(Generic[T]):
         self._error: BaseException | None = None
         self._before = list(before)
         self._timeout = timeout
-        self._group = group
+        # weak: a group and the handles it tracks must not keep each other alive (a cycle
+        # would leave the process group to the collector at interpreter exit, when gloo's
+        # threads can no longer release tensors safely)
+        self._group = None if group is None else weakref.ref(group)
 
     @classmethod
     def completed(cls, result: T) -> Handle[T]:
@@ -82,8 +86,9 @@ class Handle(Generic[T]):
     def wait(self, timeout: float | None = None) -> T:
         """Complete the transfer (raising on timeout or error) and return its result."""
         if self._finish is not None:
-            if self._group is not None:
-                self._group._check_usable()
+            group = self._group() if self._group is not None else None
+            if group is not None:
+                group._check_usable()
             for older in self._before:
                 if not older.is_completed():
                     older.wait(timeout)
@@ -93,8 +98,8 @@ class Handle(Generic[T]):
                 self._result = finish(self._timeout if timeout is None else timeout)
             except BaseException as e:
                 self._error = e
-                if self._group is not None:
-                    self._group._fail(e)
+                if group is not None:
+                    group._fail(e)
         if self._error is not None:
             raise self._error
         return self._result  # type: ignore[return-value]
@@ -360,6 +365,60 @@ class _GroupBase:
         return self.all_to_all_async(x, stream=stream, input_split_sizes=input_split_sizes,
                                      output_split_sizes=output_split_sizes).wait()
 
+    def reduce_scatter_async(self, x: torch.Tensor, *, stream: str, op: str = "sum",
+                             input_split_sizes: Sequence[int] | None = None
+                             ) -> Handle[torch.Tensor]:
+        """Start a reduce-scatter along dim 0: split ``i`` of ``x`` (``input_split_sizes``,
+        default equal) is summed (``op="sum"``) or averaged (``"avg"``) over the ranks onto
+        rank ``i``; ``wait()`` returns this rank's reduced split.
+
+        Each ``(src, dst)`` split is its own residual stream, as in :meth:`all_to_all_async`;
+        the owner adds its own exact split and the others' reconstructions in rank order, in
+        float32, so the result does not depend on arrival order.
+        """
+        average = _reduce_op(op, stream)
+        in_sizes, _ = self._splits(x, stream, input_split_sizes, None)
+        world, mine = self.world_size, in_sizes[self.rank]
+        parts = self.all_to_all_async(x, stream=stream, input_split_sizes=in_sizes,
+                                      output_split_sizes=[mine] * world)
+
+        def reduce(timeout: float) -> torch.Tensor:
+            stacked = parts.wait(timeout).view(world, mine, *x.shape[1:])
+            total = stacked[0].float()
+            for part in stacked[1:]:
+                total += part.float()
+            return (total / world if average else total).to(x.dtype)
+        return self._handle(reduce)
+
+    def reduce_scatter(self, x: torch.Tensor, *, stream: str, op: str = "sum",
+                       input_split_sizes: Sequence[int] | None = None) -> torch.Tensor:
+        """Reduce-scatter along dim 0; see :meth:`reduce_scatter_async`."""
+        return self.reduce_scatter_async(x, stream=stream, op=op,
+                                         input_split_sizes=input_split_sizes).wait()
+
+    def all_reduce(self, x: torch.Tensor, *, stream: str, op: str = "sum") -> torch.Tensor:
+        """The sum (``op="sum"``) or average (``"avg"``) of every rank's ``x``, the same on
+        every rank: a reduce-scatter of the rows of ``x`` viewed ``(N, C)`` (see
+        :meth:`reduce_scatter_async`; rank ``i`` owns the ``i``-th of ``world`` near-equal
+        row blocks) and an all-gather of the reduced blocks, each rank taking the
+        reconstruction of its own block, as its peers do."""
+        _reduce_op(op, stream)
+        if self.world_size == 1:
+            return x.clone()
+        world = self.world_size
+        flat = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+        rows = [flat.shape[0] // world + (r < flat.shape[0] % world) for r in range(world)]
+        mine = self.reduce_scatter(flat, stream=f"{stream}.reduce", op=op,
+                                   input_split_sizes=rows)
+        shapes = [(n, flat.shape[1]) for n in rows]
+        gathered = self.all_gather(mine, stream=f"{stream}.gather", shapes=shapes)
+        gathered[self.rank] = self._reconstruction(f"{stream}.gather", mine)
+        return torch.cat(gathered).view(x.shape)
+
+    def _reconstruction(self, stream: str, x: torch.Tensor) -> torch.Tensor:
+        """What this rank's peers received of ``x``, its last message on all-gather ``stream``."""
+        return x
+
     # ------------------------------------------------------------------ helpers
 
     def _check_peer(self, peer: int, role: str) -> None:
@@ -551,6 +610,9 @@ class CompressedGroup(_GroupBase):
                   shapes: list[tuple[int, ...]]) -> dict[int, StreamDecoder]:
         return {o: self.session.decoder(name, o, _like(shapes[o], x))
                 for o in range(self.world_size) if o != self.rank}
+
+    def _reconstruction(self, stream: str, x: torch.Tensor) -> torch.Tensor:
+        return self.session.encoder(StreamKey("all_gather", stream), x).reference.clone()
 
     def _handshake(self, kind: str, stream: str, seq: int, send: Sequence[int],
                    recv: Sequence[int], device: torch.device) -> None:
@@ -755,6 +817,14 @@ class CompressedGroup(_GroupBase):
                 part.copy_(chunks[me] if src == me else decs[src].decode(received[src]))
             return out
         return self._track(recv_name, self._handle(finish, earlier))
+
+
+def _reduce_op(op: str, stream: str) -> bool:
+    """Whether ``op`` averages (``"avg"``) rather than sums (``"sum"``); ValueError else."""
+    if op not in ("sum", "avg"):
+        raise ValueError(f"reduction of stream {stream!r}: op must be 'sum' or 'avg', got "
+                         f"{op!r} (other reductions do not commute with residual coding)")
+    return op == "avg"
 
 
 def _as_bytes(x: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,10 @@
 ``wrapped = wrap_process_group(pg, config)`` returns a process group that existing code
 passes as ``group=`` to ``dist.all_gather``, ``dist.all_gather_into_tensor``,
 ``dist.send``/``recv``/``isend``/``irecv``, ``dist.batch_isend_irecv`` and
-``dist.all_to_all_single``. Floating-point tensors (float16, bfloat16, float32) go through
-a :class:`~compressed_comm.CompressedGroup`; everything else (other dtypes, all-reduce,
+``dist.all_to_all_single`` -- and, with ``CompressionConfig(reduce=True)``,
+``dist.all_reduce``, ``dist.all_reduce_coalesced`` and ``dist.reduce_scatter_tensor`` with
+SUM or AVG. Floating-point tensors (float16, bfloat16, float32) go through a
+:class:`~compressed_comm.CompressedGroup`; everything else (other dtypes and reductions,
 broadcast, barrier, ...) passes through to ``pg`` untouched.
 
 Streams are keyed by (operation, peers, shape, dtype, call order within the step), so the
@@ -48,8 +50,7 @@ BACKEND_NAME = "compressed_comm"
 DEFAULT_MAX_CALLS_PER_STEP = 1024
 
 #: Operations forwarded unchanged to the wrapped group.
-PASSTHROUGH = ("allreduce", "allreduce_coalesced", "broadcast", "barrier", "monitored_barrier",
-               "reduce", "reduce_scatter", "_reduce_scatter_base", "reduce_scatter_single",
+PASSTHROUGH = ("broadcast", "barrier", "monitored_barrier", "reduce", "reduce_scatter",
                "gather", "scatter", "alltoall", "allgather_coalesced",
                "allgather_into_tensor_coalesced", "reduce_scatter_tensor_coalesced")
 
@@ -90,6 +91,12 @@ class _Work(dist.Work):
 
 def _compressible(t: torch.Tensor) -> bool:
     return t.dtype in SUPPORTED_DTYPES
+
+
+def _reduction(opts: Any) -> str | None:
+    """``"sum"`` or ``"avg"`` for the reductions a compressed group performs, else None."""
+    op = getattr(opts, "reduceOp", dist.ReduceOp.SUM)
+    return "sum" if op == dist.ReduceOp.SUM else "avg" if op == dist.ReduceOp.AVG else None
 
 
 class CompressedProcessGroup(dist.ProcessGroup):
@@ -222,6 +229,46 @@ class CompressedProcessGroup(dist.ProcessGroup):
         return _Work(lambda: output.copy_(handle.wait()))
 
     alltoall_base = all_to_all_single  # torch < 2.13
+
+    def _reducing(self, tensors: list[torch.Tensor], opts: Any) -> str | None:
+        """The reduction to compress (``reduce=True``, float tensors, SUM or AVG), or None."""
+        if not self.compressed.config.reduce or not all(map(_compressible, tensors)):
+            return None
+        return _reduction(opts)
+
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        op = self._reducing(tensors, opts)
+        streams = [None] if op is None or len(tensors) != 1 else [
+            self._stream("all_reduce", op, tuple(tensors[0].shape), tensors[0].dtype)]
+        if streams[0] is None:
+            return self.inner.allreduce(tensors, *_opts(opts))
+        x = tensors[0]
+        x.copy_(self.compressed.all_reduce(x, stream=streams[0], op=op))
+        return _Work(lambda: None)
+
+    def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        op = self._reducing(tensors, opts)
+        streams = [] if op is None else [self._stream("all_reduce", op, tuple(t.shape), t.dtype)
+                                         for t in tensors]
+        if op is None or None in streams:
+            return self.inner.allreduce_coalesced(tensors, *_opts(opts))
+        for x, stream in zip(tensors, streams):
+            x.copy_(self.compressed.all_reduce(x, stream=stream, op=op))
+        return _Work(lambda: None)
+
+    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor,
+                              opts: Any = None) -> dist.Work:
+        op = self._reducing([output, input], opts)
+        stream = None if op is None or output.dtype != input.dtype else self._stream(
+            "reduce_scatter", op, tuple(input.shape), input.dtype)
+        if stream is None:
+            return _inner_method(self.inner, "reduce_scatter_single", "_reduce_scatter_base")(
+                output, input, *_opts(opts))
+        output.copy_(self.compressed.reduce_scatter(input, stream=stream, op=op).view(
+            output.shape))
+        return _Work(lambda: None)
+
+    _reduce_scatter_base = reduce_scatter_single  # torch < 2.13
 
 
 def _opts(opts: Any) -> tuple[Any, ...]:

@@ -15,6 +15,7 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
+from cc_gloo_workers import exit_after_teardown
 
 STEPS = 5
 
@@ -148,4 +149,4 @@ def cp_worker(rank, world, init_file, out_dir, names, degrees, asynchronous=Fals
             out[name] = res
     finally:
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    exit_after_teardown()

@@ -23,6 +23,15 @@ STEPS = 6
 BOUND = {"identity": 0.0, "binary": 0.3}
 
 
+def exit_after_teardown():
+    """End a worker whose results are saved: destroy the process groups, then exit without
+    interpreter finalisation, where a gloo thread dropping the last reference to a tensor
+    aborts the process ("terminate called without an active exception",
+    pytorch/pytorch#190489; seen here only under load)."""
+    dist.destroy_process_group()
+    os._exit(0)
+
+
 def _init(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
@@ -153,8 +162,10 @@ def collectives_worker(rank, world, init_file, out_dir):
             summary[codec] = dict(max_errors={k: max(v) for k, v in errors.items()},
                                   wrapper_ratio=sent.ratio, group_ratio=group.stats().ratio)
         torch.save(summary, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_after_teardown()
 
 
 def dead_peer_worker(rank, world, init_file, out_dir):
@@ -263,10 +274,7 @@ def serving_faults_worker(rank, world, init_file, out_dir):
         dist.barrier()
     finally:
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    # Exit without tearing the groups down: under heavy load a rank of this worker has
-    # aborted at teardown ("terminate called without an active exception", not reproduced
-    # alone); the results are saved and both ranks are done (the barrier above).
-    os._exit(0)
+    exit_after_teardown()
 
 
 def _raises(call):
@@ -276,3 +284,94 @@ def _raises(call):
     except Exception as e:  # noqa: BLE001 - reported to the parent
         return type(e).__name__, str(e)
     return None
+
+
+def _drifting(rank, step, shape):
+    """Rank ``rank``'s tensor at ``step``: a fixed base plus a small drift per step."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    base, drift = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    return base + 0.05 * step * drift
+
+
+def reduce_worker(rank, world, init_file, out_dir):
+    """dist.all_reduce / all_reduce_coalesced / reduce_scatter_tensor through the drop-in
+    group (reduce=True) against the exact gloo reduction, what passes through, and a
+    tensor-parallel MLP (parallelize_module) with DTensor's reductions compressed."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+
+    from adapters.xdit import enable_compression
+
+    _init(rank, world, init_file)
+    out = {}
+    try:
+        for codec in ("identity", "int8"):
+            pg = wrap_process_group(config=CompressionConfig(codec=codec, reduce=True))
+            errors = {}
+            for step in range(STEPS):
+                x = _drifting(rank, step, (12, 8))
+                exact = x.clone()
+                dist.all_reduce(exact)
+                got = x.clone()
+                dist.all_reduce(got, group=pg)
+                errors.setdefault("all_reduce sum", []).append(_rel(got, exact))
+                avg = x.clone()
+                dist.all_reduce(avg, op=dist.ReduceOp.AVG, group=pg)
+                errors.setdefault("all_reduce avg", []).append(_rel(avg, exact / world))
+                pair = [x.clone(), 2 * x[:5].clone()]
+                dist.all_reduce_coalesced(pair, group=pg)
+                errors.setdefault("all_reduce_coalesced", []).append(
+                    max(_rel(pair[0], exact), _rel(pair[1], 2 * exact[:5])))
+                big = torch.cat([x] * world)
+                mine = torch.empty_like(x)
+                dist.reduce_scatter_tensor(mine, big, group=pg)
+                errors.setdefault("reduce_scatter_tensor", []).append(_rel(mine, exact))
+                top = x.clone()  # MAX and integer tensors pass through, exactly
+                dist.all_reduce(top, op=dist.ReduceOp.MAX, group=pg)
+                want = x.clone()
+                dist.all_reduce(want, op=dist.ReduceOp.MAX)
+                count = torch.tensor([rank + step])
+                dist.all_reduce(count, group=pg)
+                errors.setdefault("passthrough", []).append(
+                    float(not torch.equal(top, want)) + abs(int(count) - (
+                        world * step + world * (world - 1) // 2)))
+                same = [torch.empty_like(got) for _ in range(world)]
+                dist.all_gather(same, got)  # every rank holds the same bits
+                errors.setdefault("ranks differ", []).append(
+                    float(not all(torch.equal(s, got) for s in same)))
+                pg.step()
+            out[codec] = {k: max(v) for k, v in errors.items()}
+            out[codec]["streams"] = len(pg.compressed.session)
+        off = wrap_process_group(config=CompressionConfig(codec="int8"))  # reduce=False
+        x = _drifting(rank, 0, (12, 8))
+        exact, got = x.clone(), x.clone()
+        dist.all_reduce(exact)
+        dist.all_reduce(got, group=off)
+        out["off"] = dict(exact=torch.equal(got, exact), streams=len(off.compressed.session))
+
+        torch.manual_seed(0)
+        mlp = torch.nn.Sequential(torch.nn.Linear(16, 48), torch.nn.GELU(),
+                                  torch.nn.Linear(48, 16))
+        mesh = init_device_mesh("cpu", (world,))
+        plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+        results = {}
+        for codec in ("raw", "identity", "int8"):
+            model = parallelize_module(copy.deepcopy(mlp), mesh, plan)
+            handle = None if codec == "raw" else enable_compression(
+                model, CompressionConfig(codec=codec, reduce=True))
+            with torch.no_grad():
+                results[codec] = [model(_drifting(0, step, (6, 16))) for step in range(STEPS)]
+            if handle is not None:
+                out[f"tp {codec} points"] = handle.points
+                out[f"tp {codec} streams"] = len(handle.stats().streams)
+                handle.disable()
+        for codec in ("identity", "int8"):
+            out[f"tp {codec}"] = max(_rel(a, b) for a, b in zip(results[codec], results["raw"]))
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    exit_after_teardown()

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+from cc_gloo_workers import exit_after_teardown
 from compressed_comm import CompressionConfig
 
 STEPS = 5
@@ -289,4 +290,4 @@ def xdit_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     with open(os.path.join(out_dir, f"xdit_{rank}.json"), "w") as f:
         json.dump(out, f)
     dist.barrier()
-    dist.destroy_process_group()
+    exit_after_teardown()

@@ -59,3 +59,24 @@ def test_serving_faults_through_the_drop_in_group(tmp_path):
         assert r["skipped_step"] is not None and "disagree" in r["skipped_step"][1]
         assert r["recovered"] and r["no_step_exact"]
         assert r["no_step_warned"] == 1 and r["streams"] == 4 * 2  # 4 calls x (enc + dec)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_reductions_through_the_drop_in_group_and_tensor_parallelism(world, tmp_path):
+    mp.spawn(workers.reduce_worker, args=(world, str(tmp_path / "store"), str(tmp_path)),
+             nprocs=world, join=True)
+    for rank in range(world):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        exact, int8 = out["identity"], out["int8"]
+        assert exact["ranks differ"] == int8["ranks differ"] == 0.0
+        assert exact["passthrough"] == int8["passthrough"] == 0.0
+        for op in ("all_reduce sum", "all_reduce avg", "all_reduce_coalesced",
+                   "reduce_scatter_tensor"):
+            assert exact[op] < 1e-6, op  # lossless codec: only the summation order differs
+            assert 0 < int8[op] < 5e-3, op
+        assert exact["streams"] > 0 and int8["streams"] > 0
+        assert out["off"] == {"exact": True, "streams": 0}  # reduce=False: untouched
+        # tensor parallelism: DTensor's all-reduce of the row-parallel output, compressed
+        assert "dtensor_reduce" in out["tp int8 points"] and out["tp int8 streams"] > 0
+        assert out["tp identity"] < 1e-6
+        assert 0 < out["tp int8"] < 5e-3

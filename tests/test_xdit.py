@@ -168,7 +168,7 @@ def test_bad_arguments_are_refused(no_xfuser):
     with pytest.raises(RuntimeError, match="already compiled.*enable compression first"):
         enable_compression(torch.compile(torch.nn.Linear(2, 2)))
     assert set(HOOK_POINTS) == {"ulysses", "torch_ring", "yunchang_ring", "yunchang_ulysses",
-                                "pipefusion", "diffusers_ulysses", "diffusers_ring"}
+                                "pipefusion", "diffusers_ulysses", "diffusers_ring", "dtensor_reduce"}
 
 
 def test_the_scheduler_hook_is_removed_on_disable(no_xfuser):

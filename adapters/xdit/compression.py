@@ -179,7 +179,9 @@ class XDiTCompression:
         ``"auto"`` binds diffusers' own points only if ``diffusers_cp`` (the model has a
         parallel config)."""
         required = points != "auto"
-        names = ([n for n, p in HOOK_POINTS.items() if p.library != "diffusers" or diffusers_cp]
+        names = ([n for n, p in HOOK_POINTS.items()
+                  if (p.library != "diffusers" or diffusers_cp)
+                  and (n != "dtensor_reduce" or self.config.reduce)]
                  if points == "auto" else list(points))
         unknown = [n for n in names if n not in HOOK_POINTS]
         if unknown:
@@ -290,7 +292,9 @@ def enable_compression(target: Any, config: CompressionConfig | None = None, *,
     (:data:`~adapters.xdit.HOOK_POINTS`); ``"auto"`` binds every point whose library is
     in use: torch's ring and yunchang's when importable, xfuser's when xfuser is imported,
     diffusers' context parallelism when the transformer has a parallel config (call
-    ``transformer.enable_parallelism(...)`` first).
+    ``transformer.enable_parallelism(...)`` first), and DTensor's reductions (tensor
+    parallelism: ``parallelize_module``, diffusers' ``TensorParallelConfig``) when
+    ``config.reduce`` is set.
     A point whose attribute moved raises :class:`~adapters.xdit.HookPointError` naming it
     and the versions known to work.
 

@@ -81,6 +81,11 @@ HOOK_POINTS: dict[str, HookPoint] = {p.name: p for p in (
               ("funcol",),
               "diffusers' own context parallelism (enable_parallelism, ring_degree): the "
               "all-gather of every rank's K||V (TemplatedRingAttention)"),
+    HookPoint("dtensor_reduce", "torch", "torch.distributed.tensor.placement_types", "",
+              ("funcol",),
+              "tensor parallelism through DTensor (torch's parallelize_module, diffusers' "
+              "TensorParallelConfig): the all-reduce and reduce-scatter of partial sums, "
+              "with CompressionConfig(reduce=True)"),
 )}
 
 
