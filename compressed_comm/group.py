@@ -413,11 +413,17 @@ class _GroupBase:
         shapes = [(n, flat.shape[1]) for n in rows]
         gathered = self.all_gather(mine, stream=f"{stream}.gather", shapes=shapes)
         gathered[self.rank] = self._reconstruction(f"{stream}.gather", mine)
-        return torch.cat(gathered).view(x.shape)
+        result = torch.cat(gathered).view(x.shape)
+        self._account_reduction(stream, flat.split(rows), mine, result)
+        return result
 
     def _reconstruction(self, stream: str, x: torch.Tensor) -> torch.Tensor:
         """What this rank's peers received of ``x``, its last message on all-gather ``stream``."""
         return x
+
+    def _account_reduction(self, stream: str, blocks: Sequence[torch.Tensor],
+                           reduced: torch.Tensor, result: torch.Tensor) -> None:
+        """Record the error of an all_reduce's result (compressed groups with track_error)."""
 
     # ------------------------------------------------------------------ helpers
 
@@ -592,6 +598,10 @@ class CompressedGroup(_GroupBase):
         self.transport._compressed_groups = index + 1  # type: ignore[attr-defined]
         self.session = Session(self.config, rank=self.rank,
                                namespace=f"group{index}/" if index else "")
+        #: with ``track_error``: per all_reduce stream, a bound on the relative error of its
+        #: last result against the exact reduction (compression error; the rounding of the
+        #: sum to the tensor's dtype aside), the same on every rank
+        self.reduce_errors: dict[str, float] = {}
         self._config_crcs = [zlib.crc32(repr(getattr(self.config, f)).encode())
                              for f in SHARED_CONFIG]
 
@@ -601,6 +611,7 @@ class CompressedGroup(_GroupBase):
 
     def _reset(self) -> None:
         self.session.reset()  # advances the session id written into every header
+        self.reduce_errors = {}
 
     def stats(self) -> SessionStats:
         """Traffic, accuracy and memory of every stream of the current session."""
@@ -613,6 +624,35 @@ class CompressedGroup(_GroupBase):
 
     def _reconstruction(self, stream: str, x: torch.Tensor) -> torch.Tensor:
         return self.session.encoder(StreamKey("all_gather", stream), x).reference.clone()
+
+    def _account_reduction(self, stream: str, blocks: Sequence[torch.Tensor],
+                           reduced: torch.Tensor, result: torch.Tensor) -> None:
+        """With ``track_error``: every rank shares the absolute error of each block it sent
+        (the senders' own measurement) and of its reduced block, one small all-gather; the
+        error of block ``d`` is at most the sum of the senders' errors on it plus its
+        owner's, whence a bound on the relative error of the whole result."""
+        if not self.config.track_error:
+            return
+        world, me = self.world_size, self.rank
+
+        def abs_error(key: StreamKey, x: torch.Tensor) -> float:
+            rel = self.session.encoder(key, x).stats().last_rel_error or 0.0
+            return rel * float(torch.linalg.vector_norm(x.float()))
+        mine = [0.0 if d == me else abs_error(StreamKey("all_to_all", f"{stream}.reduce", d),
+                                              blocks[d]) for d in range(world)]
+        mine.append(abs_error(StreamKey("all_gather", f"{stream}.gather"), reduced))
+        vec = torch.tensor(mine, dtype=torch.float64, device=result.device)
+        outs = [torch.empty_like(vec) for _ in range(world)]
+        what = f"all_reduce of stream {stream!r} (error accounting)"
+        block = vec.view(torch.uint8)
+        work = self._collective(what, self.transport.all_gather, block,
+                                [o.view(torch.uint8) for o in outs], block)
+        self._wait(work, self.timeout, what)
+        self._sent(vec.nbytes * (world - 1), world - 1)
+        errors = torch.stack(outs).cpu()  # [sender][block, then own reduced block]
+        bound = errors[:, :world].sum(0) + errors[:, world]
+        norm = float(torch.linalg.vector_norm(result.float()))
+        self.reduce_errors[stream] = float(bound.norm()) / max(norm, 1e-30)
 
     def _handshake(self, kind: str, stream: str, seq: int, send: Sequence[int],
                    recv: Sequence[int], device: torch.device) -> None:

@@ -441,3 +441,28 @@ def test_reductions_refuse_other_ops_and_world_one_copies():
     [(x, got)] = run_ranks(1, lambda t: (lambda x: (x, group(t, "int8").all_reduce(
         x, stream="a")))(torch.randn(3, 4)))
     assert torch.equal(x, got) and got is not x
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("codec", ["identity", "int8", "binary", "int2"])
+def test_all_reduce_error_bound_holds_and_agrees(world, codec):
+    """track_error: the bound every rank records is the same and never below the actual
+    relative error against the fixed-order exact sum; a new session forgets it."""
+    def body(t):
+        g = group(t, codec, track_error=True)
+        out = []
+        for x in walk(t.rank, (9, C), torch.float32, 4):
+            out.append((x, g.all_reduce(x, stream="ar"), g.reduce_errors["ar"]))
+            g.step()
+        g.new_session()
+        return out, dict(g.reduce_errors)
+    res = run_ranks(world, body)
+    for step in range(4):
+        want = fixed_order_sum([r[0][step][0] for r in res])
+        actual = float((res[0][0][step][1] - want).norm() / want.norm())
+        bounds = {r[0][step][2] for r in res}
+        assert len(bounds) == 1
+        (bound,) = bounds
+        assert bound >= actual * (1 - 1e-6)
+        assert (bound == 0) == (codec == "identity" or step == 0)
+    assert all(after == {} for _, after in res)
