@@ -31,7 +31,7 @@ from .stream import StreamDecoder
 from .transport import P2POp, TorchDistTransport, Transport, Work
 from .wire import announced_payload
 
-__all__ = ["CompressedGroup", "RawGroup", "Handle"]
+__all__ = ["CompressedGroup", "RawGroup", "Handle", "handshake_nbytes"]
 
 T = TypeVar("T")
 
@@ -46,6 +46,11 @@ SHARED_CONFIG = ("codec", "residual_order", "decay", "warmup_steps", "keyframe_p
 #: shared config field, pad; then 2 x world uint64 sizes (sent to, expected from, each rank)
 _HANDSHAKE = struct.Struct(f"<4sIII{len(SHARED_CONFIG)}I{-4 * len(SHARED_CONFIG) % 8}x")
 _HANDSHAKE_MAGIC = b"CCHS"
+
+
+def handshake_nbytes(world_size: int) -> int:
+    """Bytes each rank contributes to the size handshake before a compressed collective."""
+    return _HANDSHAKE.size + 16 * world_size
 
 
 class Handle(Generic[T]):

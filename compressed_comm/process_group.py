@@ -237,21 +237,21 @@ class CompressedProcessGroup(dist.ProcessGroup):
         return _reduction(opts)
 
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
-        op = self._reducing(tensors, opts)
-        streams = [None] if op is None or len(tensors) != 1 else [
-            self._stream("all_reduce", op, tuple(tensors[0].shape), tensors[0].dtype)]
-        if streams[0] is None:
+        if len(tensors) != 1:  # one tensor per device of this process: not ours to split
             return self.inner.allreduce(tensors, *_opts(opts))
-        x = tensors[0]
-        x.copy_(self.compressed.all_reduce(x, stream=streams[0], op=op))
-        return _Work(lambda: None)
+        return self._all_reduce_each(tensors, opts, self.inner.allreduce)
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        return self._all_reduce_each(tensors, opts, self.inner.allreduce_coalesced)
+
+    def _all_reduce_each(self, tensors: list[torch.Tensor], opts: Any,
+                         passthrough: Callable[..., dist.Work]) -> dist.Work:
+        """All-reduce every tensor in place on its own stream, or ``passthrough`` them all."""
         op = self._reducing(tensors, opts)
         streams = [] if op is None else [self._stream("all_reduce", op, tuple(t.shape), t.dtype)
                                          for t in tensors]
         if op is None or None in streams:
-            return self.inner.allreduce_coalesced(tensors, *_opts(opts))
+            return passthrough(tensors, *_opts(opts))
         for x, stream in zip(tensors, streams):
             x.copy_(self.compressed.all_reduce(x, stream=stream, op=op))
         return _Work(lambda: None)

@@ -194,11 +194,12 @@ class _Stream:
 
     def max_payload_nbytes(self) -> int:
         """The largest payload any message of this stream can have (keyframe or not)."""
-        whole = [c.payload_nbytes(self.shape, self.dtype)
+        sizes = [c.payload_nbytes(self.shape, self.dtype)
                  for c in (self.codec, self._keyframe_codec)]
-        first = -(-self.warmup_steps // max(self.keyframe_period, 1)) * self.keyframe_period
-        return max(whole + [self.payload_nbytes(first + j) for j in range(self.keyframe_spread)
-                            if self.keyframe_spread > 1])
+        if self.keyframe_spread > 1:  # every slice of the first spread keyframe
+            first = -(-self.warmup_steps // self.keyframe_period) * self.keyframe_period
+            sizes += [self.payload_nbytes(first + j) for j in range(self.keyframe_spread)]
+        return max(sizes)
 
     @property
     def reference_bytes(self) -> int:
@@ -271,14 +272,13 @@ class StreamEncoder(_Stream):
         x = self._check_input(x)
         what = f"{self.what}: input at step {self._step}"
         check = what if self.check_finite else None
-        if check is not None and self.order == 2:  # the prediction is made in place
+        rows = self.spread_rows(self._step)
+        # checked up front where the stream changes before the codec's own pass would find
+        # a NaN: order 2 predicts in place, and a spread keyframe's slices go one by one
+        if check is not None and (self.order == 2 or rows is not None):
             check_finite(x, what, self._kernels)
             check = None
         header = self.header()
-        rows = self.spread_rows(self._step)
-        if rows is not None and check is not None:  # the slices must not change the stream
-            check_finite(x, what, self._kernels)   # before a later one finds a NaN
-            check = None
         pred, target, codec = self._begin()
         if rows is not None:
             payload = self._emit_spread(x, header, rows, pred, target)
@@ -365,12 +365,11 @@ class StreamDecoder(_Stream):
                 f"{header.seq} (a {kind} message)"
             )
         bad = header.mismatches(expected)
+        config = [b for b in bad if b.split("=")[0] in CONFIG_FIELDS]
         if (header.flags ^ expected.flags) & FLAG_SPREAD:
-            bad.append(f"keyframe_spread (step {expected.seq} is "
-                       f"{'' if expected.flags & FLAG_SPREAD else 'not '}a slice of a spread "
-                       "keyframe here)")
-        config = [b for b in bad if b.split("=")[0].split(" ")[0] in (*CONFIG_FIELDS,
-                                                                    "keyframe_spread")]
+            config.append(f"keyframe_spread (step {expected.seq} is "
+                          f"{'' if expected.flags & FLAG_SPREAD else 'not '}a slice of a "
+                          "spread keyframe here)")
         if config:
             raise WireFormatError(
                 f"{self.what}: the sender's CompressionConfig differs from this rank's: "

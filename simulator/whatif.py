@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from compressed_comm import CompressionConfig, StreamEncoder, get_codec
+from compressed_comm.group import handshake_nbytes
 
 from .network import (GPU, Link, StepEstimate, choose, collective_seconds, estimate_step, get_gpu,
                       get_link)
@@ -257,11 +258,12 @@ class Traffic:
 
     def handshake_seconds(self, link: Link, codec: str | None) -> float:
         """Seconds of one step's size handshakes: before every compressed collective, an
-        all-gather of 64 + 16 x world bytes per rank (``CompressionConfig(handshake=True)``,
-        the default); none for raw tensors and point-to-point messages."""
+        all-gather of :func:`~compressed_comm.group.handshake_nbytes` per rank
+        (``CompressionConfig(handshake=True)``, the default); none for raw tensors and
+        point-to-point messages."""
         if codec is None or self.collective == "p2p":
             return 0.0
-        block = 64 + 16 * self.world
+        block = handshake_nbytes(self.world)
         return self.count * collective_seconds("all_gather", block, self.world, link)
 
 
@@ -515,7 +517,7 @@ def _general_assumptions(model: ModelSpec, gpu: GPU, link: Link, world: int,
         "step t's compute and only max(0, comm - compute) is exposed; the overlapped "
         "exchange is assumed to take no compute or memory bandwidth from the step",
         f"every compressed collective is preceded by a size handshake (an all-gather of "
-        f"{64 + 16 * world} bytes per rank, CompressionConfig(handshake=True), the default; "
+        f"{handshake_nbytes(world)} bytes per rank, CompressionConfig(handshake=True), the default; "
         "counted in comm s and exposed even when async; handshake=False removes it)",
         f"the first {warmup} step(s) of distrifusion and of every codec are synchronous and "
         f"send the full tensor (codecs: the keyframe codec's payload, header included)",

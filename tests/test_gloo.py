@@ -15,12 +15,18 @@ OPS = {"group.all_gather", "group.ring_pass", "group.all_to_all", "group.recv",
        "dist.all_to_all_single uneven", "dist.all_gather uneven", "dist.batch_isend_irecv"}
 
 
+def spawn(worker, world, tmp_path):
+    """Run ``worker(rank, world, store, out_dir)`` on ``world`` gloo processes; the summary
+    each rank saved, in rank order (None for a rank that saved none)."""
+    mp.spawn(worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world,
+             join=True)
+    files = [tmp_path / f"rank{rank}.pt" for rank in range(world)]
+    return [torch.load(f) if f.exists() else None for f in files]
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_collectives_and_wrapper_over_gloo(world, tmp_path):
-    mp.spawn(workers.collectives_worker, args=(world, str(tmp_path / "store"), str(tmp_path)),
-             nprocs=world, join=True)
-    for rank in range(world):
-        summary = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, summary in enumerate(spawn(workers.collectives_worker, world, tmp_path)):
         exact, binary = summary["identity"], summary["binary"]
         expected = OPS | ({"dist.send/recv"} if rank == 1 else set())
         assert set(exact["max_errors"]) == set(binary["max_errors"]) == expected
@@ -32,9 +38,7 @@ def test_collectives_and_wrapper_over_gloo(world, tmp_path):
 
 
 def test_dead_or_silent_peer_raises_within_the_timeout(tmp_path):
-    mp.spawn(workers.dead_peer_worker, args=(2, str(tmp_path / "store"), str(tmp_path)),
-             nprocs=2, join=True)
-    (silent, after, resync) = torch.load(tmp_path / "rank0.pt")
+    (silent, after, resync) = spawn(workers.dead_peer_worker, 2, tmp_path)[0]
     kind, message, seconds = silent
     assert kind == "CommTimeoutError" and seconds < 10
     assert "recv of stream 'never-sent' from rank 1" in message
@@ -47,9 +51,7 @@ def test_dead_or_silent_peer_raises_within_the_timeout(tmp_path):
 
 
 def test_serving_faults_through_the_drop_in_group(tmp_path):
-    mp.spawn(workers.serving_faults_worker, args=(2, str(tmp_path / "store"), str(tmp_path)),
-             nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    r0, r1 = spawn(workers.serving_faults_worker, 2, tmp_path)
     assert r1["a_first3"] and r1["b_exact"]  # request B never sees request A's data
     assert r0["a_cancelled"][0] == "CancelledError"
     # a message longer than expected is reported from its header, not by a gloo abort
@@ -63,10 +65,7 @@ def test_serving_faults_through_the_drop_in_group(tmp_path):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_reductions_through_the_drop_in_group_and_tensor_parallelism(world, tmp_path):
-    mp.spawn(workers.reduce_worker, args=(world, str(tmp_path / "store"), str(tmp_path)),
-             nprocs=world, join=True)
-    for rank in range(world):
-        out = torch.load(tmp_path / f"rank{rank}.pt")
+    for out in spawn(workers.reduce_worker, world, tmp_path):
         exact, int8 = out["identity"], out["int8"]
         assert exact["ranks differ"] == int8["ranks differ"] == 0.0
         assert exact["passthrough"] == int8["passthrough"] == 0.0
