@@ -73,7 +73,7 @@ def end_rank() -> NoReturn:
 def run_ranks(tool: str, cmd: list[str], timeout: float) -> int:
     """Run ``cmd`` (which spawns the ranks) in its own process group, killed after
     ``timeout``, with one OpenMP and numba thread per rank and gloo on ``lo``."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         return proc.wait(timeout=timeout)

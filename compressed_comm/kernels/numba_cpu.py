@@ -18,14 +18,26 @@ conversions, F16C on x86) or by a shift and round-to-nearest-even (bfloat16), ex
 torch. Compiled on first use and cached on disk (``cache=True``);
 :func:`compressed_comm.warmup` compiles ahead of time.
 
-Each call runs on as many numba threads as torch uses at that moment
-(``torch.get_num_threads()``, which follows ``OMP_NUM_THREADS`` and ``torch.set_num_threads``),
-capped by numba's pool (``NUMBA_NUM_THREADS``): numba's OpenMP workers spin between kernels, so
-one process per rank (torchrun) with a worker per core each starves the other ranks (a 2-rank
-tiny FLUX example on 2 cores: 13.3 s instead of 3.0 s).
+Threads belong to the caller. Each call runs on as many numba threads as torch uses in the
+calling thread at that moment (``torch.get_num_threads()``, which follows ``OMP_NUM_THREADS``
+and ``torch.set_num_threads``), capped by numba's pool (``NUMBA_NUM_THREADS``), and gives the
+calling thread its own numba thread count back afterwards: one process per rank (torchrun,
+one thread each) with a worker per core each would starve the other ranks. numba's pool is
+launched once, from a short-lived thread of its own (:func:`_launch_pool`): its OpenMP layer
+sets the launching thread's OpenMP thread count to ``NUMBA_NUM_THREADS`` and enables nesting,
+and torch reads that thread count as its own, so a launch from the caller's thread made torch
+run every later operator on every core (compressed steps under torchrun 5-7x slower than
+raw). The caller's threading layer is kept: the workqueue layer aborts the process when
+``parallel=True`` kernels run from several Python threads at once, as the simulator's ranks do.
 """
 
 from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import threading
+from typing import Callable, TypeVar
 
 import numba
 import numpy as np
@@ -46,6 +58,8 @@ _FP16_MAX = np.float32(65504.0)
 _BF16_MAX = np.float32(3.3895313892515355e38)
 _FP32_MAX = np.float32(3.4028234663852886e38)
 _NO_CAP = np.float32(np.inf)
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- scalar helpers
 
@@ -508,11 +522,67 @@ def _absmax_apply(codes, amax, qmax, pred, out):
 # --------------------------------------------------------------------------- torch <-> numpy
 
 
-def _threads() -> None:
-    """Run the next kernels on as many threads as torch uses now (within numba's pool)."""
-    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != want:
+def _openmp_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime whose settings numba's OpenMP layer changes: the first one in the
+    process's global symbol scope (torch's, which the dynamic linker binds numba's calls to),
+    else the one numba's layer links; None where neither can be found."""
+    candidates: list[str | None] = [None]
+    try:
+        from numba.np.ufunc import omppool
+        candidates.append(omppool.__file__)
+    except ImportError:
+        pass
+    for name in candidates:
+        try:
+            lib = ctypes.CDLL(name)
+            lib.omp_get_max_active_levels, lib.omp_set_max_active_levels  # noqa: B018
+            return lib
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _launch_pool() -> None:
+    """Start numba's thread pool (idempotent) without changing the caller's threads.
+
+    numba's OpenMP layer calls ``omp_set_num_threads(NUMBA_NUM_THREADS)`` and
+    ``omp_set_nested(1)`` in the thread that launches it. The thread count is per thread, so a
+    short-lived thread launches the pool; the nesting level is process-wide in some runtimes,
+    so it is read before and put back after. Should the caller's thread count change anyway
+    (another runtime), it is put back too, with a warning."""
+    runtime = _openmp_runtime()
+    levels = runtime.omp_get_max_active_levels() if runtime is not None else None
+    threads = torch.get_num_threads()
+    launcher = threading.Thread(target=numba.get_num_threads, name="compressed_comm-numba-launch")
+    launcher.start()
+    launcher.join()
+    if runtime is not None and runtime.omp_get_max_active_levels() != levels:
+        runtime.omp_set_max_active_levels(levels)
+    if torch.get_num_threads() != threads:
+        logger.warning("compressed_comm: launching numba's %s thread pool changed this thread's "
+                       "torch thread count from %d to %d; set back", numba.threading_layer(),
+                       threads, torch.get_num_threads())
+        torch.set_num_threads(threads)
+
+
+_F = TypeVar("_F", bound=Callable[..., object])
+
+
+def _in_caller_threads(kernel: _F) -> _F:
+    """``kernel`` run on as many numba threads as torch uses in the calling thread now (within
+    numba's pool); the calling thread's numba thread count is put back afterwards."""
+    @functools.wraps(kernel)
+    def call(*args: object, **kwargs: object) -> object:
+        before = numba.get_num_threads()
+        want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        if want == before:
+            return kernel(*args, **kwargs)
         numba.set_num_threads(want)
+        try:
+            return kernel(*args, **kwargs)
+        finally:
+            numba.set_num_threads(before)
+    return call  # type: ignore[return-value]
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:
@@ -554,44 +624,44 @@ def _unpacked_rows(packed: torch.Tensor, n: int, c: int, bits: int) -> np.ndarra
 # --------------------------------------------------------------------------- public kernels
 
 
+@_in_caller_threads
 def numba_all_finite(x: torch.Tensor) -> bool:
-    _threads()
     return x.numel() == 0 or _count_non_finite(_as2(x.detach().contiguous())) == 0
 
 
+@_in_caller_threads
 def numba_error_norms(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.float32)
-    _threads()
     err, tot = _square_sums(_as2(x.detach().contiguous()), _as2(ref.contiguous()))
     tiny = float(np.finfo(np.float32).tiny)
     return torch.tensor(np.sqrt(err) / max(np.sqrt(tot), tiny), dtype=torch.float32)
 
 
+@_in_caller_threads
 def numba_pack_bits(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     if bits == 8:
         out.copy_(codes)
         return
-    _threads()
     _pack_flat(codes.numpy(), bits, out.numpy())
 
 
+@_in_caller_threads
 def numba_unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 8:
         return packed[:numel]
-    _threads()
     out = np.empty(numel, dtype=np.uint8)
     _unpack_flat(packed.numpy(), bits, out)
     return torch.from_numpy(out)
 
 
+@_in_caller_threads
 def numba_pack_uint(values: torch.Tensor, width: int, out: torch.Tensor) -> None:
-    _threads()
     _pack_uint(values.contiguous().numpy(), width, out.numpy())
 
 
+@_in_caller_threads
 def numba_unpack_uint(packed: torch.Tensor, width: int, numel: int) -> torch.Tensor:
-    _threads()
     out = np.empty(numel, dtype=np.int64)
     _unpack_uint(packed.numpy(), width, out)
     return torch.from_numpy(out)
@@ -638,8 +708,8 @@ def _emit_rows(kernel, xn, pn, rn, codes: torch.Tensor, bits: int, *rest) -> Non
         _pack_flat(rows_out.reshape(-1), bits, codes.numpy())
 
 
+@_in_caller_threads
 def numba_binary_encode(x, pred, ref_out, bits, row, col, check: bool = False) -> bool:
-    _threads()
     xn, pn = _np(x), _np(pred)
     if not _abs_scales(xn, pn, row.numpy(), col.numpy(), check):
         return False
@@ -647,14 +717,14 @@ def numba_binary_encode(x, pred, ref_out, bits, row, col, check: bool = False) -
     return True
 
 
+@_in_caller_threads
 def numba_binary_decode(bits, row, col, pred, out) -> None:
-    _threads()
     on = _np(out)
     _binary_apply(_unpacked_rows(bits, *on.shape, 1), row.numpy(), col.numpy(), _np(pred), on)
 
 
+@_in_caller_threads
 def numba_int2_encode(x, pred, ref_out, codes, small, big, col, check: bool = False) -> bool:
-    _threads()
     xn, pn = _np(x), _np(pred)
     row = np.empty(xn.shape[0], dtype=np.float32)
     if not _abs_scales(xn, pn, row, col.numpy(), check):
@@ -664,16 +734,16 @@ def numba_int2_encode(x, pred, ref_out, codes, small, big, col, check: bool = Fa
     return True
 
 
+@_in_caller_threads
 def numba_int2_decode(codes, small, big, col, pred, out) -> None:
-    _threads()
     on = _np(out)
     _int2_apply(_unpacked_rows(codes, *on.shape, 2), small.numpy(), big.numpy(), col.numpy(),
                 _np(pred), on)
 
 
+@_in_caller_threads
 def numba_minmax_encode(x, pred, ref_out, codes, lo, span, bits: int,
                         check: bool = False) -> bool:
-    _threads()
     xn, pn = _np(x), _np(pred)
     n, c = xn.shape
     if n == 0:
@@ -706,17 +776,17 @@ def _minmax_factors(span: np.ndarray, qmax: np.float32) -> tuple[np.ndarray, np.
     return inv.astype(np.float32), (span / qmax).astype(np.float32)
 
 
+@_in_caller_threads
 def numba_minmax_decode(codes, lo, span, bits: int, pred, out) -> None:
-    _threads()
     on = _np(out)
     _, step = _minmax_factors(span.numpy(), np.float32((1 << bits) - 1))
     _minmax_apply(_unpacked_rows(codes, *on.shape, bits), bits, lo.numpy(), step, _np(pred), on)
 
 
+@_in_caller_threads
 def numba_absmax_encode(x, pred, ref_out, codes, amax, bits: int, check: bool = False) -> bool:
     if bits != 8:
         raise ValueError(f"numba absmax kernels take 8-bit codes, got {bits}")
-    _threads()
     xn, pn = _np(x), _np(pred)
     n, c = xn.shape
     if n == 0:
@@ -736,10 +806,10 @@ def numba_absmax_encode(x, pred, ref_out, codes, amax, bits: int, check: bool = 
     return True
 
 
+@_in_caller_threads
 def numba_absmax_decode(codes, amax, bits: int, pred, out) -> None:
     if bits != 8:
         raise ValueError(f"numba absmax kernels take 8-bit codes, got {bits}")
-    _threads()
     on = _np(out)
     _absmax_apply(codes.numpy().reshape(on.shape), amax.numpy(), np.float32(127), _np(pred), on)
 
@@ -761,4 +831,5 @@ def numba_kernels():
         TORCH_KERNELS, (NumbaError,))
 
 
+_launch_pool()  # at import: the import lock keeps it from racing with itself
 NUMBA_KERNELS = numba_kernels()
