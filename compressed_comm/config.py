@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from .codecs import get_codec
 from .kernels import resolve_impl
 
-__all__ = ["CompressionConfig", "KEYFRAME_CODECS"]
+__all__ = ["CompressionConfig", "KEYFRAME_CODECS", "SHARED_FIELDS"]
+
+
+def _shared(default: Any = None, **kwargs: Any) -> Any:
+    """A field every rank of a group must set alike (it shapes what goes on the wire)."""
+    if "default_factory" in kwargs:
+        return field(metadata={"shared": True}, **kwargs)
+    return field(default=default, metadata={"shared": True}, **kwargs)
 
 #: Codecs a keyframe may use: stateless ones that send the tensor itself.
 KEYFRAME_CODECS = ("identity", "fp8", "int8", "int4", "int2", "binary")
@@ -78,26 +87,25 @@ class CompressionConfig:
         :meth:`~compressed_comm.CompressedGroup.all_reduce` needs no switch.
 
     All ranks of a group must use the same settings for 1-8 (keyframe_codec and
-    keyframe_spread included), 12
-    and 13: every payload
-    header carries them (skip and min_bytes as the codec a stream uses) and a receiver whose config differs raises
-    :class:`~compressed_comm.WireFormatError` naming the fields.
+    keyframe_spread included) and 12 (:data:`SHARED_FIELDS`): the first message of every
+    stream and every size handshake carry a fingerprint of them, and a rank whose config
+    differs raises :class:`~compressed_comm.WireFormatError` naming the fields.
     """
 
-    codec: str = "binary"
-    residual_order: int = 1
-    decay: float = 0.5
-    warmup_steps: int = 1
-    keyframe_period: int = 0
-    keyframe_codec: str = "identity"
-    keyframe_spread: int = 1
-    min_bytes: int = 0
-    skip: tuple[str, ...] = field(default_factory=tuple)
-    closed_loop: bool = True
+    codec: str = _shared("binary")
+    residual_order: int = _shared(1)
+    decay: float = _shared(0.5)
+    warmup_steps: int = _shared(1)
+    keyframe_period: int = _shared(0)
+    keyframe_codec: str = _shared("identity")
+    keyframe_spread: int = _shared(1)
+    min_bytes: int = _shared(0)
+    skip: tuple[str, ...] = _shared(default_factory=tuple)
+    closed_loop: bool = _shared(True)
     check_finite: bool = True
     kernels: str | None = None
     track_error: bool = False
-    checksum: bool = False
+    checksum: bool = _shared(False)
     handshake: bool = True
     reduce: bool = False
 
@@ -131,3 +139,22 @@ class CompressionConfig:
     def skips(self, stream_name: str) -> bool:
         """Whether ``stream_name`` matches one of the :attr:`skip` patterns."""
         return any(fnmatch.fnmatchcase(stream_name, pat) for pat in self.skip)
+
+    def fingerprint(self) -> tuple[int, ...]:
+        """A CRC-32 of each of :data:`SHARED_FIELDS`, in that order: what ranks compare to
+        name the fields on which their configs differ (``decay`` counts only for
+        ``residual_order=2``, the only order that uses it)."""
+        return tuple(zlib.crc32(repr(getattr(self, name) if name != "decay"
+                                     or self.residual_order == 2 else None).encode())
+                     for name in SHARED_FIELDS)
+
+    def differences(self, fingerprint: tuple[int, ...]) -> list[str]:
+        """The :data:`SHARED_FIELDS` whose CRC in ``fingerprint`` differs from this config's."""
+        return [name for name, mine, theirs in zip(SHARED_FIELDS, self.fingerprint(),
+                                                   fingerprint) if mine != theirs]
+
+
+#: The :class:`CompressionConfig` fields every rank of a group must share, in the order of
+#: :meth:`CompressionConfig.fingerprint`.
+SHARED_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(CompressionConfig)
+                                       if f.metadata.get("shared"))

@@ -24,7 +24,7 @@ from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from .config import CompressionConfig
+from .config import SHARED_FIELDS, CompressionConfig
 from .errors import CancelledError, CommError, GroupFailedError, WireFormatError
 from .session import Session, SessionStats, StreamKey
 from .stream import StreamDecoder
@@ -38,13 +38,10 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 300.0
 #: transport tag of the control messages new_session exchanges (data uses tag 0)
 CONTROL_TAG = 0x4343
-#: CompressionConfig fields all ranks must share, as checked by the size handshake
-SHARED_CONFIG = ("codec", "residual_order", "decay", "warmup_steps", "keyframe_period",
-                 "keyframe_spread", "keyframe_codec", "min_bytes", "skip", "closed_loop",
-                 "checksum")
-#: a collective's size handshake block: magic, session, stream CRC, step, a CRC-32 per
-#: shared config field, pad; then 2 x world uint64 sizes (sent to, expected from, each rank)
-_HANDSHAKE = struct.Struct(f"<4sIII{len(SHARED_CONFIG)}I{-4 * len(SHARED_CONFIG) % 8}x")
+#: a collective's size handshake block: magic, session, stream CRC, step, the config's
+#: fingerprint (a CRC-32 per shared field), pad; then 2 x world uint64 sizes (sent to,
+#: expected from, each rank)
+_HANDSHAKE = struct.Struct(f"<4sIII{len(SHARED_FIELDS)}I{-4 * len(SHARED_FIELDS) % 8}x")
 _HANDSHAKE_MAGIC = b"CCHS"
 
 
@@ -607,8 +604,7 @@ class CompressedGroup(_GroupBase):
         #: last result against the exact reduction (compression error; the rounding of the
         #: sum to the tensor's dtype aside), the same on every rank
         self.reduce_errors: dict[str, float] = {}
-        self._config_crcs = [zlib.crc32(repr(getattr(self.config, f)).encode())
-                             for f in SHARED_CONFIG]
+        self._fingerprint = self.config.fingerprint()
 
     def __repr__(self) -> str:
         return (f"CompressedGroup(rank={self.rank}, world_size={self.world_size}, "
@@ -669,7 +665,7 @@ class CompressedGroup(_GroupBase):
         world = self.world_size
         name_crc = zlib.crc32(f"{kind}:{stream}".encode())
         mine = _HANDSHAKE.pack(_HANDSHAKE_MAGIC, self.session.id & 0xFFFFFFFF, name_crc,
-                               seq & 0xFFFFFFFF, *self._config_crcs)
+                               seq & 0xFFFFFFFF, *self._fingerprint)
         mine += struct.pack(f"<{2 * world}Q", *send, *recv)
         # a tensor that owns its memory: the backend may release it from its own thread
         block = torch.tensor(list(mine), dtype=torch.uint8, device=device)
@@ -688,7 +684,7 @@ class CompressedGroup(_GroupBase):
             if len(set(values)) > 1:
                 shown = values if label != "stream name" else [f"{v:#010x}" for v in values]
                 problems.append(f"{label} differs by rank: {dict(enumerate(shown))}")
-        differ = [name for i, name in enumerate(SHARED_CONFIG, start=4)
+        differ = [name for i, name in enumerate(SHARED_FIELDS, start=4)
                   if len({f[i] for f in fields}) > 1]
         if differ:
             problems.append(f"CompressionConfig differs in {', '.join(differ)}")

@@ -30,8 +30,10 @@ from .codecs.base import _nc, as_2d, check_finite
 from .config import CompressionConfig
 from .kernels.torch_ref import FP32_MAX
 from .errors import StaleMessageError, StreamMismatchError, StreamOrderError, WireFormatError
-from .wire import (ALIGN, CONFIG_FIELDS, FLAG_CHECKSUM, FLAG_KEYFRAME, FLAG_SPREAD, Header,
-                   check_dtype, contiguous_payload, read_header, stream_tag, verify_checksum)
+from .config import SHARED_FIELDS
+from .wire import (ALIGN, CONFIG_FIELDS, FLAG_CHECKSUM, FLAG_CONFIG, FLAG_KEYFRAME, FLAG_SPREAD,
+                   Header, check_dtype, contiguous_payload, pack_fingerprint, read_header,
+                   stream_tag, unpack_fingerprint, verify_checksum)
 
 __all__ = ["StreamEncoder", "StreamDecoder", "StreamStats"]
 
@@ -104,6 +106,9 @@ class _Stream:
         self.check_finite = config.check_finite
         self.closed_loop = config.closed_loop
         self.checksum = config.checksum
+        # the first message ends with the sender's config fingerprint, checked by receivers
+        self._config = config
+        self._trailer = pack_fingerprint(config.fingerprint()).to(self.device)
         self._keyframe_codec: Codec = (
             IdentityCodec("identity") if self.codec.lossless or config.keyframe_codec == "identity"
             else get_codec(config.keyframe_codec, kernels=config.kernels))
@@ -176,26 +181,34 @@ class _Stream:
     def header(self, step: int | None = None) -> Header:
         """The header of message ``step`` (default: the next one)."""
         step = self._step if step is None else step
-        checksum = FLAG_CHECKSUM if self.checksum else 0
+        flags = (FLAG_CHECKSUM if self.checksum else 0) | (FLAG_CONFIG if step == 0 else 0)
+        trailer = self._trailer.numel() if step == 0 else 0
         rows = self.spread_rows(step)
         if rows is not None:
             body = sum(_aligned(h.payload_nbytes) for *_, h in self._parts(step, *rows))
             outer = self.codec.header(self.shape, self.dtype,
-                                      **self._fields(step, FLAG_SPREAD | checksum))
-            return dataclasses.replace(outer, body_nbytes=body)
+                                      **self._fields(step, FLAG_SPREAD | flags))
+            return dataclasses.replace(outer, body_nbytes=body + trailer)
         keyframe = self.is_keyframe(step)
         codec = self._keyframe_codec if keyframe else self.codec
-        return codec.header(self.shape, self.dtype,
-                            **self._fields(step, (FLAG_KEYFRAME if keyframe else 0) | checksum))
+        header = codec.header(self.shape, self.dtype,
+                              **self._fields(step, (FLAG_KEYFRAME if keyframe else 0) | flags))
+        return dataclasses.replace(header, body_nbytes=header.body_nbytes + trailer) \
+            if trailer else header
 
     def payload_nbytes(self, step: int | None = None) -> int:
         """Size of the payload of message ``step`` (default: the next one)."""
         return self.header(step).payload_nbytes
 
     def max_payload_nbytes(self) -> int:
-        """The largest payload any message of this stream can have (keyframe or not)."""
+        """The largest payload any message of this stream can have (keyframe or not), or
+        that a sender of another config sending it raw would (another ``min_bytes``,
+        ``skip`` or keyframe codec): a receive buffer of this size takes such a message,
+        whose header then names the difference."""
+        raw = IdentityCodec("identity").payload_nbytes(self.shape, self.dtype)
         sizes = [c.payload_nbytes(self.shape, self.dtype)
                  for c in (self.codec, self._keyframe_codec)]
+        sizes += [self.payload_nbytes(0), raw + self._trailer.numel()]
         if self.keyframe_spread > 1:  # every slice of the first spread keyframe
             first = -(-self.warmup_steps // self.keyframe_period) * self.keyframe_period
             sizes += [self.payload_nbytes(first + j) for j in range(self.keyframe_spread)]
@@ -285,7 +298,8 @@ class StreamEncoder(_Stream):
         else:
             state = self._codec_state if codec is self.codec else None
             payload = codec.emit(as_2d(x), self.shape, None if pred is None else as_2d(pred),
-                                 as_2d(target), header, state, check=check)
+                                 as_2d(target), header, state, check=check,
+                                 trailer=self._trailer if self._step == 0 else None)
         if self.track_error:
             self._err = self._kernels.error_norms(x, target)
         if not self.closed_loop:
@@ -308,6 +322,8 @@ class StreamEncoder(_Stream):
                               else p2[a:b], t2[a:b], sub)
             payload[offset:offset + part.numel()] = part
             offset += _aligned(part.numel())
+        if self._step == 0:
+            payload[payload.numel() - self._trailer.numel():].copy_(self._trailer)
         header.seal(payload)
         return payload
 
@@ -364,12 +380,25 @@ class StreamDecoder(_Stream):
                 f"{self.what}: expected the payload of step {expected.seq}, got step "
                 f"{header.seq} (a {kind} message)"
             )
+        verify_checksum(payload, header, self.what)  # before any field of the body is read
         bad = header.mismatches(expected)
         config = [b for b in bad if b.split("=")[0] in CONFIG_FIELDS]
         if (header.flags ^ expected.flags) & FLAG_SPREAD:
             config.append(f"keyframe_spread (step {expected.seq} is "
                           f"{'' if expected.flags & FLAG_SPREAD else 'not '}a slice of a "
                           "spread keyframe here)")
+        if (header.flags & expected.flags & FLAG_CONFIG
+                and header.body_nbytes >= self._trailer.numel()):
+            differ = self._config.differences(unpack_fingerprint(payload, len(SHARED_FIELDS)))
+            if differ:  # named by the sender's fingerprint, with the values the header shows
+                related = set(differ) | ({"codec_id", "param"} if {
+                    "codec", "keyframe_codec", "min_bytes", "skip"} & set(differ) else set()) | (
+                    {"flags"} if {"checksum", "keyframe_spread"} & set(differ) else set())
+                shown = [b for b in bad if b.split("=")[0] in related]
+                raise WireFormatError(
+                    f"{self.what}: the sender's CompressionConfig differs from this rank's in "
+                    f"{', '.join(differ)}" + (f" ({', '.join(shown)})" if shown else "")
+                    + "; every rank must use the same config")
         if config:
             raise WireFormatError(
                 f"{self.what}: the sender's CompressionConfig differs from this rank's: "
@@ -377,7 +406,6 @@ class StreamDecoder(_Stream):
             )
         if bad:
             raise WireFormatError(f"{self.what}: payload does not match the stream: {', '.join(bad)}")
-        verify_checksum(payload, header, self.what)
         if self._broken is not None:
             raise WireFormatError(f"{self.what}: {self._broken}; start a new session")
         rows = self.spread_rows(self._step)

@@ -4,11 +4,13 @@ Every payload is one contiguous 1-D ``uint8`` tensor::
 
     offset  size   field
     0       2      magic  b"CC"
-    2       1      version (currently 3; 3 added session, config and checksum fields)
+    2       1      version (currently 4; 3 added session, config and checksum fields, 4 the
+                   config fingerprint of a stream's first message)
     3       1      codec id (see ``compressed_comm.codecs``)
     4       1      dtype code: 1 float32, 2 float16, 3 bfloat16
     5       1      flags: bit 0 = keyframe (the tensor itself), bit 1 = body checksum,
-                   bit 2 = a slice of a spread keyframe (the body is sub-payloads, below)
+                   bit 2 = a slice of a spread keyframe (the body is sub-payloads, below),
+                   bit 3 = the body ends with the sender's config fingerprint (below)
     6       1      ndim
     7       1      stream config: residual order (bits 0-1), open loop (bit 2)
     8       4      codec parameter (rank for low-rank, k for top-k, else 0)
@@ -28,6 +30,12 @@ header with flag bit 2 and, as its body, complete payloads (header and body each
 contiguous row blocks of the tensor viewed ``(N, C)``: the residual-codec payload of the
 rows before the slice, the keyframe-codec payload of the slice, that of the rows after
 (empty blocks left out). The slice is fixed by the step, so the size is known in advance.
+
+The first message of every stream (sequence number 0) has flag bit 3 and ends its body
+with the sender's config fingerprint: a little-endian uint32 CRC-32 per field of
+``compressed_comm.config.SHARED_FIELDS`` (:meth:`CompressionConfig.fingerprint`), padded to
+a multiple of 8 bytes and counted in the body length. A receiver compares it with its own
+and names the fields that differ, whatever the transfer (collective or point-to-point).
 
 All integers are little-endian. The header size depends only on ``ndim``, and a codec's
 body size only on shape, dtype and codec parameters, so every payload size is known in
@@ -53,6 +61,9 @@ __all__ = [
     "FLAG_KEYFRAME",
     "FLAG_CHECKSUM",
     "FLAG_SPREAD",
+    "FLAG_CONFIG",
+    "pack_fingerprint",
+    "unpack_fingerprint",
     "SUPPORTED_DTYPES",
     "Header",
     "Section",
@@ -69,10 +80,11 @@ __all__ = [
 ]
 
 MAGIC = b"CC"
-VERSION = 3
+VERSION = 4
 FLAG_KEYFRAME = 1
 FLAG_CHECKSUM = 2
 FLAG_SPREAD = 4
+FLAG_CONFIG = 8
 _OPEN_LOOP = 4
 ALIGN = 8
 _U32 = 0xFFFFFFFF
@@ -195,6 +207,19 @@ CONFIG_FIELDS = ("residual_order", "closed_loop", "warmup_steps", "keyframe_peri
 
 def _f32(v: float) -> float:
     return struct.unpack("<f", struct.pack("<f", v))[0]
+
+
+def pack_fingerprint(fingerprint: tuple[int, ...]) -> torch.Tensor:
+    """A config fingerprint as the bytes that end a first message's body (8-byte padded)."""
+    raw = struct.pack(f"<{len(fingerprint)}I", *fingerprint)
+    return torch.frombuffer(bytearray(raw + bytes(-len(raw) % ALIGN)), dtype=torch.uint8)
+
+
+def unpack_fingerprint(payload: torch.Tensor, fields: int) -> tuple[int, ...]:
+    """The config fingerprint of ``fields`` CRCs that ends ``payload``'s body (a host copy)."""
+    nbytes = _align(4 * fields)
+    raw = payload[payload.numel() - nbytes:].cpu().numpy().tobytes()
+    return struct.unpack_from(f"<{fields}I", raw)
 
 
 def body_checksum(body: torch.Tensor) -> int:

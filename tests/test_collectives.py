@@ -16,6 +16,7 @@ from compressed_comm import (
     WireFormatError,
     get_codec,
 )
+from compressed_comm.wire import pack_fingerprint
 from simulator.inprocess import Fabric, run_ranks
 
 CODECS = ["identity", "fp8", "int8", "int4", "int2", "binary", "lowrank:4", "lowrankq:4",
@@ -171,7 +172,9 @@ def test_wire_bytes_are_counted_per_link():
 
     fabric = Fabric(world)
     stats = run_ranks(world, body, fabric=fabric)
-    key = get_codec("identity").payload_nbytes(shape, torch.float16)
+    # the first message ends with the config fingerprint
+    key = get_codec("identity").payload_nbytes(shape, torch.float16) + pack_fingerprint(
+        CompressionConfig().fingerprint()).numel()
     step = get_codec("binary").payload_nbytes(shape, torch.float16)
     handshake = 64 + 16 * world  # the size check before every all-gather (config.handshake)
     per_link = key + (steps - 1) * step + steps * handshake

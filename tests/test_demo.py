@@ -7,8 +7,12 @@ import sys
 import pytest
 import torch
 
-from compressed_comm import get_codec
+from compressed_comm import CompressionConfig, get_codec
+from compressed_comm.wire import pack_fingerprint
 from simulator.codec_demo import DEFAULT_CODECS, DriftingActivation, main
+
+#: the config fingerprint that ends a stream's first message
+FIRST = pack_fingerprint(CompressionConfig().fingerprint()).numel()
 
 RAW = 4096 * 3072 * 2  # (4096, 3072) float16
 
@@ -36,7 +40,8 @@ def test_demo_json_reports_every_codec(capsys):
     assert tuple(rows) == DEFAULT_CODECS
     for spec, r in rows.items():
         step = get_codec(spec).payload_nbytes(shape, torch.float16)
-        keyframe = get_codec("identity").payload_nbytes(shape, torch.float16)
+        # the first message also carries the config fingerprint
+        keyframe = get_codec("identity").payload_nbytes(shape, torch.float16) + FIRST
         assert r["step_bytes"] == step
         assert r["step_ratio"] == pytest.approx(raw / step)
         # one warmup keyframe, then compressed steps

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from compressed_comm import get_codec
+from compressed_comm import CompressionConfig, get_codec
+from compressed_comm.wire import pack_fingerprint
 from simulator.network import (
     COLLECTIVES,
     GPUS,
@@ -212,7 +213,8 @@ def test_step_times_follow_the_documented_model():
     assert raw.total_s == pytest.approx(28 * (compute + comm(raw_bytes)))
     assert df.exposed_comm_s == pytest.approx(max(0.0, comm(raw_bytes) - compute))
     assert df.total_s == pytest.approx(2 * (compute + comm(raw_bytes)) + 26 * df.step_s)
-    expected = (2 * (compute + codec(3, 2) + comm(full) + handshake)
+    first = pack_fingerprint(CompressionConfig(codec="binary").fingerprint()).numel()
+    expected = (2 * (compute + codec(3, 2) + handshake) + comm(full + first) + comm(full)
                 + 26 * (compute + codec(5, 2) + comm(small) + handshake))
     assert binary.total_s == pytest.approx(expected)
     assert binary.speedup == pytest.approx(raw.total_s / binary.total_s)

@@ -209,3 +209,55 @@ def test_skip_patterns_match_the_callers_stream_names():
     res = run_ranks(2, body)
     assert torch.equal(res[0][0][1], data(1, 0, 0))
     assert not torch.equal(res[0][1][1], data(1, 0, 0))
+
+
+#: per shared config field, the sender's value (the receiver keeps the default but for
+#: ``base``), chosen so that the sender's first message fits the receiver's buffer
+DIFFERENT = {
+    "codec": dict(codec="int4"),
+    "residual_order": dict(residual_order=2),
+    "decay": dict(residual_order=2, decay=0.25),
+    "warmup_steps": dict(warmup_steps=2),
+    "keyframe_period": dict(keyframe_period=3),
+    "keyframe_codec": dict(keyframe_codec="int8"),
+    "keyframe_spread": dict(keyframe_spread=2),
+    "min_bytes": dict(min_bytes=10**9),
+    "skip": dict(skip=("x*",)),
+    "closed_loop": dict(closed_loop=False),
+    "checksum": dict(checksum=True),
+}
+
+
+def test_every_shared_field_has_a_p2p_case():
+    from compressed_comm.config import SHARED_FIELDS
+    assert set(DIFFERENT) == set(SHARED_FIELDS)
+
+
+@pytest.mark.parametrize("field", list(DIFFERENT))
+def test_config_disagreement_on_p2p_names_every_shared_field(field):
+    base = dict(codec="int8") | {"decay": dict(residual_order=2),
+                                 "keyframe_spread": dict(keyframe_period=4)}.get(field, {})
+
+    def body(t):
+        g = group(t, **(base | (DIFFERENT[field] if t.rank == 0 else {})))
+        if t.rank == 0:
+            g.send(data(0, 0, 0), 1, stream="x")
+            return None
+        with pytest.raises(WireFormatError, match=f"CompressionConfig differs .*in {field}"):
+            g.recv(torch.empty(SHAPE), 0, stream="x")
+        return True
+    assert run_ranks(2, body)[1]
+
+
+@pytest.mark.parametrize("sender,receiver", [(1, 2), (2, 1), (2, 3), (3, 4), (4, 2)])
+def test_keyframe_spreads_that_differ_are_named_on_p2p(sender, receiver):
+    def body(t):
+        g = group(t, codec="int8", keyframe_period=4,
+                  keyframe_spread=sender if t.rank == 0 else receiver)
+        if t.rank == 0:
+            g.send(data(0, 0, 0), 1, stream="x")
+            return None
+        with pytest.raises(WireFormatError, match="differs .*in keyframe_spread"):
+            g.recv(torch.empty(SHAPE), 0, stream="x")
+        return True
+    assert run_ranks(2, body)[1]

@@ -20,6 +20,7 @@ from compressed_comm import (
     get_codec,
     read_header,
 )
+from compressed_comm.wire import FLAG_CONFIG, pack_fingerprint
 
 CODECS = ["identity", "fp8", "int8", "int4", "int2", "binary", "lowrank:4", "lowrankq:4",
           "lowrank:3", "topk:0.05"]
@@ -180,7 +181,10 @@ def test_warmup_and_keyframes_are_exact_and_flagged():
         header = read_header(payload)
         assert header.keyframe == (step in keyframes)
         assert header.seq == step
-        assert payload.numel() == (raw if step in keyframes else small)
+        # the first message ends with the sender's config fingerprint
+        assert bool(header.flags & FLAG_CONFIG) == (step == 0)
+        first = pack_fingerprint(cfg.fingerprint()).numel() if step == 0 else 0
+        assert payload.numel() == (raw if step in keyframes else small) + first
         out = dec.decode(payload)
         if step in keyframes:
             assert torch.equal(out, x)
@@ -340,7 +344,7 @@ def test_checksum_setting_must_agree():
     x = torch.randn(8, 6)
     enc = StreamEncoder("s", x, CompressionConfig(checksum=True))
     dec = StreamDecoder("s", x, CompressionConfig())
-    with pytest.raises(WireFormatError, match="flags"):
+    with pytest.raises(WireFormatError, match="differs from this rank's in checksum .flags="):
         dec.decode(enc.encode(x))
 
 
@@ -446,7 +450,8 @@ def test_lossy_keyframes_keep_references_identical_and_sizes_known(
         header = read_header(payload)
         assert header.keyframe == key
         if key:  # the keyframe is the tensor itself through the keyframe codec
-            assert payload.numel() == kf.payload_nbytes(x.shape, dtype)
+            first = pack_fingerprint(cfg.fingerprint()).numel() if step == 0 else 0
+            assert payload.numel() == kf.payload_nbytes(x.shape, dtype) + first
             assert header.codec_id == kf.codec_id
             assert torch.equal(enc.reference, kf.decode(payload))
         dec.decode(payload)
@@ -538,10 +543,8 @@ def test_spread_mismatch_is_named_and_a_corrupt_slice_is_refused():
     x = torch.randn(8, 6)
     enc = StreamEncoder("s", x, CompressionConfig(keyframe_period=2, keyframe_spread=2))
     dec = StreamDecoder("s", x, CompressionConfig(keyframe_period=2))
-    dec.decode(enc.encode(x))
-    dec.decode(enc.encode(x))
-    with pytest.raises(WireFormatError, match="differs from this rank's: .*keyframe_spread"):
-        dec.decode(enc.encode(x))  # step 2: a slice for the sender, whole for the receiver
+    with pytest.raises(WireFormatError, match="differs from this rank's in keyframe_spread"):
+        dec.decode(enc.encode(x))  # named by the first message's config fingerprint
     cfg = CompressionConfig(keyframe_period=2, keyframe_spread=2, residual_order=1)
     enc, dec = pair(cfg, x)
     for _ in range(2):

@@ -29,7 +29,7 @@ def as_payload(raw: bytes) -> torch.Tensor:
 
 
 def hand_header(codec_id, dtype_code, shape, body_nbytes, param=0, seq=0, tag=0, flags=0,
-                magic=b"CC", version=3, session=0, stream_cfg=0, warmup=0, period=0, decay=0.0,
+                magic=b"CC", version=4, session=0, stream_cfg=0, warmup=0, period=0, decay=0.0,
                 crc=0):
     """The header bytes, field by field, from the docstring's table (little-endian)."""
     out = bytearray()
@@ -111,7 +111,7 @@ def test_worked_example_bytes():
                  decay=0.5)
     expected = bytes.fromhex(
         "4343"              # magic "CC"
-        "03"                # version 3
+        "04"                # version 4
         "05"                # codec id 5 (binary)
         "03"                # dtype code 3 (bfloat16)
         "01"                # flags: keyframe
@@ -132,7 +132,7 @@ def test_worked_example_bytes():
     assert len(expected) == 64
     assert hdr.to_bytes() == expected
     # And the same bytes written with struct.
-    assert expected == struct.pack("<2sBBBBBBIIIIIIfIQQQ", b"CC", 3, 5, 3, 1, 2, 6, 7,
+    assert expected == struct.pack("<2sBBBBBBIIIIIIfIQQQ", b"CC", 4, 5, 3, 1, 2, 6, 7,
                                    0x01020304, 0xDEADBEEF, 0x0A0B0C0D, 2, 10, 0.5, 0, 0x1234,
                                    3, 513)
     got = read_header(as_payload(expected + b"\x00" * 0x1234))
@@ -142,7 +142,7 @@ def test_worked_example_bytes():
 
 def test_worked_example_scalar_float32():
     # A 0-d float32 tensor: 48-byte header, no shape entries.
-    expected = struct.pack("<2sBBBBBBIIIIIIfIQ", b"CC", 3, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    expected = struct.pack("<2sBBBBBBIIIIIIfIQ", b"CC", 4, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                            0.0, 0, 8)
     assert len(expected) == 48
     hdr = Header(codec_id=0, dtype=torch.float32, shape=(), body_nbytes=8)
@@ -193,7 +193,7 @@ def test_bad_magic(magic):
         read_header(good_payload(hand_header(2, 1, (4, 6), 16, magic=magic)))
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 4, 255])
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 5, 255])
 def test_bad_version(version):
     with pytest.raises(WireFormatError, match="version"):
         read_header(good_payload(hand_header(2, 1, (4, 6), 16, version=version)))

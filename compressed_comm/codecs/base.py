@@ -11,8 +11,8 @@ import torch
 
 from ..errors import NonFiniteError, WireFormatError
 from ..kernels import Kernels, get_kernels
-from ..wire import (Header, Layout, check_dtype, contiguous_payload, header_nbytes, read_header,
-                    verify_checksum)
+from ..wire import (FLAG_CONFIG, Header, Layout, check_dtype, contiguous_payload, header_nbytes,
+                    read_header, verify_checksum)
 
 __all__ = ["Codec", "as_2d", "check_finite", "non_finite_error"]
 
@@ -146,7 +146,10 @@ class Codec(ABC):
                          check=f"{self.spec}: input" if check else None)
 
     def decode(self, payload: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Reconstruct the tensor in ``payload``, into ``out`` if given (same shape and dtype)."""
+        """Reconstruct the tensor in ``payload``, into ``out`` if given (same shape and dtype).
+
+        A stream's keyframe decodes too; the config fingerprint that ends a stream's first
+        message is skipped."""
         header = read_header(payload)
         payload = contiguous_payload(payload)
         if header.codec_id != self.codec_id:
@@ -154,8 +157,11 @@ class Codec(ABC):
                 f"payload was written by codec id {header.codec_id}; this is {self.spec} "
                 f"(id {self.codec_id})"
             )
-        expected = dataclasses.replace(header, body_nbytes=self.layout(
-            *_nc(header.shape), header.dtype).nbytes, param=self.param(*_nc(header.shape)))
+        body = self.layout(*_nc(header.shape), header.dtype).nbytes
+        if header.flags & FLAG_CONFIG:  # a fingerprint follows the codec's body
+            body = max(body, header.body_nbytes)
+        expected = dataclasses.replace(header, body_nbytes=body,
+                                       param=self.param(*_nc(header.shape)))
         bad = header.mismatches(expected)
         if bad:
             raise WireFormatError(f"{self.spec}: inconsistent payload header: {', '.join(bad)}")
@@ -183,11 +189,14 @@ class Codec(ABC):
         header: Header,
         state: Any = None,
         check: str | None = None,
+        trailer: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Allocate a payload, write ``header`` and the encoded body of 2-D ``x2``.
 
         ``check`` (a description of ``x2`` for the message) rejects NaN/Inf input with
-        :class:`NonFiniteError` before ``ref_out`` is touched."""
+        :class:`NonFiniteError` before ``ref_out`` is touched. ``trailer`` (uint8 bytes that
+        ``header``'s body length counts beyond the codec's body: a stream's config
+        fingerprint) ends the body."""
         layout = self.layout(x2.shape[0], x2.shape[1], x2.dtype)
         payload = torch.empty(header.payload_nbytes, dtype=torch.uint8, device=x2.device)
         header.write(payload)
@@ -204,6 +213,8 @@ class Codec(ABC):
             elif not self.encode_into(x2, pred, ref_out, layout.views(body), state,
                                       check=check is not None):
                 raise non_finite_error(x2, check)
+        if trailer is not None:
+            payload[payload.numel() - trailer.numel():].copy_(trailer)
         header.seal(payload)
         return payload
 
