@@ -112,6 +112,11 @@ class Handle(Generic[T]):
             self._error = CancelledError(why)
 
 
+def _forward_only(x: torch.Tensor) -> torch.Tensor:
+    """``x`` detached if it requires grad (compression is forward-only), else ``x`` itself."""
+    return x.detach() if x.requires_grad else x
+
+
 def _snapshot(result: Any) -> Any:
     """A copy of a result that outlives the next update of the stream's reference."""
     if isinstance(result, torch.Tensor):
@@ -128,7 +133,10 @@ def _like(shape: Sequence[int], x: torch.Tensor) -> torch.Tensor:
 
 class _GroupBase:
     """What raw and compressed groups share: transport, timeouts, steps, sessions, the
-    failed state and the bookkeeping that lets :meth:`new_session` drain a failed one."""
+    failed state and the bookkeeping that lets :meth:`new_session` drain a failed one.
+
+    Every collective is forward-only: inputs that require grad are detached, and results
+    never carry autograd history."""
 
     def __init__(self, transport: Transport | dist.ProcessGroup | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -379,6 +387,7 @@ class _GroupBase:
         float32, so the result does not depend on arrival order.
         """
         average = _reduce_op(op, stream)
+        x = _forward_only(x)
         in_sizes, _ = self._splits(x, stream, input_split_sizes, None)
         world, mine = self.world_size, in_sizes[self.rank]
         parts = self.all_to_all_async(x, stream=stream, input_split_sizes=in_sizes,
@@ -405,6 +414,7 @@ class _GroupBase:
         row blocks) and an all-gather of the reduced blocks, each rank taking the
         reconstruction of its own block, as its peers do."""
         _reduce_op(op, stream)
+        x = _forward_only(x)
         if self.world_size == 1:
             return x.clone()
         world = self.world_size
@@ -585,15 +595,26 @@ class CompressedGroup(_GroupBase):
     or None for the default group. Every blocking wait is bounded by ``timeout`` seconds and
     raises :class:`~compressed_comm.CommTimeoutError` naming the stream and peer.
 
+    A stream keeps the shape and dtype of its first tensor: another one raises
+    :class:`~compressed_comm.StreamMismatchError`, unless ``renew_streams=True`` (for callers
+    whose stream names do not say the shape, like the drop-in group): the stream then starts
+    afresh with a keyframe, its old state freed. Every rank sees the change at the same call
+    (the shapes of a collective are known to all its ranks), so all renew alike.
+
+    Compression is forward-only: inputs that require grad are detached.
+
     Mark denoising steps with :meth:`step`, and start each request (generation) with
     :meth:`new_session`; ranks must do both in lock-step.
     """
 
     def __init__(self, transport: Transport | dist.ProcessGroup | None = None,
                  config: CompressionConfig | None = None, *,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, renew_streams: bool = False) -> None:
         super().__init__(transport, timeout=timeout)
         self.config = config or CompressionConfig()
+        #: a stream whose tensors change shape or dtype starts afresh (a keyframe, its old
+        #: state freed) instead of raising StreamMismatchError
+        self.renew_streams = bool(renew_streams)
         # groups made on one transport are numbered in creation order (the same on every
         # rank); the number keeps their streams apart even where their names coincide
         index = getattr(self.transport, "_compressed_groups", 0)
@@ -620,8 +641,20 @@ class CompressedGroup(_GroupBase):
 
     def _decoders(self, name: StreamKey, x: torch.Tensor,
                   shapes: list[tuple[int, ...]]) -> dict[int, StreamDecoder]:
-        return {o: self.session.decoder(name, o, _like(shapes[o], x))
+        return {o: self.session.decoder(name, o, _like(shapes[o], x), renew=self.renew_streams)
                 for o in range(self.world_size) if o != self.rank}
+
+    def _settled(self, name: StreamKey, likes: dict[int, torch.Tensor],
+                 earlier: list[Handle[Any]]) -> list[Handle[Any]]:
+        """``earlier`` (the stream's transfers in flight), or none once they are complete
+        where one of the streams ``(name, origin)`` is about to be renewed for ``likes[origin]``:
+        they belong to the old stream."""
+        if not self.renew_streams or not earlier or all(
+                self.session.fits(name, o, t) for o, t in likes.items()):
+            return earlier
+        for h in earlier:
+            h.wait()
+        return []
 
     def _reconstruction(self, stream: str, x: torch.Tensor) -> torch.Tensor:
         return self.session.encoder(StreamKey("all_gather", stream), x).reference.clone()
@@ -705,8 +738,9 @@ class CompressedGroup(_GroupBase):
         """Start sending ``x`` to ``dst`` on ``stream``."""
         self._check_peer(dst, "destination")
         name = StreamKey("p2p", stream, dst)
+        x = _forward_only(x)
         return self._guarded(lambda: self._send_bytes(
-            self.session.encoder(name, x).encode(x), dst, stream))
+            self.session.encoder(name, x, renew=self.renew_streams).encode(x), dst, stream))
 
     def irecv(self, like: torch.Tensor, src: int, *, stream: str) -> Handle[torch.Tensor]:
         """Start receiving a tensor shaped like ``like`` from ``src`` on ``stream``."""
@@ -714,8 +748,8 @@ class CompressedGroup(_GroupBase):
         name = StreamKey("p2p", stream, self.rank)
 
         def start() -> Handle[torch.Tensor]:
-            dec = self.session.decoder(name, src, like)
-            earlier = self._earlier(name)
+            earlier = self._settled(name, {src: like}, self._earlier(name))
+            dec = self.session.decoder(name, src, like, renew=self.renew_streams)
             # where the transport allows, room for any message of the stream: one of an
             # unexpected size (a peer out of step) is then reported from its header
             short = self.transport.accepts_short_messages
@@ -739,6 +773,7 @@ class CompressedGroup(_GroupBase):
         later (DistriFusion-style: issue at step t, use at step t+1). The caller's own slot is
         ``x`` itself. ``shapes`` gives each rank's shape when they differ (uneven patches).
         """
+        x = _forward_only(x)
         shapes = self._shapes(x, shapes)
         if self.world_size == 1:
             return Handle.completed([x])
@@ -747,9 +782,10 @@ class CompressedGroup(_GroupBase):
     def _all_gather(self, x: torch.Tensor, stream: str, shapes: list[tuple[int, ...]]
                     ) -> Handle[list[torch.Tensor]]:
         name = StreamKey("all_gather", stream)
+        earlier = self._settled(name, {o: _like(s, x) for o, s in enumerate(shapes)},
+                                self._earlier(name))
         decs = self._decoders(name, x, shapes)
-        earlier = self._earlier(name)
-        enc = self.session.encoder(name, x)
+        enc = self.session.encoder(name, x, renew=self.renew_streams)
         sizes = [enc.payload_nbytes() if o == self.rank else
                  decs[o].payload_nbytes(decs[o].step + len(earlier))
                  for o in range(self.world_size)]
@@ -784,6 +820,7 @@ class CompressedGroup(_GroupBase):
         caller works on the current block. Iterate to the end: every rank must take part in
         every hop (a pass left unfinished is drained by ``new_session()``).
         """
+        x = _forward_only(x)
         shapes = self._shapes(x, shapes)
         if self.world_size == 1:
             yield self.rank, x
@@ -794,7 +831,7 @@ class CompressedGroup(_GroupBase):
 
         def start() -> tuple[dict[int, StreamDecoder], torch.Tensor]:
             decs = self._decoders(name, x, shapes)
-            enc = self.session.encoder(name, x)
+            enc = self.session.encoder(name, x, renew=self.renew_streams)
             if self.config.handshake:
                 size = enc.payload_nbytes()
                 self._handshake("ring", stream, enc.step, [size] * self.world_size,
@@ -818,6 +855,7 @@ class CompressedGroup(_GroupBase):
         input's). Each ``(src, dst)`` chunk is its own residual stream; the own chunk is
         copied exactly.
         """
+        x = _forward_only(x)
         in_sizes, out_sizes = self._splits(x, stream, input_split_sizes, output_split_sizes)
         if self.world_size == 1:
             return Handle.completed(x)
@@ -830,15 +868,17 @@ class CompressedGroup(_GroupBase):
         chunks = x.split(in_sizes, dim=0)
         send_name = {dst: StreamKey("all_to_all", stream, dst) for dst in range(world)}
         recv_name = send_name[me]
-        earlier = self._earlier(recv_name)
-        decs = {src: self.session.decoder(recv_name, src, _like((out_sizes[src], *rest), x))
-                for src in range(world) if src != me}
-        encs = {dst: self.session.encoder(send_name[dst], chunks[dst])
+        likes = {src: _like((out_sizes[src], *rest), x) for src in range(world) if src != me}
+        earlier = self._settled(recv_name, likes, self._earlier(recv_name))
+        decs = {src: self.session.decoder(recv_name, src, like, renew=self.renew_streams)
+                for src, like in likes.items()}
+        encs = {dst: self.session.encoder(send_name[dst], chunks[dst], renew=self.renew_streams)
                 for dst in range(world) if dst != me}
         recv_sizes = [0 if src == me else decs[src].payload_nbytes(decs[src].step + len(earlier))
                       for src in range(world)]
         if self.config.handshake:
-            self._handshake("all_to_all", stream, encs[(me + 1) % world].step,
+            # the group's step: with renew_streams, chunk streams may restart on some ranks
+            self._handshake("all_to_all", stream, self.step_index,
                             [0 if d == me else encs[d].payload_nbytes() for d in range(world)],
                             recv_sizes, x.device)
         payloads = [torch.empty(0, dtype=torch.uint8, device=x.device) if dst == me else
@@ -885,7 +925,7 @@ class RawGroup(_GroupBase):
 
     def isend(self, x: torch.Tensor, dst: int, *, stream: str) -> Handle[None]:
         self._check_peer(dst, "destination")
-        return self._guarded(lambda: self._send_bytes(_as_bytes(x), dst, stream))
+        return self._guarded(lambda: self._send_bytes(_as_bytes(_forward_only(x)), dst, stream))
 
     def irecv(self, like: torch.Tensor, src: int, *, stream: str) -> Handle[torch.Tensor]:
         self._check_peer(src, "source")
@@ -901,6 +941,7 @@ class RawGroup(_GroupBase):
     def all_gather_async(self, x: torch.Tensor, *, stream: str,
                          shapes: Sequence[Sequence[int]] | None = None
                          ) -> Handle[list[torch.Tensor]]:
+        x = _forward_only(x)
         shapes = self._shapes(x, shapes)
         if self.world_size == 1:
             return Handle.completed([x])
@@ -926,6 +967,7 @@ class RawGroup(_GroupBase):
     def ring_iter(self, x: torch.Tensor, *, stream: str,
                   shapes: Sequence[Sequence[int]] | None = None
                   ) -> Iterator[tuple[int, torch.Tensor]]:
+        x = _forward_only(x)
         shapes = self._shapes(x, shapes)
         if self.world_size == 1:
             yield self.rank, x
@@ -940,6 +982,7 @@ class RawGroup(_GroupBase):
                          input_split_sizes: Sequence[int] | None = None,
                          output_split_sizes: Sequence[int] | None = None
                          ) -> Handle[torch.Tensor]:
+        x = _forward_only(x)
         in_sizes, out_sizes = self._splits(x, stream, input_split_sizes, output_split_sizes)
         if self.world_size == 1:
             return Handle.completed(x)

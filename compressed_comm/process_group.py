@@ -9,8 +9,12 @@ SUM or AVG. Floating-point tensors (float16, bfloat16, float32) go through a
 :class:`~compressed_comm.CompressedGroup`; everything else (other dtypes and reductions,
 broadcast, barrier, ...) passes through to ``pg`` untouched.
 
-Streams are keyed by (operation, peers, shape, dtype, call order within the step), so the
-same sequence of calls in every denoising step maps to the same residual streams. Call
+Streams are keyed by (operation, peers, call order within the step), so the same sequence
+of calls in every denoising step maps to the same residual streams, whatever their shapes.
+A call whose tensors differ in shape or dtype from that call's in the last step (all-to-all
+splits that follow token routing, a new resolution) renews its streams on every rank: a
+keyframe, and the old state is freed, so memory stays bounded however often shapes change.
+Call
 ``wrapped.step()`` at the end of each denoising step and ``wrapped.new_session()`` at the
 start of each request, on every rank. Without ``step()`` every call would open a new
 stream: past ``max_calls_per_step`` calls in one step the group warns once and passes
@@ -113,7 +117,8 @@ class CompressedProcessGroup(dist.ProcessGroup):
         if max_calls_per_step < 1:
             raise ValueError(f"max_calls_per_step must be positive, got {max_calls_per_step}")
         self.inner = inner
-        self.compressed = CompressedGroup(TorchDistTransport(inner), config, timeout=timeout)
+        self.compressed = CompressedGroup(TorchDistTransport(inner), config, timeout=timeout,
+                                          renew_streams=True)
         self.max_calls_per_step = max_calls_per_step
         self._calls: dict[tuple[Any, ...], int] = {}
         self._calls_this_step = 0
@@ -166,8 +171,7 @@ class CompressedProcessGroup(dist.ProcessGroup):
         if len(input_tensors) != 1 or not _compressible(x) or any(o.dtype != x.dtype for o in outs):
             return self.inner.allgather(output_tensors, input_tensors, *_opts(opts))
         shapes = [tuple(o.shape) for o in outs]
-        # named by what every rank knows alike: all the shapes, not this rank's own
-        stream = self._stream("all_gather", tuple(shapes), x.dtype)
+        stream = self._stream("all_gather")
         if stream is None:
             return self.inner.allgather(output_tensors, input_tensors, *_opts(opts))
         handle = self.compressed.all_gather_async(x, stream=stream, shapes=shapes)
@@ -187,7 +191,7 @@ class CompressedProcessGroup(dist.ProcessGroup):
         x = tensors[0]
         if len(tensors) != 1 or not _compressible(x):
             return self.inner.send(tensors, dst, tag)
-        stream = self._stream("p2p", self.rank(), dst, tag, tuple(x.shape), x.dtype)
+        stream = self._stream("p2p", self.rank(), dst, tag)
         if stream is None:
             return self.inner.send(tensors, dst, tag)
         handle = self.compressed.isend(x, dst, stream=stream)
@@ -197,7 +201,7 @@ class CompressedProcessGroup(dist.ProcessGroup):
         out = tensors[0]
         if len(tensors) != 1 or not _compressible(out):
             return self.inner.recv(tensors, src, tag)
-        stream = self._stream("p2p", src, self.rank(), tag, tuple(out.shape), out.dtype)
+        stream = self._stream("p2p", src, self.rank(), tag)
         if stream is None:
             return self.inner.recv(tensors, src, tag)
         handle = self.compressed.irecv(out, src, stream=stream)
@@ -218,9 +222,9 @@ class CompressedProcessGroup(dist.ProcessGroup):
         world = self.size()
         in_sizes = list(input_split_sizes) or [input.shape[0] // world] * world
         out_sizes = list(output_split_sizes) or [output.shape[0] // world] * world
-        # rows per rank may differ: the name holds only what all ranks share (the streams
-        # of each (src, dst) pair then carry the chunk shape both of them know)
-        stream = self._stream("all_to_all", tuple(input.shape[1:]), input.dtype)
+        # each (src, dst) chunk's stream has the shape both of them know; a changed split
+        # renews that chunk's stream on both
+        stream = self._stream("all_to_all")
         if stream is None:
             return _inner_method(self.inner, "all_to_all_single", "alltoall_base")(
                 output, input, output_split_sizes, input_split_sizes, *_opts(opts))
@@ -248,8 +252,7 @@ class CompressedProcessGroup(dist.ProcessGroup):
                          passthrough: Callable[..., dist.Work]) -> dist.Work:
         """All-reduce every tensor in place on its own stream, or ``passthrough`` them all."""
         op = self._reducing(tensors, opts)
-        streams = [] if op is None else [self._stream("all_reduce", op, tuple(t.shape), t.dtype)
-                                         for t in tensors]
+        streams = [] if op is None else [self._stream("all_reduce", op) for _ in tensors]
         if op is None or None in streams:
             return passthrough(tensors, *_opts(opts))
         for x, stream in zip(tensors, streams):
@@ -260,7 +263,7 @@ class CompressedProcessGroup(dist.ProcessGroup):
                               opts: Any = None) -> dist.Work:
         op = self._reducing([output, input], opts)
         stream = None if op is None or output.dtype != input.dtype else self._stream(
-            "reduce_scatter", op, tuple(input.shape), input.dtype)
+            "reduce_scatter", op)
         if stream is None:
             return _inner_method(self.inner, "reduce_scatter_single", "_reduce_scatter_base")(
                 output, input, *_opts(opts))

@@ -120,17 +120,35 @@ class Session:
             return self._raw
         return self._codec
 
-    def encoder(self, key: str | StreamKey, like: torch.Tensor) -> StreamEncoder:
-        """The stream this rank sends under ``key`` (created to match ``like`` on first use)."""
-        return self._get(StreamEncoder, key, self.rank, like)  # type: ignore[return-value]
+    def encoder(self, key: str | StreamKey, like: torch.Tensor, *,
+                renew: bool = False) -> StreamEncoder:
+        """The stream this rank sends under ``key`` (created to match ``like`` on first use).
 
-    def decoder(self, key: str | StreamKey, origin: int, like: torch.Tensor) -> StreamDecoder:
-        """The stream this rank receives from ``origin`` under ``key``."""
-        return self._get(StreamDecoder, key, int(origin), like)  # type: ignore[return-value]
+        ``renew``: a stream made for another shape or dtype than ``like``'s is replaced by a
+        fresh one (its old state freed; the next message is a keyframe) instead of raising
+        :class:`~compressed_comm.StreamMismatchError`. Its receivers must renew alike."""
+        return self._get(StreamEncoder, key, self.rank, like, renew)  # type: ignore[return-value]
 
-    def _get(self, cls: type, key: str | StreamKey, origin: int, like: torch.Tensor) -> _Stream:
+    def decoder(self, key: str | StreamKey, origin: int, like: torch.Tensor, *,
+                renew: bool = False) -> StreamDecoder:
+        """The stream this rank receives from ``origin`` under ``key`` (``renew``: as for
+        :meth:`encoder`)."""
+        return self._get(StreamDecoder, key, int(origin), like, renew)  # type: ignore[return-value]
+
+    def fits(self, key: str | StreamKey, origin: int, like: torch.Tensor) -> bool:
+        """Whether the stream ``(key, origin)`` is absent or made for ``like``'s shape, dtype
+        and device (so that using it renews nothing)."""
+        stream = self._streams.get((StreamKey.of(key), int(origin)))
+        return stream is None or _made_for(stream, like)
+
+    def _get(self, cls: type, key: str | StreamKey, origin: int, like: torch.Tensor,
+             renew: bool = False) -> _Stream:
         key = StreamKey.of(key)
         stream = self._streams.get((key, origin))
+        if stream is not None and renew and isinstance(stream, cls) and not _made_for(stream,
+                                                                                       like):
+            del self._streams[(key, origin)]
+            stream = None
         if stream is None:
             if not isinstance(like, torch.Tensor):
                 raise TypeError(f"stream {str(key)!r}: like must be a tensor, got "
@@ -146,8 +164,7 @@ class Session:
                 f"{stream.what} is already this rank's {stream.role}; it cannot also be its "
                 f"{cls.role}"
             )
-        if (tuple(like.shape), like.dtype, like.device) != (stream.shape, stream.dtype,
-                                                          stream.device):
+        if not _made_for(stream, like):
             raise StreamMismatchError(
                 f"{stream.what} was created for shape {stream.shape}, dtype {stream.dtype} on "
                 f"{stream.device}; got shape {tuple(like.shape)}, dtype {like.dtype} on "
@@ -170,3 +187,7 @@ class Session:
         """Memory held by all streams' references."""
         return sum(s.reference_bytes for s in self._streams.values())
 
+
+def _made_for(stream: _Stream, like: torch.Tensor) -> bool:
+    return (tuple(like.shape), like.dtype, like.device) == (stream.shape, stream.dtype,
+                                                            stream.device)

@@ -375,3 +375,45 @@ def reduce_worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
         raise
     exit_after_teardown()
+
+
+def _split_matrix(step, world):
+    """Rows each rank sends to each rank at ``step`` (zeros included; every rank draws the
+    same). Steps 0 and 1 are the issue's example on 2 ranks: [2, 3] / [3, 4], then [4, 1] /
+    [1, 6]."""
+    if world == 2 and step < 2:
+        return [[[2, 3], [3, 4]], [[4, 1], [1, 6]]][step]
+    return torch.randint(0, 5, (world, world),
+                         generator=torch.Generator().manual_seed(step)).tolist()
+
+
+def split_changes_worker(rank, world, init_file, out_dir, steps=100):
+    """dist.all_to_all_single through the drop-in group with splits that change at every
+    step, against the uncompressed all-to-all; stream count and reference memory per step."""
+    _init(rank, world, init_file)
+    out = {}
+    try:
+        for codec in ("identity", "int8"):
+            pg = wrap_process_group(None, CompressionConfig(codec=codec), timeout=30.0)
+            errors, streams, memory = [], [], []
+            for step in range(steps):
+                splits = _split_matrix(step, world)
+                ins = splits[rank]
+                outs = [splits[src][rank] for src in range(world)]
+                x = torch.randn(sum(ins), 16, generator=torch.Generator().manual_seed(
+                    1000 * step + rank)).to(torch.float16)
+                want = torch.empty(sum(outs), 16, dtype=torch.float16)
+                dist.all_to_all_single(want, x, outs, ins)
+                got = torch.empty_like(want)
+                dist.all_to_all_single(got, x, outs, ins, group=pg)
+                errors.append(_rel(got, want) if want.numel() else 0.0)
+                if codec == "identity":
+                    assert torch.equal(got, want), f"step {step}: splits {splits}"
+                streams.append(len(pg.compressed.session))
+                memory.append(pg.compressed.session.reference_bytes)
+                pg.step()
+            out[codec] = dict(max_error=max(errors), streams=max(streams), memory=max(memory))
+        dist.barrier()
+    finally:
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    exit_after_teardown()

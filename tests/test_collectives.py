@@ -469,3 +469,108 @@ def test_all_reduce_error_bound_holds_and_agrees(world, codec):
         assert bound >= actual * (1 - 1e-6)
         assert (bound == 0) == (codec == "identity" or step == 0)
     assert all(after == {} for _, after in res)
+
+
+# ------------------------------------------------------------------ streams that change shape
+
+
+def _splits(step, world, rng_seed=3):
+    """Every rank's all-to-all input splits at ``step`` (zeros included), known to all."""
+    gen = torch.Generator().manual_seed(rng_seed * 1000 + step)
+    return torch.randint(0, 4, (world, world), generator=gen).tolist()
+
+
+@pytest.mark.parametrize("codec", ["identity", "int8"])
+def test_renewed_streams_follow_splits_that_change_every_step(codec):
+    """renew_streams: all-to-all splits drawn anew at every step (zero-size blocks among
+    them) renew the chunks' streams on both sides; identity stays exact, memory bounded."""
+    world, steps = 3, 100
+
+    def body(t):
+        g = CompressedGroup(t, CompressionConfig(codec=codec), timeout=20.0, renew_streams=True)
+        errors, sizes = [], []
+        for step in range(steps):
+            splits = _splits(step, world)
+            mine = splits[t.rank]
+            out_sizes = [splits[src][t.rank] for src in range(world)]
+            x = torch.randn(sum(mine), C, generator=torch.Generator().manual_seed(t.rank))
+            got = g.all_to_all(x, stream="moe", input_split_sizes=mine,
+                               output_split_sizes=out_sizes)
+            parts = []
+            for src in range(world):
+                xs = torch.randn(sum(splits[src]), C,
+                                 generator=torch.Generator().manual_seed(src))
+                lo = sum(splits[src][:t.rank])
+                parts.append(xs[lo:lo + splits[src][t.rank]])
+            want = torch.cat(parts)
+            errors.append(float((got - want).abs().max()) if want.numel() else 0.0)
+            sizes.append((len(g.session), g.session.reference_bytes))
+            g.step()
+        return errors, sizes
+
+    for errors, sizes in run_ranks(world, body):
+        if codec == "identity":
+            assert max(errors) == 0.0
+        else:
+            assert max(errors) < 0.1
+        # one encoder and one decoder per peer, each no larger than its biggest chunk
+        assert max(n for n, _ in sizes) <= 2 * (world - 1)
+        assert max(b for _, b in sizes) <= 2 * (world - 1) * 3 * C * 4
+
+
+def test_renewed_all_gather_and_p2p_keyframe_on_a_new_shape_and_free_the_old_state():
+    def body(t):
+        g = CompressedGroup(t, CompressionConfig(codec="binary"), timeout=20.0,
+                            renew_streams=True)
+        out = []
+        for step, n in enumerate((4, 4, 6, 6, 2)):
+            x = torch.full((n, C), float(10 * step + t.rank))
+            gathered = g.all_gather(x, stream="kv")
+            if t.rank == 0:
+                g.send(x, 1, stream="p")
+            else:
+                got = g.recv(torch.empty(n, C), 0, stream="p")
+                out.append(bool(torch.equal(got, torch.full((n, C), float(10 * step)))))
+            # a shape's first step is a keyframe, exact; constant tensors stay exact after
+            out.append(all(torch.equal(gathered[o], torch.full((n, C), float(10 * step + o)))
+                           for o in range(2)))
+            g.step()
+        return out, len(g.session), g.session.reference_bytes
+
+    for out, streams, nbytes in run_ranks(2, body):
+        assert all(out)
+        assert streams == 3  # all_gather encoder + decoder, and one p2p stream
+        assert nbytes == 3 * 2 * C * 4
+
+
+def test_without_renew_streams_a_changed_split_is_a_mismatch():
+    def body(t):
+        g = group(t, "int8")
+        g.all_to_all(torch.randn(4, C), stream="a", input_split_sizes=[2, 2])
+        splits = [2, 3] if t.rank == 0 else [3, 2]  # 3 rows now go each way
+        with pytest.raises(StreamMismatchError, match="created for shape"):
+            g.all_to_all(torch.randn(5, C), stream="a", input_split_sizes=splits,
+                         output_split_sizes=splits)
+        return True
+    assert run_ranks(2, body) == [True, True]
+
+
+# ------------------------------------------------------------------ autograd
+
+
+@pytest.mark.parametrize("codec", ["raw", "identity", "binary"])
+def test_every_collective_takes_an_input_that_requires_grad(codec):
+    """Compression is forward-only: inputs are detached and results carry no history."""
+    def body(t):
+        g = group(t, codec)
+        x = torch.randn(4, C, requires_grad=True)
+        results = [*g.all_gather(x, stream="g"), *g.ring_pass(x, stream="r"),
+                   g.all_to_all(x, stream="a"), g.all_reduce(x, stream="s"),
+                   g.reduce_scatter(x, stream="rs")]
+        if t.rank == 0:
+            g.send(x, 1, stream="p")
+        else:
+            results.append(g.recv(torch.empty(4, C, requires_grad=True), 0, stream="p"))
+        return [r.requires_grad for r in results]
+    for flags in run_ranks(2, body):
+        assert flags and not any(flags)
