@@ -150,3 +150,87 @@ def cp_worker(rank, world, init_file, out_dir, names, degrees, asynchronous=Fals
     finally:
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     exit_after_teardown()
+
+
+class GuidedPipeline:
+    """What a diffusers pipeline without batched guidance does: per step, the transformer on
+    the conditional and on the unconditional text (two calls; a third, skip-layer-style call
+    at the steps in ``extra``, none after ``stop`` steps), then one ``scheduler.step``."""
+
+    def __init__(self, transformer, forward):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        self.transformer = transformer
+        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        self.forward = forward
+
+    def __call__(self, latents, cond, uncond, steps, batched=False, guidance=5.0,
+                 stop=None, extra=()):
+        self.scheduler.set_timesteps(steps)
+        for i, t in enumerate(self.scheduler.timesteps):
+            ts = (t / 1000).reshape(1)
+            if batched:
+                c, u = self.forward(self.transformer, torch.cat([latents, latents]), ts,
+                                    torch.cat([cond, uncond])).chunk(2)
+            else:
+                c = self.forward(self.transformer, latents, ts, cond)
+                u = c if stop is not None and i >= stop else self.forward(
+                    self.transformer, latents, ts, uncond)
+                if i in extra:
+                    c = 0.5 * (c + self.forward(self.transformer, latents, ts, 0.5 * cond))
+            latents = self.scheduler.step(u + guidance * (c - u), t, latents,
+                                          return_dict=False)[0]
+        return latents
+
+
+def cfg_worker(rank, world, init_file, out_dir):
+    """Guidance as two transformer calls per step against batched guidance, through a
+    pipeline's scheduler, under diffusers' Ulysses with binary compression; then steps whose
+    number of calls varies."""
+    from diffusers import ContextParallelConfig, FluxTransformer2DModel
+
+    from adapters.xdit import enable_compression
+    from compressed_comm import CompressionConfig
+
+    _init(rank, world, init_file)
+    out = {}
+    try:
+        torch.manual_seed(0)
+        model = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+            attention_head_dim=32, num_attention_heads=4, joint_attention_dim=32,
+            pooled_projection_dim=32, axes_dims_rope=(8, 12, 12)).eval()
+        g = torch.Generator().manual_seed(1)
+        side = 16
+        img_ids = torch.zeros(side * side, 3)
+        img_ids[:, 1] = torch.arange(side * side) // side
+        img_ids[:, 2] = torch.arange(side * side) % side
+        pooled = torch.randn(1, 32, generator=g)
+        cond, uncond = torch.randn(1, 8, 32, generator=g), torch.zeros(1, 8, 32)
+        noise = torch.randn(1, side * side, 16, generator=g)
+
+        def forward(m, x, t, text):
+            b = x.shape[0]
+            return m(hidden_states=x, encoder_hidden_states=text,
+                     pooled_projections=pooled.expand(b, -1), img_ids=img_ids,
+                     txt_ids=torch.zeros(8, 3), timestep=t.expand(b), return_dict=False)[0]
+
+        with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+        pipe = GuidedPipeline(model, forward)
+        steps = 6
+        with torch.no_grad():
+            exact = pipe(noise, cond, uncond, steps, batched=True)
+            handle = enable_compression(pipe, CompressionConfig(codec="binary"), timeout=60)
+            for batched in (True, False):
+                got = pipe(noise, cond, uncond, steps, batched=batched)
+                out["batched" if batched else "two calls"] = dict(
+                    error=float((got - exact).norm() / exact.norm()),
+                    streams=sorted({str(s.key) for s in handle.stats().streams}),
+                    steps=handle.steps)
+            got = pipe(noise, cond, uncond, steps, stop=3, extra=(1, 2))
+            out["varying"] = dict(finite=bool(torch.isfinite(got).all()), steps=handle.steps,
+                                  streams=sorted({str(s.key) for s in handle.stats().streams}))
+            handle.disable()
+    finally:
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    exit_after_teardown()

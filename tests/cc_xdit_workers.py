@@ -216,7 +216,7 @@ def check_pipefusion(gc, rank: int, world: int, out: dict) -> None:
 
 
 def check_model_hooks(usp, rank: int, world: int, out: dict) -> None:
-    """Layer names from attention modules, steps from transformer calls, sessions from
+    """Layer names from attention modules, steps from the scheduler's step(), sessions from
     ``scheduler.set_timesteps``, CFG rank in names, and torch.compile after enabling."""
     import xfuser.core.distributed as xdist
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -251,9 +251,16 @@ def check_model_hooks(usp, rank: int, world: int, out: dict) -> None:
         xdist.get_classifier_free_guidance_world_size = cfg_size
         xdist.get_classifier_free_guidance_rank = cfg_rank
     try:
-        for generation in range(2):
+        def denoise(model):  # as a pipeline does: the transformer, then the scheduler's step
             pipe.scheduler.set_timesteps(len(xs))
-            got = [model(x) for x in xs]
+            got = []
+            for x, t in zip(xs, pipe.scheduler.timesteps):
+                got.append(model(x))
+                pipe.scheduler.step(got[-1], t, x)
+            return got
+
+        for generation in range(2):
+            got = denoise(model)
             stats = handle.stats()
             out[f"hooks:gen{generation}"] = {
                 "exact": all(torch.equal(a, b) for a, b in zip(got, raw)),
@@ -261,8 +268,7 @@ def check_model_hooks(usp, rank: int, world: int, out: dict) -> None:
                 "steps": sorted({s.steps for s in stats.streams}),
                 "handle_steps": handle.steps}
         compiled = torch.compile(model, backend="eager")
-        pipe.scheduler.set_timesteps(len(xs))
-        got = [compiled(x) for x in xs]
+        got = denoise(compiled)
         out["hooks:compiled"] = {
             "exact": all(torch.equal(a, b) for a, b in zip(got, raw)),
             "streams": len(handle.stats().streams),

@@ -112,3 +112,22 @@ def test_auto_binds_diffusers_points_only_for_a_parallel_model():
     handle = enable_compression(model)
     assert {"diffusers_ulysses", "diffusers_ring"} <= set(handle.points)
     handle.disable()
+
+
+def test_guidance_as_two_calls_per_step_is_as_accurate_as_batched(tmp_path):
+    """A pipeline that runs the conditional and the unconditional branch as two transformer
+    calls per step: its scheduler's step() marks the steps, each call has its own streams
+    (``call1/`` for the second) and warm-up, so the guided result is as accurate as batched
+    guidance's; steps whose number of calls varies (guidance stopped, a third call) work."""
+    mp.spawn(workers.cfg_worker, args=(WORLD, str(tmp_path / "store"), str(tmp_path)),
+             nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        res = torch.load(tmp_path / f"rank{rank}.pt")
+        batched, two = res["batched"], res["two calls"]
+        assert 0 < two["error"] <= 1.5 * batched["error"], res
+        assert batched["steps"] == two["steps"] == 6  # one step per scheduler.step
+        assert any("call1/" in n for n in two["streams"])
+        assert not any("call1/" in n for n in batched["streams"])
+        varying = res["varying"]
+        assert varying["finite"] and varying["steps"] == 6
+        assert any("call2/" in n for n in varying["streams"])

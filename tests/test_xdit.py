@@ -78,7 +78,7 @@ def test_layers_steps_sessions_cfg_and_compile(gloo_results):
     for res in gloo_results:
         for gen in ("hooks:gen0", "hooks:gen1"):  # set_timesteps starts a new session
             assert res[gen] == {"exact": True, "names": expected, "steps": [4],
-                                "handle_steps": 3}
+                                "handle_steps": 4}  # one step per scheduler.step
         assert res["hooks:compiled"] == {"exact": True, "streams": len(expected),
                                          "steps": [4]}
 
@@ -184,13 +184,17 @@ def test_the_scheduler_hook_is_removed_on_disable(no_xfuser):
     # diffusers' retrieve_timesteps looks for "sigmas" in the signature (FLUX, SD3)
     assert inspect.signature(pipe.scheduler.set_timesteps) == signature
     assert "sigmas" in signature.parameters
+    assert "step" in vars(pipe.scheduler)
+    pipe.scheduler.set_timesteps(4)
     pipe.transformer(torch.ones(2))
-    pipe.transformer(torch.ones(2))
+    pipe.transformer(torch.ones(2))  # guidance as a second call: its own streams
+    assert handle.steps == 0 and handle.calls.prefix == "call1/"
+    pipe.scheduler.step(torch.ones(2), pipe.scheduler.timesteps[0], torch.ones(2))
     assert handle.steps == 1
     pipe.scheduler.set_timesteps(4)  # a new generation
     assert handle.steps == 0
     handle.disable()
-    assert "set_timesteps" not in vars(pipe.scheduler)
+    assert "set_timesteps" not in vars(pipe.scheduler) and "step" not in vars(pipe.scheduler)
     assert not pipe.transformer._forward_pre_hooks
 
 
@@ -201,17 +205,29 @@ def test_the_scheduler_behind_an_xdit_style_wrapper_is_hooked_and_restored(no_xf
 
     class SchedulerWrapper:  # how xDiT's xFuserSchedulerBaseWrapper delegates
         def __init__(self, module):
-            self.module = module
+            object.__setattr__(self, "module", module)
+            object.__setattr__(self, "steps", 0)
 
         def __getattr__(self, name):
             return getattr(self.module, name)
 
+        def __setattr__(self, name, value):  # forwarded to the wrapped scheduler
+            setattr(self.module, name, value)
+
+        def step(self, *args, **kwargs):  # under sequence parallelism: not the inner step
+            object.__setattr__(self, "steps", self.steps + 1)
+
     inner = FlowMatchEulerDiscreteScheduler()
-    pipe = SimpleNamespace(transformer=torch.nn.Linear(2, 2), scheduler=SchedulerWrapper(inner))
+    wrapper = SchedulerWrapper(inner)
+    pipe = SimpleNamespace(transformer=torch.nn.Linear(2, 2), scheduler=wrapper)
     handle = enable_compression(pipe)
+    pipe.scheduler.set_timesteps(4)
     pipe.transformer(torch.ones(2))
     pipe.transformer(torch.ones(2))
+    pipe.scheduler.step()
+    assert handle.steps == 1 and wrapper.steps == 1  # the wrapper's own step() is hooked
     pipe.scheduler.set_timesteps(4)
     assert handle.steps == 0 and "set_timesteps" in vars(inner)
+    assert "step" in vars(wrapper) and "step" not in vars(inner)
     handle.disable()
-    assert "set_timesteps" not in vars(inner)
+    assert "set_timesteps" not in vars(inner) and "step" not in vars(wrapper)

@@ -82,7 +82,8 @@ class ParallelAttention:
     """One rank's attention strategy; ``exchange`` moves K/V (raw or compressed).
 
     ``mode`` is ``"patch"`` (all-gather K/V; with ``asynchronous`` the other ranks' K/V are
-    one step stale after ``warmup`` synchronous steps, as in DistriFusion), ``"ring"`` (pass
+    one step stale after the first ``warmup`` (at least one) synchronous gathers of each
+    stream, as in DistriFusion), ``"ring"`` (pass
     K/V blocks around the ring, merging partial results with log-sum-exp) or ``"ulysses"``
     (all-to-all from token shards to head shards and back).
     """
@@ -92,9 +93,9 @@ class ParallelAttention:
     mode: str = "patch"
     asynchronous: bool = False
     warmup: int = 1
-    step: int = 0
     _pending: dict[str, Handle[list[torch.Tensor]]] = field(default_factory=dict)
     _stale: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    _synchronous: dict[str, int] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -120,6 +121,7 @@ class ParallelAttention:
             handle.wait()
         self._pending.clear()
         self._stale.clear()
+        self._synchronous.clear()
 
     # ------------------------------------------------------------------ strategies
 
@@ -130,10 +132,12 @@ class ParallelAttention:
     def _gather(self, stream: str, local: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's ``local`` (token-major), fresh or -- asynchronously -- one step stale."""
         shapes = self._shapes(local)
-        if not self.asynchronous or self.step < self.warmup:
+        done = self._synchronous.get(stream, 0)
+        if not self.asynchronous or done < max(1, self.warmup):
             gathered = self.exchange.all_gather(local, stream=stream, shapes=shapes)
             if self.asynchronous:
                 self._stale[stream] = gathered
+                self._synchronous[stream] = done + 1
             return gathered
         pending = self._pending.pop(stream, None)
         if pending is not None:

@@ -6,11 +6,16 @@ after the patch embedding (positional embeddings are computed on the full grid f
 (2) parallel attention processors on every image self-attention, and (3) a hook that
 all-gathers the output tokens (exactly) before the unpatchify, so the model's output is the
 full tensor on every rank. Text tokens are replicated: every rank embeds and updates them.
-Each call of the transformer is one denoising step.
+
+Each call of the transformer is one denoising step, unless calls are tagged
+(:meth:`DiTParallel.tag`: ``"cond"``, ``"uncond"`` for guidance run as two calls per step) or
+steps are marked by a pipeline's scheduler (:func:`adapters.xdit.enable_compression` with
+``patch=``): every call of a step then has its own streams (:mod:`adapters.calls`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -20,6 +25,7 @@ import torch
 from compressed_comm import CompressedGroup, CompressionConfig, RawGroup, SessionStats, Transport
 from compressed_comm.group import DEFAULT_TIMEOUT
 
+from ..calls import StepCalls
 from .attention import ParallelAttention, TokenSplit, token_split
 from .processors import CogVideoXProcessor, FluxProcessor, JointProcessor, SelfProcessor
 
@@ -71,10 +77,14 @@ class ParallelConfig:
 
 
 class DiTParallel:
-    """The parallel state of one rank's transformer; created by :func:`parallelize`."""
+    """The parallel state of one rank's transformer; created by :func:`parallelize`.
+
+    ``calls``: the :class:`~adapters.calls.StepCalls` of an owner that marks steps and
+    begins calls itself (a pipeline's hooks); by default each call of the model begins one.
+    """
 
     def __init__(self, model: torch.nn.Module, transport: Transport,
-                 config: ParallelConfig) -> None:
+                 config: ParallelConfig, calls: StepCalls | None = None) -> None:
         name = type(model).__name__
         if name not in SUPPORTED_MODELS:
             raise ValueError(f"unsupported model {name}; supported: {', '.join(SUPPORTED_MODELS)}")
@@ -85,7 +95,9 @@ class DiTParallel:
                          RawGroup(transport, timeout=config.timeout))
         self._output = RawGroup(transport, timeout=config.timeout)
         self.rank, self.world_size = transport.rank, transport.world_size
-        self.step = 0
+        self._owns_calls = calls is None
+        self.calls = StepCalls() if calls is None else calls
+        self.calls.on_step_end(self._step_ended)
         self._text_len = 0
         self._attention: ParallelAttention | None = None
         self._hooks: list[Any] = []
@@ -99,6 +111,17 @@ class DiTParallel:
     # ------------------------------------------------------------------ public
 
     @property
+    def step(self) -> int:
+        """Denoising steps completed in this generation (a step ends when the next begins)."""
+        return self.calls.step
+
+    def tag(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Calls of the model inside run on streams of their own, named ``name``: tag each
+        call of a step (``"cond"``, ``"uncond"``) when guidance runs as several calls per
+        step; a tag seen again starts the next step."""
+        return self.calls.tagged(name)
+
+    @property
     def split(self) -> TokenSplit | None:
         """The split of the image tokens over ranks (known after the first step)."""
         return self._attention.split if self._attention is not None else None
@@ -110,7 +133,7 @@ class DiTParallel:
         self.exchange.new_session()
         self._output.new_session()
         self._attention = None
-        self.step = 0
+        self.calls.reset()
 
     def finish(self) -> None:
         """Complete transfers still in flight (call at the end of a generation)."""
@@ -152,7 +175,6 @@ class DiTParallel:
             self._processors[name] = proc
             module.set_processor(processor_cls(name, self._attend, lambda: self._text_len))
         self._hooks.append(self.model.register_forward_pre_hook(self._begin_step, with_kwargs=True))
-        self._hooks.append(self.model.register_forward_hook(self._end_step))
         self._hooks.append(modules[embed_name].register_forward_hook(self._split_tokens))
         self._hooks.append(modules["proj_out"].register_forward_hook(self._gather_tokens))
 
@@ -168,10 +190,10 @@ class DiTParallel:
     # ------------------------------------------------------------------ hooks
 
     def _begin_step(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self._owns_calls:
+            self.calls.begin_call()
         ehs = kwargs.get("encoder_hidden_states")
         self._text_len = ehs.shape[1] if ehs is not None else 0
-        if self._attention is not None:
-            self._attention.step = self.step
         img_ids = kwargs.get("img_ids")
         if img_ids is not None:
             # Flux: rotary positions come from img_ids; keep this rank's rows
@@ -184,11 +206,9 @@ class DiTParallel:
             kwargs["image_rotary_emb"] = tuple(r[local] for r in rotary)
         return args, kwargs
 
-    def _end_step(self, module: Any, args: tuple, output: Any) -> Any:
-        self.step += 1
+    def _step_ended(self) -> None:
         self.exchange.step()
         self._output.step()
-        return output
 
     def _ensure_split(self, total: int) -> TokenSplit:
         """The split of ``total`` image tokens (created on the first step of a generation)."""
@@ -200,7 +220,7 @@ class DiTParallel:
                                "generation; call new_generation() between requests")
         self._attention = ParallelAttention(
             self.exchange, token_split(total, self.world_size), self.config.parallelism,
-            self.config.asynchronous, self.config.warmup, self.step)
+            self.config.asynchronous, self.config.warmup)
         return self._attention.split
 
     def _split_tokens(self, module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -221,11 +241,13 @@ class DiTParallel:
                 text: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._attention is None:
             raise RuntimeError(f"{layer}: attention ran before the image tokens were split")
-        return self._attention(layer, q, k, v, text)
+        return self._attention(self.calls.prefix + layer, q, k, v, text)
 
 
 def parallelize(model: torch.nn.Module, transport: Transport,
-                config: ParallelConfig | None = None) -> DiTParallel:
+                config: ParallelConfig | None = None, *,
+                calls: StepCalls | None = None) -> DiTParallel:
     """Make this rank's ``model`` (a supported diffusers transformer) run across
-    ``transport``'s ranks; every rank calls it on its own copy of the same model."""
-    return DiTParallel(model, transport, config or ParallelConfig())
+    ``transport``'s ranks; every rank calls it on its own copy of the same model
+    (``calls``: see :class:`DiTParallel`)."""
+    return DiTParallel(model, transport, config or ParallelConfig(), calls)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from compressed_comm import CompressedGroup, CompressionConfig, SessionStats, TorchDistTransport
 from compressed_comm.group import DEFAULT_TIMEOUT, Handle
 
+from ..calls import StepCalls
 from ..dit import ParallelConfig, parallelize
 from .hooks import INSTALLERS
 from .points import HOOK_POINTS, HookPointError, Patch, load_module
@@ -30,12 +32,16 @@ class XDiTCompression:
     * :meth:`disable` -- put every hook point and hook back (idempotent);
     * :meth:`stats` -- traffic of every stream of the current generation, all groups;
     * :meth:`new_session` / :meth:`step` -- generation and step boundaries, for code that
-      drives a bare transformer (a pipeline's own calls mark both automatically).
+      drives a bare transformer (a pipeline's own calls mark both automatically);
+    * :meth:`tag` -- the streams of the transformer calls inside, for a bare transformer
+      run several times per step (``"cond"``, ``"uncond"``).
 
-    Streams are named ``[cfg<r>/]<layer>.<kind><n>``: the attention module running
-    (from forward pre-hooks), the kind of transfer (``a2a``, ``kv``, ``ring``) and its
-    index among such transfers of that layer in this step. PipeFusion streams are named
-    ``pipefusion.<name>[<patch>]``.
+    Streams are named ``[cfg<r>/][<call>/]<layer>.<kind><n>``: xDiT's CFG-parallel rank,
+    the transformer call of this step (:mod:`adapters.calls`: a pipeline's second call of a
+    step is ``call1``, a tagged call its tag; the first untagged call has no prefix), the
+    attention module running (from forward pre-hooks), the kind of transfer (``a2a``,
+    ``kv``, ``ring``) and its index among such transfers of that layer in this call.
+    PipeFusion streams are named ``pipefusion.<name>[<patch>]``.
     """
 
     def __init__(self, config: CompressionConfig, timeout: float, prefix: str,
@@ -54,8 +60,10 @@ class XDiTCompression:
         self._layer: ContextVar[str] = ContextVar("layer", default="")
         self._layer_tokens: dict[int, list[Token[str]]] = {}  # per attention module
         self._counts: dict[tuple[str, str], int] = {}
-        self._steps = 0
-        self._calls = 0
+        #: the transformer calls of the current step (steps are marked by the scheduler's
+        #: step() where the pipeline has one)
+        self.calls = StepCalls()
+        self.calls.on_step_end(self._step_ended)
         self._patch: Any = None
         self._sends: list[Handle[None]] = []
         self.enabled = False
@@ -74,9 +82,9 @@ class XDiTCompression:
 
     @property
     def steps(self) -> int:
-        """Step boundaries passed in the current generation: transformer calls after the
-        first, plus :meth:`step` calls."""
-        return self._steps
+        """Step boundaries passed in the current generation (scheduler steps, or transformer
+        calls after the first for a bare transformer, and :meth:`step` calls)."""
+        return self.calls.step
 
     @property
     def patch_parallel(self) -> Any:
@@ -96,9 +104,18 @@ class XDiTCompression:
         return own + (self._patch.exchange.bytes_sent if self._patch is not None else 0)
 
     def step(self) -> None:
-        """Mark a step boundary (done by the transformer's forward pre-hook)."""
+        """Mark a step boundary (done by the scheduler's ``step()`` of a pipeline, and for a
+        bare transformer before each untagged call)."""
+        self.calls.end_step()
+
+    def tag(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Transformer calls inside run on streams of their own, named ``name``: tag each
+        call of a step (``"cond"``, ``"uncond"``) where a bare transformer runs several
+        times per step; a tag seen again starts the next step."""
+        return self.calls.tagged(name)
+
+    def _step_ended(self) -> None:
         self._counts.clear()
-        self._steps += 1
         for g in self.groups:
             g.step()
 
@@ -106,7 +123,7 @@ class XDiTCompression:
         """Start a new generation: drop all residual state (every rank together)."""
         self._counts.clear()
         self._stale.clear()
-        self._steps = self._calls = 0
+        self.calls.reset()
         sends, self._sends = self._sends, []
         for h in sends:
             h.wait()
@@ -125,7 +142,7 @@ class XDiTCompression:
             if value is None:
                 obj.__dict__.pop(attr, None)
             else:
-                setattr(obj, attr, value)
+                object.__setattr__(obj, attr, value)
         if self._patch is not None:
             self._patch.remove()
             self._patch = None
@@ -169,7 +186,7 @@ class XDiTCompression:
         layer = self._layer.get() or "model"
         n = self._counts.get((layer, kind), 0)
         self._counts[(layer, kind)] = n + 1
-        return f"{self._prefix}{layer}.{kind}{n}"
+        return f"{self._prefix}{self.calls.prefix}{layer}.{kind}{n}"
 
     # ------------------------------------------------------------------ installation
 
@@ -208,7 +225,8 @@ class XDiTCompression:
         self.points = tuple(bound)
 
     def _install_model_hooks(self, transformer: torch.nn.Module, scheduler: Any | None) -> None:
-        self._hooks.append(transformer.register_forward_pre_hook(self._begin_call))
+        # first among the pre-hooks: patch parallelism's reads the step this call is in
+        self._hooks.append(transformer.register_forward_pre_hook(self._begin_call, prepend=True))
         for name, module in transformer.named_modules():
             if name and "Attention" in type(module).__name__:
                 self._hooks.append(module.register_forward_pre_hook(self._enter_layer(name)))
@@ -217,20 +235,39 @@ class XDiTCompression:
         if scheduler is not None and hasattr(scheduler, "set_timesteps"):
             original = scheduler.set_timesteps
             # the diffusers scheduler itself, also behind xDiT's scheduler wrapper
-            scheduler = getattr(original, "__self__", scheduler)
-            self._restore.append((scheduler, "set_timesteps", scheduler.__dict__.get(
-                "set_timesteps")))
+            inner = getattr(original, "__self__", scheduler)
+            self._restore.append((inner, "set_timesteps", inner.__dict__.get("set_timesteps")))
 
             @functools.wraps(original)  # diffusers inspects its parameters (sigmas=...)
             def set_timesteps(*args: Any, **kwargs: Any) -> Any:
                 self.new_session()
                 return original(*args, **kwargs)
-            scheduler.set_timesteps = set_timesteps
+            inner.set_timesteps = set_timesteps
+            self._wrap_step(scheduler)
+
+    def _wrap_step(self, scheduler: Any) -> None:
+        """The ``step()`` the pipeline calls ends each denoising step, whatever the number of
+        transformer calls in it (guidance as two calls, skip-layer guidance as a third).
+        xDiT's scheduler wrapper has a ``step`` of its own that, under sequence or pipeline
+        parallelism, does not call the diffusers scheduler's: the wrapper's is wrapped."""
+        original = getattr(scheduler, "step", None)
+        if not callable(original):
+            return
+        owner = getattr(original, "__self__", scheduler)
+        self._restore.append((owner, "step", owner.__dict__.get("step")))
+
+        @functools.wraps(original)
+        def step(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            self.step()
+            return out
+        # past xDiT's wrapper's __setattr__, which would forward to the wrapped scheduler
+        object.__setattr__(owner, "step", step)
+        self.calls.marked = True
 
     def _begin_call(self, module: Any, args: Any) -> None:
-        if self._calls:
-            self.step()
-        self._calls += 1
+        self.calls.begin_call()
+        self._counts.clear()
 
     def _enter_layer(self, name: str) -> Any:
         def hook(module: Any, args: Any) -> None:
@@ -338,7 +375,8 @@ def enable_compression(target: Any, config: CompressionConfig | None = None, *,
                            diffusers_cp=getattr(transformer, "_parallel_config", None) is not None)
     try:
         if patch is not None:
-            handle._patch = parallelize(transformer, TorchDistTransport(patch_group), patch)
+            handle._patch = parallelize(transformer, TorchDistTransport(patch_group), patch,
+                                        calls=handle.calls)
         handle._install_model_hooks(transformer, scheduler)
     except BaseException:
         handle.disable()
