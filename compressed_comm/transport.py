@@ -10,9 +10,7 @@ not complete in time and :class:`~compressed_comm.CommError` if the transport fa
 
 from __future__ import annotations
 
-import atexit
 import datetime
-import gc
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Protocol, Sequence
@@ -22,12 +20,6 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import AllgatherOptions, AllToAllOptions
 
 from .errors import CommError, CommTimeoutError
-
-# Groups, handles and models refer to each other in cycles, so a process group a transport
-# holds may otherwise be freed by the collector during interpreter finalisation, when a
-# gloo thread releasing a tensor aborts the process ("terminate called without an active
-# exception", pytorch/pytorch#190489). Collect while the interpreter is still whole.
-atexit.register(gc.collect)
 
 __all__ = ["Work", "P2POp", "Transport", "TorchDistTransport"]
 

@@ -10,6 +10,7 @@ in the scripts.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -224,6 +225,7 @@ def gloo_job() -> Iterator[int]:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+        gc.collect()  # free cycles while the interpreter is whole (pytorch#190489)
 
 
 def compare_raw_compressed(

@@ -27,6 +27,7 @@ mode substitutes a small math attention op for it (``adapters.xdit.cpu``).
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 from collections.abc import Callable
@@ -122,6 +123,7 @@ def run_tiny(args: argparse.Namespace) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+        gc.collect()  # free cycles while the interpreter is whole (pytorch#190489)
 
 
 # ---------------------------------------------------------------------- GPU mode
@@ -152,6 +154,7 @@ def run_gpu(args: argparse.Namespace) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+        gc.collect()  # free cycles while the interpreter is whole (pytorch#190489)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ gloo on CPU, nccl when CUDA is available (one GPU per process).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,6 +157,7 @@ def main() -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+        gc.collect()  # free cycles while the interpreter is whole (pytorch#190489)
 
 
 def print_summary(args: argparse.Namespace, world: int, backend: str,

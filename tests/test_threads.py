@@ -1,5 +1,6 @@
 """The caller's threads stay the caller's: no call of the library changes torch's thread
-count or OpenMP's settings, and numba kernels run on the threads the caller gave torch.
+count or OpenMP's settings (nor the environment, atexit or signal handlers), and numba
+kernels run on the threads the caller gave torch.
 
 Each case runs in a fresh interpreter (numba's thread pool is launched once per process),
 in the environment torchrun gives (``OMP_NUM_THREADS=1``): one process calling every codec,
@@ -31,8 +32,13 @@ BEFORE = settings()
 """
 
 ONE_PROCESS = PRELUDE + """
+import atexit, os, signal
+handlers = atexit._ncallbacks()
+environment = dict(os.environ)
+signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)}
 from compressed_comm import CompressionConfig, Session, available_codecs, get_codec
 from compressed_comm.kernels import numba_cpu
+globals_kept = atexit._ncallbacks() == handlers
 
 seen = []  # numba's thread count inside a kernel
 original = numba_cpu._binary_rows
@@ -59,7 +65,10 @@ from adapters.xdit import enable_compression
 handle = enable_compression(torch.nn.Linear(4, 4), CompressionConfig(codec="binary"),
                             points=["torch_ring"])
 handle.disable()
+globals_kept &= dict(os.environ) == environment and signals == {
+    s: signal.getsignal(s) for s in signals}
 print(json.dumps({"before": BEFORE, "after": settings(), "changed": changed,
+                  "globals_kept": globals_kept,
                   "kernel_threads": sorted(set(seen)), "pool": numba.config.NUMBA_NUM_THREADS,
                   "layer": numba.threading_layer()}))
 """
@@ -129,6 +138,7 @@ def test_codecs_streams_and_enable_compression_keep_the_callers_threads(caller, 
     out = run(ONE_PROCESS, caller, tmp_path)
     assert out["before"][0] == (caller or 1)
     assert out["changed"] == [] and out["after"] == out["before"], out
+    assert out["globals_kept"]  # no atexit handler, environment variable or signal handler
     # numba's kernels ran on the threads the caller gave torch (its pool has 4)
     assert out["kernel_threads"] == [caller or 1], out
 
