@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import fnmatch
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .codecs import get_codec
 from .kernels import resolve_impl
 
-__all__ = ["CompressionConfig", "KEYFRAME_CODECS", "SHARED_FIELDS"]
+__all__ = ["CompressionConfig", "KEYFRAME_CODECS", "SHARED_FIELDS", "differing_fields"]
 
 
 def _shared(default: Any = None, **kwargs: Any) -> Any:
@@ -148,10 +149,18 @@ class CompressionConfig:
                                      or self.residual_order == 2 else None).encode())
                      for name in SHARED_FIELDS)
 
-    def differences(self, fingerprint: tuple[int, ...]) -> list[str]:
+    def differences(self, fingerprint: Sequence[int]) -> list[str]:
         """The :data:`SHARED_FIELDS` whose CRC in ``fingerprint`` differs from this config's."""
-        return [name for name, mine, theirs in zip(SHARED_FIELDS, self.fingerprint(),
-                                                   fingerprint) if mine != theirs]
+        return differing_fields([self.fingerprint(), fingerprint])
+
+
+def differing_fields(fingerprints: Sequence[Sequence[int]]) -> list[str]:
+    """The :data:`SHARED_FIELDS` on which the configs of ``fingerprints`` (one per rank, see
+    :meth:`CompressionConfig.fingerprint`) differ; ``decay`` only where the residual orders
+    agree (it counts for order 2 alone, so it differs whenever the orders do)."""
+    differ = [name for i, name in enumerate(SHARED_FIELDS)
+              if len({tuple(f)[i] for f in fingerprints}) > 1]
+    return [n for n in differ if n != "decay" or "residual_order" not in differ]
 
 
 #: The :class:`CompressionConfig` fields every rank of a group must share, in the order of

@@ -24,7 +24,7 @@ from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from .config import SHARED_FIELDS, CompressionConfig
+from .config import SHARED_FIELDS, CompressionConfig, differing_fields
 from .errors import CancelledError, CommError, GroupFailedError, WireFormatError
 from .session import Session, SessionStats, StreamKey
 from .stream import StreamDecoder
@@ -717,8 +717,7 @@ class CompressedGroup(_GroupBase):
             if len(set(values)) > 1:
                 shown = values if label != "stream name" else [f"{v:#010x}" for v in values]
                 problems.append(f"{label} differs by rank: {dict(enumerate(shown))}")
-        differ = [name for i, name in enumerate(SHARED_FIELDS, start=4)
-                  if len({f[i] for f in fields}) > 1]
+        differ = differing_fields([f[4:4 + len(SHARED_FIELDS)] for f in fields])
         if differ:
             problems.append(f"CompressionConfig differs in {', '.join(differ)}")
         for src in range(world):

@@ -94,6 +94,26 @@ def _drifting(shape, steps):
     return [base + 0.02 * t * torch.randn(*shape, generator=g) for t in range(steps)]
 
 
+def seeded(build):
+    """``build()``'s model (eval mode) and forward, with STEPS drifting inputs, seeded alike
+    on every rank."""
+    torch.manual_seed(0)
+    model, shape, forward = build()
+    return model.eval(), forward, _drifting(shape, STEPS)
+
+
+def run_compressed(handle, model, forward, xs):
+    """A new session, then ``forward(model, x)`` for each of ``xs``: the outputs and the bytes
+    this rank sent through ``handle`` in each step."""
+    handle.new_session()
+    got, sizes = [], []
+    for x in xs:
+        before = handle.bytes_sent
+        got.append(forward(model, x))
+        sizes.append(handle.bytes_sent - before)
+    return got, sizes
+
+
 def cp_worker(rank, world, init_file, out_dir, names, degrees, asynchronous=False):
     """For each model: single-process outputs, diffusers' CP outputs (``degrees``: the
     ulysses and ring degrees), then CP with identity and binary compression (bytes per
@@ -112,10 +132,7 @@ def cp_worker(rank, world, init_file, out_dir, names, degrees, asynchronous=Fals
     lse_backend = lse_attention_on_cpu()
     try:
         for name in names:
-            torch.manual_seed(0)
-            model, shape, forward = MODELS[name]()
-            model.eval()
-            xs = _drifting(shape, STEPS)
+            model, forward, xs = seeded(MODELS[name])
             with torch.no_grad(), lse_backend:
                 single = [forward(model, x) for x in xs]
                 with mock.patch.object(torch.accelerator, "device_count", return_value=1):
@@ -127,12 +144,7 @@ def cp_worker(rank, world, init_file, out_dir, names, degrees, asynchronous=Fals
                 for codec in ("identity", "binary"):
                     handle = enable_compression(model, CompressionConfig(codec=codec),
                                                 asynchronous=asynchronous, timeout=60)
-                    handle.new_session()
-                    got, sizes = [], []
-                    for x in xs:
-                        before = handle.bytes_sent
-                        got.append(forward(model, x))
-                        sizes.append(handle.bytes_sent - before)
+                    got, sizes = run_compressed(handle, model, forward, xs)
                     res[codec] = {
                         "points": handle.points,
                         "exact": all(torch.equal(a, b) for a, b in zip(got, cp)),

@@ -14,21 +14,14 @@ Every model runs in float32 with diffusers' native attention backend.
 """
 
 import contextlib
-import datetime
 import os
 from unittest import mock
 
 import torch
-import torch.distributed as dist
+from cc_diffusers_cp_workers import STEPS, _init, flux, run_compressed, seeded
 from cc_gloo_workers import exit_after_teardown
 
-STEPS = 5
 CODECS = ("identity", "int8", "binary")
-
-
-def _init(rank, world, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
 
 
 def _ids(side, axes):
@@ -37,21 +30,6 @@ def _ids(side, axes):
     ids[:, -2] = torch.arange(side * side) // side
     ids[:, -1] = torch.arange(side * side) % side
     return ids
-
-
-def flux():
-    from diffusers import FluxTransformer2DModel
-    model = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32,
-        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32,
-        axes_dims_rope=(8, 12, 12))
-    g = torch.Generator().manual_seed(1)
-    side = 16
-    fixed = {"encoder_hidden_states": torch.randn(1, 8, 32, generator=g),
-             "pooled_projections": torch.randn(1, 32, generator=g), "img_ids": _ids(side, 3),
-             "txt_ids": torch.zeros(8, 3), "timestep": torch.tensor([0.5])}
-    return model, (1, side * side, 16), lambda m, x: m(hidden_states=x, **fixed,
-                                                         return_dict=False)[0]
 
 
 def flux2():
@@ -70,12 +48,6 @@ def flux2():
 
 
 MODELS = {"flux": flux, "flux2": flux2}
-
-
-def _drifting(shape, steps):
-    g = torch.Generator().manual_seed(7)
-    base = torch.randn(*shape, generator=g)
-    return [base + 0.02 * t * torch.randn(*shape, generator=g) for t in range(steps)]
 
 
 def tp_on_cpu():
@@ -131,10 +103,7 @@ def tp_worker(rank, world, init_file, out_dir, names, codecs=CODECS):
     original = placement_types.funcol
     try:
         for name in names:
-            torch.manual_seed(0)
-            model, shape, forward = MODELS[name]()
-            model.eval()
-            xs = _drifting(shape, STEPS)
+            model, forward, xs = seeded(MODELS[name])
             res = {}
             with torch.no_grad():
                 single = [forward(model, x) for x in xs]
@@ -153,12 +122,7 @@ def tp_worker(rank, world, init_file, out_dir, names, codecs=CODECS):
                     handle = enable_compression(model, CompressionConfig(codec=codec,
                                                                          reduce=True),
                                                 timeout=60)
-                    handle.new_session()
-                    got, sizes = [], []
-                    for x in xs:
-                        before = handle.bytes_sent
-                        got.append(forward(model, x))
-                        sizes.append(handle.bytes_sent - before)
+                    got, sizes = run_compressed(handle, model, forward, xs)
                     res[codec] = {
                         "points": handle.points,
                         "exact": all(torch.equal(a, b) for a, b in zip(got, tp)),

@@ -120,16 +120,22 @@ def test_ranks_that_disagree_on_config_all_raise_naming_the_field(theirs, field)
     assert run_ranks(2, body) == [True, True]
 
 
-def test_config_disagreement_on_p2p_is_named_by_the_header():
+def p2p_disagreement(sender, receiver, match):
+    """Rank 0 (config ``sender``) sends to rank 1 (``receiver``), which raises ``match``."""
     def body(t):
-        g = group(t, codec="int8", residual_order=1 + t.rank)
+        g = group(t, **(sender if t.rank == 0 else receiver))
         if t.rank == 0:
             g.send(data(0, 0, 0), 1, stream="x")
             return None
-        with pytest.raises(WireFormatError, match="residual_order=1 .expected 2"):
+        with pytest.raises(WireFormatError, match=match):
             g.recv(torch.empty(SHAPE), 0, stream="x")
         return True
     assert run_ranks(2, body)[1]
+
+
+def test_config_disagreement_on_p2p_shows_the_header_values():
+    p2p_disagreement(dict(codec="int8"), dict(codec="int8", residual_order=2),
+                     "in residual_order .residual_order=1 .expected 2")
 
 
 def test_a_rank_that_skips_step_is_caught_before_the_payloads_move():
@@ -237,27 +243,12 @@ def test_every_shared_field_has_a_p2p_case():
 def test_config_disagreement_on_p2p_names_every_shared_field(field):
     base = dict(codec="int8") | {"decay": dict(residual_order=2),
                                  "keyframe_spread": dict(keyframe_period=4)}.get(field, {})
-
-    def body(t):
-        g = group(t, **(base | (DIFFERENT[field] if t.rank == 0 else {})))
-        if t.rank == 0:
-            g.send(data(0, 0, 0), 1, stream="x")
-            return None
-        with pytest.raises(WireFormatError, match=f"CompressionConfig differs .*in {field}"):
-            g.recv(torch.empty(SHAPE), 0, stream="x")
-        return True
-    assert run_ranks(2, body)[1]
+    p2p_disagreement(base | DIFFERENT[field], base,
+                     f"CompressionConfig differs from this rank's in {field}")
 
 
 @pytest.mark.parametrize("sender,receiver", [(1, 2), (2, 1), (2, 3), (3, 4), (4, 2)])
 def test_keyframe_spreads_that_differ_are_named_on_p2p(sender, receiver):
-    def body(t):
-        g = group(t, codec="int8", keyframe_period=4,
-                  keyframe_spread=sender if t.rank == 0 else receiver)
-        if t.rank == 0:
-            g.send(data(0, 0, 0), 1, stream="x")
-            return None
-        with pytest.raises(WireFormatError, match="differs .*in keyframe_spread"):
-            g.recv(torch.empty(SHAPE), 0, stream="x")
-        return True
-    assert run_ranks(2, body)[1]
+    base = dict(codec="int8", keyframe_period=4)
+    p2p_disagreement(base | dict(keyframe_spread=sender), base | dict(keyframe_spread=receiver),
+                     "differs from this rank's in keyframe_spread")
