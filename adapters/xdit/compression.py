@@ -347,9 +347,13 @@ def enable_compression(target: Any, config: CompressionConfig | None = None, *,
     diffusers' ``ContextParallelConfig(ring_degree=N)`` that is patch parallelism with
     stale K/V for every model diffusers can parallelise.
 
-    Call it on every rank, after the pipeline is built and before generating. Each call of
-    the transformer is one step and each ``scheduler.set_timesteps`` (the start of every
-    generation, xDiT's ``prepare_run`` warm-up included) starts a new session.
+    Call it on every rank, after the pipeline is built and before generating. Each
+    ``scheduler.step()`` of a pipeline ends a step, whatever the number of transformer calls
+    in it (guidance as two calls: each call of a step has its own streams, see
+    :mod:`adapters.calls`); for a bare transformer each untagged call is a step
+    (:meth:`~XDiTCompression.tag` the calls of a step otherwise). Each
+    ``scheduler.set_timesteps`` (the start of every generation, xDiT's ``prepare_run``
+    warm-up included) starts a new session.
 
     * Enabling twice without :meth:`~XDiTCompression.disable` raises ``HookPointError``.
     * A transformer already compiled (``torch.compile``) is refused, since compiled graphs
