@@ -1,0 +1,501 @@
+"""The group's collectives, written once over a :class:`~.framing.Framing`: point-to-point,
+all-gather (also asynchronous), ring pass and all-to-all, with the steps, sessions and
+failed state they share. :class:`~compressed_comm.RawGroup` and
+:class:`~compressed_comm.CompressedGroup` differ only in their framing (and the compressed
+group's size handshake, :meth:`_GroupBase._agree`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ..errors import CommError, GroupFailedError
+from ..session import StreamKey
+from ..transport import P2POp, TorchDistTransport, Transport, Work
+from .framing import Framing, Incoming
+from .handle import Handle, forward_only
+from .ledger import Ledger
+from .reductions import Reductions
+
+__all__ = ["DEFAULT_TIMEOUT"]
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 300.0
+
+
+def _like(shape: Sequence[int], x: torch.Tensor) -> torch.Tensor:
+    """A zero-memory tensor with ``shape`` and ``x``'s dtype and device (a stream template)."""
+    return torch.empty((), dtype=x.dtype, device=x.device).expand(tuple(shape))
+
+
+class _GroupBase(Reductions):
+    """What raw and compressed groups share: transport, timeouts, steps, sessions, the
+    failed state, the ledger that lets :meth:`new_session` drain a failed session, and the
+    collectives over the group's :attr:`framing`.
+
+    Every collective is forward-only: inputs that require grad are detached, and results
+    never carry autograd history."""
+
+    framing: Framing
+
+    def __init__(self, transport: Transport | dist.ProcessGroup | None = None, *,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        if transport is None or isinstance(transport, dist.ProcessGroup):
+            transport = TorchDistTransport(transport)
+        if not isinstance(transport, Transport):
+            raise TypeError(f"expected a Transport, a ProcessGroup or None; got "
+                            f"{type(transport).__name__}")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive seconds, got {timeout}")
+        self.transport = transport
+        self.timeout = float(timeout)
+        self.rank = transport.rank
+        self.world_size = transport.world_size
+        self.step_index = 0
+        #: counts the sessions this group has started (ranks agree on it)
+        self.session_index = 0
+        #: bytes and point-to-point messages this rank has sent in the current session; the
+        #: size handshakes' messages are among them and also counted apart, since the caller
+        #: waits for them before the payloads move, asynchronous or not
+        self.bytes_sent = 0
+        self.messages_sent = 0
+        self.handshake_messages_sent = 0
+        self._inflight: dict[StreamKey, list[Handle[Any]]] = {}
+        self._failure: BaseException | None = None
+        self._closed: str | None = None
+        self._ledger = Ledger(self.world_size)
+
+    # ------------------------------------------------------------------ steps and sessions
+
+    def step(self) -> None:
+        """Mark the end of a denoising step."""
+        self.step_index += 1
+
+    @property
+    def failed(self) -> BaseException | None:
+        """The failure that stopped this group (None while it is usable)."""
+        return self._failure
+
+    def new_session(self) -> None:
+        """Start a new request (all ranks together): end the current session and drop all
+        per-request state.
+
+        Transfers still in flight are cancelled (their handles raise
+        :class:`~compressed_comm.CancelledError`) and their bytes drained, so no message of
+        the old session can reach the new one; this also recovers a group that failed. The
+        ranks exchange a few control messages to agree on what is left to drain. Raises
+        :class:`~compressed_comm.GroupFailedError` if that is impossible (a peer is gone, or
+        the ranks issued different collectives); the group is then closed for good.
+        """
+        self._check_open()
+        self._cancel_inflight(f"rank {self.rank}: the transfer's session ended (new_session)")
+        try:
+            self._ledger.drain(self.transport, self.timeout)
+        except BaseException as e:
+            self._closed = (f"new_session could not re-synchronise the ranks "
+                            f"({type(e).__name__}: {e})")
+            raise GroupFailedError(f"rank {self.rank}: {self._closed}; create a new group") from e
+        self._ledger.clear()
+        self._failure = None
+        self.step_index = 0
+        self.session_index += 1
+        self.bytes_sent = self.messages_sent = self.handshake_messages_sent = 0
+        self._reset()
+
+    def abort(self) -> None:
+        """Close this group on this rank at once, without talking to its peers: pending
+        handles are cancelled, state is dropped and every later call raises
+        :class:`~compressed_comm.GroupFailedError`. For a rank that gives up (a peer died);
+        its peers time out. Create a new group (and transport) to continue."""
+        self._cancel_inflight(f"rank {self.rank}: the group was aborted")
+        self._ledger.clear()
+        self._closed = "the group was aborted"
+        self._reset()
+
+    def _cancel_inflight(self, why: str) -> None:
+        for hs in self._inflight.values():
+            for h in hs:
+                h._cancel(why)
+        self._inflight.clear()
+
+    def _reset(self) -> None:
+        """Drop per-request state (subclasses)."""
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise GroupFailedError(f"rank {self.rank}: {self._closed}; create a new group")
+
+    def _check_usable(self) -> None:
+        self._check_open()
+        if self._failure is not None:
+            e = self._failure
+            raise GroupFailedError(
+                f"rank {self.rank}: an earlier transfer failed ({type(e).__name__}: {e}); the "
+                "group refuses work until new_session() on every rank (or abort())")
+
+    def _fail(self, error: BaseException) -> None:
+        if self._failure is None:
+            self._failure = error
+
+    def _guarded(self, op: Callable[[], T]) -> T:
+        """Run ``op`` (which posts transfers) on a usable group; any failure fails the group,
+        since its peers may be left waiting on a transfer this rank did not post."""
+        self._check_usable()
+        try:
+            return op()
+        except BaseException as e:
+            self._fail(e)
+            raise
+
+    def _agree(self, kind: str, stream: str, step: int, send: Sequence[int],
+               recv: Sequence[int], device: torch.device) -> None:
+        """Before a collective's payloads move: make sure every rank will send and expect
+        the same sizes (the compressed group's size handshake; nothing for raw tensors,
+        whose sizes are the caller's)."""
+
+    # ------------------------------------------------------------------ the collectives
+
+    def isend(self, x: torch.Tensor, dst: int, *, stream: str) -> Handle[None]:
+        """Start sending ``x`` to ``dst`` on ``stream``."""
+        self._check_peer(dst, "destination")
+        name = StreamKey("p2p", stream, dst)
+        x = forward_only(x)
+        return self._guarded(lambda: self._send_bytes(
+            self.framing.sender(name, x).payload(), dst, stream))
+
+    def irecv(self, like: torch.Tensor, src: int, *, stream: str) -> Handle[torch.Tensor]:
+        """Start receiving a tensor shaped like ``like`` from ``src`` on ``stream``."""
+        self._check_peer(src, "source")
+        name = StreamKey("p2p", stream, self.rank)
+
+        def start() -> Handle[torch.Tensor]:
+            earlier = self._settled(name, {src: like}, self._earlier(name))
+            incoming = self.framing.receiver(name, src, like, len(earlier))
+            # where the transport allows, room for any message of the stream: one of an
+            # unexpected size (a peer out of step) is then reported from its header
+            short = self.transport.accepts_short_messages
+            buf = self._buffer(incoming.room if short else incoming.nbytes, like.device)
+            what = f"recv of stream {stream!r} from rank {src}"
+            work = self._irecv(buf, src, what)
+
+            def finish(timeout: float) -> torch.Tensor:
+                self._wait(work, timeout, what)
+                return incoming.take(buf, exact=not short)
+            return self._track(name, self._handle(finish, earlier))
+        return self._guarded(start)
+
+    def all_gather_async(self, x: torch.Tensor, *, stream: str,
+                         shapes: Sequence[Sequence[int]] | None = None
+                         ) -> Handle[list[torch.Tensor]]:
+        """Start an all-gather of every rank's ``x``; ``wait()`` returns them in rank order.
+
+        ``x`` is encoded now; the payloads are decoded at ``wait()``, which may come a step
+        later (DistriFusion-style: issue at step t, use at step t+1). The caller's own slot is
+        ``x`` itself. ``shapes`` gives each rank's shape when they differ (uneven patches).
+        """
+        x = forward_only(x)
+        shapes = self._shapes(x, shapes)
+        if self.world_size == 1:
+            return Handle.completed([x])
+        return self._guarded(lambda: self._all_gather(x, stream, shapes))
+
+    def _all_gather(self, x: torch.Tensor, stream: str, shapes: list[tuple[int, ...]]
+                    ) -> Handle[list[torch.Tensor]]:
+        world, me = self.world_size, self.rank
+        name = StreamKey("all_gather", stream)
+        earlier = self._settled(name, {o: _like(s, x) for o, s in enumerate(shapes)},
+                                self._earlier(name))
+        incoming = self._receivers(name, x, shapes, len(earlier))
+        outgoing = self.framing.sender(name, x)
+        sizes = [outgoing.nbytes if o == me else incoming[o].nbytes for o in range(world)]
+        slot = max(sizes)
+        self._agree("all_gather", stream, outgoing.step, [slot] * world,
+                    [slot if o != me else 0 for o in range(world)], x.device)
+        payload = outgoing.payload()
+        if slot != payload.numel():
+            padded = torch.zeros(slot, dtype=torch.uint8, device=x.device)
+            padded[: payload.numel()] = payload
+            payload = padded
+        outs = list(self._buffer(slot * world, x.device).view(world, slot))
+        what = f"all_gather of stream {stream!r}"
+        work = self._collective(what, self.transport.all_gather, payload, outs, payload)
+        self._sent(slot * (world - 1), world - 1)
+
+        def finish(timeout: float) -> list[torch.Tensor]:
+            self._wait(work, timeout, what)
+            return [x if o == me else incoming[o].take(outs[o][: sizes[o]])
+                    for o in range(world)]
+        return self._track(name, self._handle(finish, earlier))
+
+    def ring_iter(self, x: torch.Tensor, *, stream: str,
+                  shapes: Sequence[Sequence[int]] | None = None
+                  ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Pass every rank's ``x`` around the ring; yields ``(origin, tensor)`` per hop.
+
+        The first item is ``(rank, x)``; then the blocks of ranks ``rank-1, rank-2, ...``.
+        Each packet is forwarded unchanged and decoded once here with its origin's
+        reference, so hops add no error. The next hop's transfer is in flight while the
+        caller works on the current block. Iterate to the end: every rank must take part in
+        every hop (a pass left unfinished is drained by ``new_session()``).
+        """
+        x = forward_only(x)
+        shapes = self._shapes(x, shapes)
+        if self.world_size == 1:
+            yield self.rank, x
+            return
+        name = StreamKey("ring", stream)
+        for h in self._earlier(name):
+            h.wait()
+
+        def start() -> tuple[dict[int, Incoming], torch.Tensor]:
+            incoming = self._receivers(name, x, shapes, 0)
+            outgoing = self.framing.sender(name, x)
+            self._agree("ring", stream, outgoing.step, [outgoing.nbytes] * self.world_size,
+                        [0 if o == self.rank else incoming[o].nbytes
+                         for o in range(self.world_size)], x.device)
+            return incoming, outgoing.payload()
+        incoming, payload = self._guarded(start)
+        yield from self._ring_hops(x, payload, stream, incoming)
+
+    def all_to_all_async(self, x: torch.Tensor, *, stream: str,
+                         input_split_sizes: Sequence[int] | None = None,
+                         output_split_sizes: Sequence[int] | None = None
+                         ) -> Handle[torch.Tensor]:
+        """Start an all-to-all along dim 0 (Ulysses); ``wait()`` returns the output tensor.
+
+        Split ``i`` of ``x`` (``input_split_sizes``, default equal) goes to rank ``i``; the
+        output concatenates what every rank sent here (``output_split_sizes``, default the
+        input's). Each ``(src, dst)`` chunk is its own residual stream; the own chunk is
+        copied exactly.
+        """
+        x = forward_only(x)
+        in_sizes, out_sizes = self._splits(x, stream, input_split_sizes, output_split_sizes)
+        if self.world_size == 1:
+            return Handle.completed(x)
+        return self._guarded(lambda: self._all_to_all(x, stream, in_sizes, out_sizes))
+
+    def _all_to_all(self, x: torch.Tensor, stream: str, in_sizes: list[int],
+                    out_sizes: list[int]) -> Handle[torch.Tensor]:
+        world, me = self.world_size, self.rank
+        rest = tuple(x.shape[1:])
+        chunks = x.split(in_sizes, dim=0)
+        send_name = {dst: StreamKey("all_to_all", stream, dst) for dst in range(world)}
+        recv_name = send_name[me]
+        likes = {src: _like((out_sizes[src], *rest), x) for src in range(world) if src != me}
+        earlier = self._settled(recv_name, likes, self._earlier(recv_name))
+        incoming = {src: self.framing.receiver(recv_name, src, like, len(earlier))
+                    for src, like in likes.items()}
+        outgoing = {dst: self.framing.sender(send_name[dst], chunks[dst])
+                    for dst in range(world) if dst != me}
+        recv_sizes = [0 if src == me else incoming[src].nbytes for src in range(world)]
+        # the group's step: with renewed streams, chunk streams may restart on some ranks
+        self._agree("all_to_all", stream, self.step_index,
+                    [0 if d == me else outgoing[d].nbytes for d in range(world)], recv_sizes,
+                    x.device)
+        payloads = [torch.empty(0, dtype=torch.uint8, device=x.device) if dst == me else
+                    outgoing[dst].payload() for dst in range(world)]
+        recv_buf = self._buffer(sum(recv_sizes), x.device)
+        what = f"all_to_all of stream {stream!r}"
+        send_buf = torch.cat(payloads)
+        work = self._collective(what, self.transport.all_to_all_single, send_buf, recv_buf,
+                                send_buf, recv_sizes, [p.numel() for p in payloads])
+        self._sent(send_buf.numel(), world - 1)
+
+        def finish(timeout: float) -> torch.Tensor:
+            self._wait(work, timeout, what)
+            out = torch.empty((sum(out_sizes), *rest), dtype=x.dtype, device=x.device)
+            received = recv_buf.split(recv_sizes)
+            for src, part in enumerate(out.split(out_sizes, dim=0)):
+                part.copy_(chunks[me] if src == me else incoming[src].take(received[src]))
+            return out
+        return self._track(recv_name, self._handle(finish, earlier))
+
+    def send(self, x: torch.Tensor, dst: int, *, stream: str) -> None:
+        """Send ``x`` to ``dst`` on ``stream`` and wait."""
+        self.isend(x, dst, stream=stream).wait()
+
+    def recv(self, like: torch.Tensor, src: int, *, stream: str) -> torch.Tensor:
+        """Receive a tensor shaped like ``like`` from ``src`` on ``stream``."""
+        return self.irecv(like, src, stream=stream).wait()
+
+    def all_gather(self, x: torch.Tensor, *, stream: str,
+                   shapes: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
+        """All-gather every rank's ``x`` (own slot exact); see :meth:`all_gather_async`."""
+        return self.all_gather_async(x, stream=stream, shapes=shapes).wait()
+
+    def ring_pass(self, x: torch.Tensor, *, stream: str,
+                  shapes: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
+        """Every rank's ``x`` by ring passing, in rank order (same result as an all-gather)."""
+        out: list[torch.Tensor] = [x] * self.world_size
+        for origin, t in self.ring_iter(x, stream=stream, shapes=shapes):
+            out[origin] = t
+        return out
+
+    def all_to_all(self, x: torch.Tensor, *, stream: str,
+                   input_split_sizes: Sequence[int] | None = None,
+                   output_split_sizes: Sequence[int] | None = None) -> torch.Tensor:
+        """All-to-all along dim 0; see :meth:`all_to_all_async`."""
+        return self.all_to_all_async(x, stream=stream, input_split_sizes=input_split_sizes,
+                                     output_split_sizes=output_split_sizes).wait()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _receivers(self, name: StreamKey, x: torch.Tensor, shapes: list[tuple[int, ...]],
+                   ahead: int) -> dict[int, Incoming]:
+        return {o: self.framing.receiver(name, o, _like(shapes[o], x), ahead)
+                for o in range(self.world_size) if o != self.rank}
+
+    def _settled(self, name: StreamKey, likes: dict[int, torch.Tensor],
+                 earlier: list[Handle[Any]]) -> list[Handle[Any]]:
+        """``earlier`` (the stream's transfers in flight), or none once they are complete
+        where one of the streams ``(name, origin)`` is about to be renewed for
+        ``likes[origin]``: they belong to the old stream."""
+        if not earlier or all(self.framing.fits(name, o, t) for o, t in likes.items()):
+            return earlier
+        for h in earlier:
+            h.wait()
+        return []
+
+    def _check_peer(self, peer: int, role: str) -> None:
+        if not 0 <= peer < self.world_size or peer == self.rank:
+            raise ValueError(f"rank {self.rank}: {role} rank {peer} is not another rank of "
+                             f"this group of {self.world_size}")
+
+    def _shapes(self, x: torch.Tensor, shapes: Sequence[Sequence[int]] | None
+                ) -> list[tuple[int, ...]]:
+        if shapes is None:
+            return [tuple(x.shape)] * self.world_size
+        out = [tuple(int(d) for d in s) for s in shapes]
+        if len(out) != self.world_size or out[self.rank] != tuple(x.shape):
+            raise ValueError(f"rank {self.rank}: shapes must list {self.world_size} shapes with "
+                             f"this rank's equal to {tuple(x.shape)}; got {out}")
+        return out
+
+    def _earlier(self, name: StreamKey) -> list[Handle[Any]]:
+        """The still-incomplete handles of stream ``name``, oldest first."""
+        live = [h for h in self._inflight.get(name, ()) if not h.is_completed()]
+        self._inflight[name] = live
+        return list(live)
+
+    def _track(self, name: StreamKey, handle: Handle[T]) -> Handle[T]:
+        self._inflight.setdefault(name, []).append(handle)
+        return handle
+
+    def _handle(self, finish: Callable[[float], T], before: Sequence[Handle[Any]] = ()
+                ) -> Handle[T]:
+        return Handle(finish, self.timeout, before, group=self)
+
+    @staticmethod
+    def _buffer(nbytes: int, device: torch.device) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    # posting and waiting: every transfer goes through these, so that the ledger knows what
+    # new_session has left to complete or drain
+
+    def _start(self, what: str, op: Callable[..., T], *args: Any) -> T:
+        try:
+            return op(*args)
+        except CommError as e:
+            raise type(e)(f"rank {self.rank}: {what}: {e}") from e
+
+    def _isend(self, data: torch.Tensor, dst: int, what: str) -> Work:
+        work = self._start(what, self.transport.isend, data, dst)
+        self._ledger.sent[dst].append(data.numel())
+        self._sent(data.numel(), 1)
+        return self._ledger.record(work, data)
+
+    def _irecv(self, buf: torch.Tensor, src: int, what: str) -> Work:
+        work = self._start(what, self.transport.irecv, buf, src)
+        self._ledger.posted[src].append(buf.numel())
+        return self._ledger.record(work, buf)
+
+    def _batch(self, ops: list[P2POp], what: str) -> list[Work]:
+        works = self._start(what, self.transport.batch_isend_irecv, ops)
+        for op, work in zip(ops, works):
+            if op.kind == "send":
+                self._ledger.sent[op.peer].append(op.tensor.numel())
+                self._sent(op.tensor.numel(), 1)
+            else:
+                self._ledger.posted[op.peer].append(op.tensor.numel())
+            self._ledger.record(work, op.tensor)
+        return works
+
+    def _collective(self, what: str, op: Callable[..., Work], tensor: torch.Tensor,
+                    *args: Any) -> Work:
+        work = self._start(what, op, *args)
+        self._ledger.collectives += 1
+        return self._ledger.record(work, tensor)
+
+    def _wait(self, work: Work, timeout: float, what: str) -> None:
+        try:
+            work.wait(timeout)
+        except CommError as e:
+            raise type(e)(f"rank {self.rank}: {what}: {e}") from e
+        self._ledger.done(work)
+
+    def _ring_hops(self, x: torch.Tensor, packet: torch.Tensor, stream: str,
+                   incoming: dict[int, Incoming]) -> Iterator[tuple[int, torch.Tensor]]:
+        """The hops of a ring pass of this rank's byte ``packet``: yields ``(rank, x)``, then
+        ``(origin, tensor)`` per hop while the next hop is in flight; every received packet
+        is forwarded unchanged. A failure fails the group."""
+        world = self.world_size
+        nxt, prv = (self.rank + 1) % world, (self.rank - 1) % world
+        name = StreamKey("ring", stream)
+
+        def post(packet: torch.Tensor, hop: int) -> tuple[int, torch.Tensor, Handle[None]]:
+            origin = (self.rank - hop) % world
+            buf = self._buffer(incoming[origin].nbytes, x.device)
+            what = (f"ring pass of stream {stream!r}, hop {hop} of {world - 1}: block of rank "
+                    f"{origin} sent to rank {nxt}, received from rank {prv}")
+            works = self._guarded(lambda: self._batch(
+                [P2POp("send", packet, nxt), P2POp("recv", buf, prv)], what))
+
+            def finish(timeout: float) -> None:
+                for w in works:
+                    self._wait(w, timeout, what)
+            return origin, buf, self._track(name, self._handle(finish))
+
+        pending = post(packet, 1)
+        yield self.rank, x
+        for hop in range(1, world):
+            origin, buf, handle = pending
+            handle.wait()
+            if hop < world - 1:
+                pending = post(buf, hop + 1)  # forward unchanged while decoding
+            yield origin, self._guarded(lambda: incoming[origin].take(buf))
+
+    def _send_bytes(self, data: torch.Tensor, dst: int, stream: str) -> Handle[None]:
+        """Start sending the uint8 buffer ``data`` to ``dst``; it stays alive until done."""
+        what = f"send of stream {stream!r} to rank {dst}"
+        work = self._isend(data, dst, what)
+
+        def finish(timeout: float, data: torch.Tensor = data) -> None:
+            self._wait(work, timeout, what)
+        return self._track(StreamKey("send", stream, dst), self._handle(finish))
+
+    def _sent(self, nbytes: int, messages: int) -> None:
+        self.bytes_sent += nbytes
+        self.messages_sent += messages
+
+    def _splits(self, x: torch.Tensor, stream: str, input_split_sizes: Sequence[int] | None,
+                output_split_sizes: Sequence[int] | None) -> tuple[list[int], list[int]]:
+        """Validated all-to-all split sizes along dim 0 (default: equal splits both ways)."""
+        world = self.world_size
+        n = x.shape[0] if x.dim() else 0
+        if input_split_sizes is None:
+            if x.dim() == 0 or n % world:
+                raise ValueError(f"all_to_all of stream {stream!r}: dim 0 of shape "
+                                 f"{tuple(x.shape)} does not split evenly over {world} ranks; "
+                                 "pass input_split_sizes")
+            input_split_sizes = [n // world] * world
+        in_sizes = [int(v) for v in input_split_sizes]
+        out_sizes = in_sizes if output_split_sizes is None else [int(v) for v in output_split_sizes]
+        if len(in_sizes) != world or len(out_sizes) != world or sum(in_sizes) != n or min(
+                in_sizes + out_sizes) < 0:
+            raise ValueError(f"all_to_all of stream {stream!r}: split sizes {in_sizes} -> "
+                             f"{out_sizes} do not fit dim 0 = {n} over {world} ranks")
+        return in_sizes, out_sizes
