@@ -26,6 +26,7 @@ from .errors import (
     CompressedCommError,
     GroupFailedError,
     NonFiniteError,
+    PeerFailedError,
     StaleMessageError,
     StreamMismatchError,
     StreamOrderError,
@@ -74,6 +75,7 @@ __all__ = [
     "CommError",
     "CommTimeoutError",
     "GroupFailedError",
+    "PeerFailedError",
     "CancelledError",
     "warmup",
 ]

@@ -18,6 +18,7 @@ __all__ = [
     "CommError",
     "CommTimeoutError",
     "GroupFailedError",
+    "PeerFailedError",
     "CancelledError",
 ]
 
@@ -61,6 +62,19 @@ class CommTimeoutError(CommError, TimeoutError):
 class GroupFailedError(CommError):
     """An earlier transfer of this group failed; the group refuses work until
     ``new_session()`` (or ``abort()``). The message names the original failure."""
+
+
+class PeerFailedError(CommError):
+    """A rank of the group failed in the current step (its input held NaN, a payload it
+    received was corrupt, its caller gave up, ...). Every rank raises it at the same call,
+    naming that rank (:attr:`rank`) and the cause; ``new_session()`` on every rank recovers."""
+
+    def __init__(self, message: str, rank: int = -1, cause: str = "") -> None:
+        super().__init__(message)
+        #: the rank that failed first
+        self.rank = rank
+        #: what it failed with (``"NonFiniteError: ..."``)
+        self.cause = cause
 
 
 class CancelledError(CommError):

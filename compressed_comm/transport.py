@@ -11,6 +11,7 @@ not complete in time and :class:`~compressed_comm.CommError` if the transport fa
 from __future__ import annotations
 
 import datetime
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Protocol, Sequence
@@ -76,6 +77,13 @@ class Transport(ABC):
         """Start sending ``input[i-th split]`` to rank ``i`` and receiving rank ``i``'s into
         ``output[i-th split]`` (splits along dim 0)."""
 
+    def control(self) -> Transport:
+        """A transport over the same ranks for a group's small control blocks: its transfers
+        never queue behind this transport's (asynchronous data in flight), and a control
+        block never meets a data payload, so ranks that disagree wait for each other instead
+        of failing the backend. This transport itself where there is no second channel."""
+        return self
+
     def send(self, tensor: torch.Tensor, dst: int, timeout: float | None = None) -> None:
         """Send ``tensor`` to ``dst`` and wait."""
         self.isend(tensor, dst).wait(timeout)
@@ -123,6 +131,13 @@ class TorchDistTransport(Transport):
     Calls the group's own methods with group ranks, so it also works on process groups that
     were constructed directly (e.g. ``ProcessGroupGloo(store, rank, size)``) rather than
     through ``init_process_group``/``new_group``.
+
+    Its :meth:`control` channel: on a gloo group, the group itself, point-to-point with tags
+    of its own (gloo matches messages by source and tag, and its point-to-point transfers do
+    not queue behind its collectives); on other backends (NCCL), a gloo group of the same
+    ranks that the library makes from ``torch.distributed``'s default store on first use,
+    under a prefix named after the group and numbered in the order this rank's transports
+    over it ask for one (ranks ask in the same order, as their programs make the same calls).
     """
 
     def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
@@ -134,6 +149,7 @@ class TorchDistTransport(Transport):
         self.group = process_group
         self.rank = process_group.rank()
         self.world_size = process_group.size()
+        self._control: Transport | None = None
         try:
             self.accepts_short_messages = process_group.name() == "gloo"
         except RuntimeError:  # a group without a backend name
@@ -141,6 +157,12 @@ class TorchDistTransport(Transport):
 
     def __repr__(self) -> str:
         return f"TorchDistTransport(rank={self.rank}, world_size={self.world_size})"
+
+    def control(self) -> Transport:
+        if self._control is None:
+            self._control = (_TagChannel(self) if self.accepts_short_messages else
+                             TorchDistTransport(_gloo_side_group(self.group)))
+        return self._control
 
     def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> Work:
         return _start(f"send to rank {dst}", self.group.send, [tensor], dst, tag)
@@ -157,3 +179,85 @@ class TorchDistTransport(Transport):
         op = getattr(self.group, "all_to_all_single", None) or self.group.alltoall_base
         return _start("all_to_all", op, output, input, list(output_split_sizes),
                       list(input_split_sizes), AllToAllOptions())
+
+
+#: how long the library's own gloo groups let an operation take (a wait's own timeout is
+#: what the library uses; this is only the backend's outer bound)
+_SIDE_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def _gloo_side_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """A new gloo group of ``group``'s ranks, made from the default store (a rendezvous of
+    those ranks only) under a prefix no other side group uses: the group's name and this
+    rank's count of side groups over it, which every rank advances in the same order."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError) as e:
+        raise CommError(f"the library's control channel needs torch.distributed's default "
+                        f"store (dist.init_process_group): {e}") from e
+    name = getattr(group, "group_name", "") or "unnamed"
+    rank, size = group.rank(), group.size()
+    count = store.add(f"compressed_comm/side/{name}/rank{rank}", 1)
+    prefix = f"compressed_comm/side/{name}/{count}/"
+    return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, size,
+                                 _SIDE_GROUP_TIMEOUT)
+
+
+class _AllOf:
+    """Several works as one."""
+
+    __slots__ = ("_works",)
+
+    def __init__(self, works: list[Work]) -> None:
+        self._works = works
+
+    def wait(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for w in self._works:
+            w.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
+#: the tags of a gloo group's control channel: point-to-point of the channel at
+#: ``_CONTROL_TAGS + 16 + tag``, its all-gathers and all-to-alls below that
+_CONTROL_TAGS = 0x7C000000
+
+
+class _TagChannel(Transport):
+    """The control channel of a gloo group (see :class:`TorchDistTransport`): collectives
+    made of point-to-point transfers with tags no data transfer uses."""
+
+    accepts_short_messages = True
+
+    def __init__(self, data: TorchDistTransport) -> None:
+        self.data = data
+        self.rank = data.rank
+        self.world_size = data.world_size
+
+    def __repr__(self) -> str:
+        return f"control channel of {self.data!r}"
+
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> Work:
+        return self.data.isend(tensor, dst, _CONTROL_TAGS + 16 + tag)
+
+    def irecv(self, tensor: torch.Tensor, src: int, tag: int = 0) -> Work:
+        return self.data.irecv(tensor, src, _CONTROL_TAGS + 16 + tag)
+
+    def all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor) -> Work:
+        peers = [p for p in range(self.world_size) if p != self.rank]
+        works = [self.data.isend(tensor, p, _CONTROL_TAGS + 1) for p in peers]
+        works += [self.data.irecv(outputs[p], p, _CONTROL_TAGS + 1) for p in peers]
+        outputs[self.rank].copy_(tensor)
+        return _AllOf(works)
+
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor,
+                          output_split_sizes: list[int], input_split_sizes: list[int]) -> Work:
+        ins = input.split(list(input_split_sizes))
+        outs = output.split(list(output_split_sizes))
+        works = []
+        for p in range(self.world_size):
+            if p == self.rank:
+                outs[p].copy_(ins[p])
+            else:
+                works.append(self.data.isend(ins[p].contiguous(), p, _CONTROL_TAGS + 2))
+                works.append(self.data.irecv(outs[p], p, _CONTROL_TAGS + 2))
+        return _AllOf(works)

@@ -10,7 +10,8 @@ Every payload is one contiguous 1-D ``uint8`` tensor::
     4       1      dtype code: 1 float32, 2 float16, 3 bfloat16
     5       1      flags: bit 0 = keyframe (the tensor itself), bit 1 = body checksum,
                    bit 2 = a slice of a spread keyframe (the body is sub-payloads, below),
-                   bit 3 = the body ends with the sender's config fingerprint (below)
+                   bit 3 = the body ends with the sender's config fingerprint (below),
+                   bit 4 = a status frame: no data (below)
     6       1      ndim
     7       1      stream config: residual order (bits 0-1), open loop (bit 2)
     8       4      codec parameter (rank for low-rank, k for top-k, else 0)
@@ -37,6 +38,11 @@ with the sender's config fingerprint: a little-endian uint32 CRC-32 per field of
 a multiple of 8 bytes and counted in the body length. A receiver compares it with its own
 and names the fields that differ, whatever the transfer (collective or point-to-point).
 
+A status frame (flag bit 4) stands in for a payload whose sender has none to give, at the
+size the receiver expects: a header for a 0-d float32 tensor, then a status byte (1: the
+sender's step failed, 2: the sender does not take part in this transfer), 3 zero bytes, the
+rank the status is about (uint32), and a UTF-8 text, zero-padded to the frame's size.
+
 All integers are little-endian. The header size depends only on ``ndim``, and a codec's
 body size only on shape, dtype and codec parameters, so every payload size is known in
 advance (receivers preallocate; all-gathers need no size exchange). Every header field
@@ -62,6 +68,11 @@ __all__ = [
     "FLAG_CHECKSUM",
     "FLAG_SPREAD",
     "FLAG_CONFIG",
+    "FLAG_STATUS",
+    "STATUS_FAILED",
+    "STATUS_VOID",
+    "status_frame",
+    "read_status",
     "pack_fingerprint",
     "unpack_fingerprint",
     "SUPPORTED_DTYPES",
@@ -85,6 +96,10 @@ FLAG_KEYFRAME = 1
 FLAG_CHECKSUM = 2
 FLAG_SPREAD = 4
 FLAG_CONFIG = 8
+FLAG_STATUS = 16
+#: status frames: the sender's step failed / the sender does not take part in the transfer
+STATUS_FAILED = 1
+STATUS_VOID = 2
 _OPEN_LOOP = 4
 ALIGN = 8
 _U32 = 0xFFFFFFFF
@@ -207,6 +222,39 @@ CONFIG_FIELDS = ("residual_order", "closed_loop", "warmup_steps", "keyframe_peri
 
 def _f32(v: float) -> float:
     return struct.unpack("<f", struct.pack("<f", v))[0]
+
+
+#: the smallest status frame: the header and the status fields
+STATUS_MIN_NBYTES = FIXED_NBYTES + 8
+_STATUS = struct.Struct("<BxxxI")
+
+
+def status_frame(nbytes: int, status: int, rank: int, text: str,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """A payload of ``nbytes`` that carries ``status`` about ``rank`` and ``text`` (cut to
+    fit) instead of data (see the module docstring)."""
+    if nbytes < STATUS_MIN_NBYTES:
+        raise ValueError(f"a status frame needs at least {STATUS_MIN_NBYTES} bytes, not {nbytes}")
+    header = Header(codec_id=0, dtype=torch.float32, shape=(),
+                    body_nbytes=nbytes - FIXED_NBYTES, flags=FLAG_STATUS)
+    raw = header.to_bytes() + _STATUS.pack(status, rank & _U32)
+    raw += text.encode()[: nbytes - len(raw)]
+    raw += bytes(nbytes - len(raw))
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
+
+
+def read_status(payload: torch.Tensor) -> tuple[int, int, str] | None:
+    """``(status, rank, text)`` of a status frame; None for anything else (one host copy of
+    the fixed header, and of the frame where it is one)."""
+    if payload.numel() < STATUS_MIN_NBYTES:
+        return None
+    head = payload[:FIXED_NBYTES].cpu().numpy().tobytes()
+    if head[:2] != MAGIC or not head[5] & FLAG_STATUS:
+        return None
+    raw = payload.cpu().numpy().tobytes()
+    status, rank = _STATUS.unpack_from(raw, FIXED_NBYTES)
+    text = raw[STATUS_MIN_NBYTES:].rstrip(b"\x00").decode(errors="replace")
+    return status, rank, text
 
 
 def pack_fingerprint(fingerprint: tuple[int, ...]) -> torch.Tensor:

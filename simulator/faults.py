@@ -381,8 +381,12 @@ class FaultyTransport(Transport):
     def _lose(self, kind: str, what: str) -> Work:
         """This rank does not contribute to a collective: its peers time out, so does it."""
         if isinstance(self.inner, InProcessTransport):
-            self.inner._next(kind)  # keep later collectives of the ranks matched
+            self.inner._next(self.inner.channel + kind)  # keep later collectives matched
         return _Lost(self.fabric, f"{what} on rank {self.rank}")
+
+    def control(self) -> Transport:
+        """The inner transport's control channel, without faults: faults hit data only."""
+        return self.inner.control()
 
     def all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor) -> Work:
         with self._lock:

@@ -33,7 +33,7 @@ class Fabric:
             raise ValueError(f"world_size must be at least 1, got {world_size}")
         self.world_size = world_size
         self._cond = threading.Condition()
-        self._mail: dict[tuple[int, int, int], deque[torch.Tensor]] = defaultdict(deque)
+        self._mail: dict[tuple[int, int, Any], deque[torch.Tensor]] = defaultdict(deque)
         self._slots: dict[tuple[str, int], dict[int, Any]] = {}
         self._readers: dict[tuple[str, int], int] = defaultdict(int)
         self._bytes: dict[tuple[int, int], int] = defaultdict(int)
@@ -77,14 +77,14 @@ class Fabric:
                 raise CommTimeoutError(f"{what}: not complete within {timeout} s")
             self._cond.wait(left)
 
-    def _post(self, src: int, dst: int, tensor: torch.Tensor, tag: int = 0) -> None:
+    def _post(self, src: int, dst: int, tensor: torch.Tensor, tag: Any = 0) -> None:
         with self._cond:
             self._mail[(src, dst, tag)].append(tensor.detach().clone())
             self._count(src, dst, tensor.nbytes)
             self._cond.notify_all()
 
     def _take(self, src: int, dst: int, out: torch.Tensor, timeout: float | None,
-              tag: int = 0) -> None:
+              tag: Any = 0) -> None:
         with self._cond:
             box = self._mail[(src, dst, tag)]
             self._wait_for(lambda: bool(box), timeout, f"recv on rank {dst} from rank {src}")
@@ -143,13 +143,16 @@ class InProcessTransport(Transport):
 
     accepts_short_messages = True
 
-    def __init__(self, fabric: Fabric, rank: int) -> None:
+    def __init__(self, fabric: Fabric, rank: int, channel: str = "") -> None:
         if not 0 <= rank < fabric.world_size:
             raise ValueError(f"rank {rank} is outside the fabric's world of {fabric.world_size}")
         self.fabric = fabric
         self.rank = rank
         self.world_size = fabric.world_size
+        #: what keeps this transport's traffic apart from other channels' on the fabric
+        self.channel = channel
         self._seq: dict[str, int] = defaultdict(int)
+        self._control: InProcessTransport | None = None
 
     def __repr__(self) -> str:
         return f"InProcessTransport(rank={self.rank}, world_size={self.world_size})"
@@ -159,6 +162,12 @@ class InProcessTransport(Transport):
             raise ValueError(f"rank {self.rank}: {role} rank {peer} is not another rank of a "
                              f"world of {self.world_size}")
 
+    def control(self) -> InProcessTransport:
+        """The same ranks on a channel of their own (see :meth:`Transport.control`)."""
+        if self._control is None:
+            self._control = InProcessTransport(self.fabric, self.rank, self.channel + "control/")
+        return self._control
+
     def _next(self, kind: str) -> int:
         seq = self._seq[kind]
         self._seq[kind] += 1
@@ -166,24 +175,26 @@ class InProcessTransport(Transport):
 
     def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> Work:
         self._peer(dst, "destination")
-        self.fabric._post(self.rank, dst, tensor, tag)
+        self.fabric._post(self.rank, dst, tensor, (self.channel, tag))
         return _Done()
 
     def irecv(self, tensor: torch.Tensor, src: int, tag: int = 0) -> Work:
         self._peer(src, "source")
-        return _Later(lambda timeout: self.fabric._take(src, self.rank, tensor, timeout, tag))
+        return _Later(lambda timeout: self.fabric._take(src, self.rank, tensor, timeout,
+                                                        (self.channel, tag)))
 
     def all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor) -> Work:
         if len(outputs) != self.world_size:
             raise ValueError(f"all_gather needs {self.world_size} outputs, got {len(outputs)}")
-        seq = self._next("all_gather")
-        self.fabric._deposit("all_gather", seq, self.rank, tensor.detach().clone())
+        kind = self.channel + "all_gather"
+        seq = self._next(kind)
+        self.fabric._deposit(kind, seq, self.rank, tensor.detach().clone())
         with self.fabric._cond:
             for dst in range(self.world_size):
                 self.fabric._count(self.rank, dst, tensor.nbytes)
 
         def finish(timeout: float | None) -> None:
-            got = self.fabric._collect("all_gather", seq, self.rank, timeout)
+            got = self.fabric._collect(kind, seq, self.rank, timeout)
             sizes = {r: t.nbytes for r, t in got.items()}
             if len(set(sizes.values())) != 1:
                 raise CommError(f"all_gather #{seq}: ranks contributed buffers of different "
@@ -196,15 +207,16 @@ class InProcessTransport(Transport):
                           output_split_sizes: list[int], input_split_sizes: list[int]) -> Work:
         if len(input_split_sizes) != self.world_size or len(output_split_sizes) != self.world_size:
             raise ValueError(f"all_to_all_single needs {self.world_size} split sizes per side")
-        seq = self._next("all_to_all")
+        kind = self.channel + "all_to_all"
+        seq = self._next(kind)
         chunks = [c.detach().clone() for c in input.split(list(input_split_sizes))]
-        self.fabric._deposit("all_to_all", seq, self.rank, chunks)
+        self.fabric._deposit(kind, seq, self.rank, chunks)
         with self.fabric._cond:
             for dst, chunk in enumerate(chunks):
                 self.fabric._count(self.rank, dst, chunk.nbytes)
 
         def finish(timeout: float | None) -> None:
-            got = self.fabric._collect("all_to_all", seq, self.rank, timeout)
+            got = self.fabric._collect(kind, seq, self.rank, timeout)
             for src, out in enumerate(output.split(list(output_split_sizes))):
                 chunk = got[src][self.rank]
                 if chunk.shape != out.shape:

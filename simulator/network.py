@@ -315,7 +315,7 @@ def estimate_step(compute_s: float, comm_s: float, overlap: bool,
     Synchronous (``overlap=False``): the step waits for all of its communication,
     ``compute + comm``. Asynchronous (``overlap=True``, DistriFusion-style stale
     activations): communication runs during compute and only ``max(0, comm - compute)``
-    is exposed, except ``blocking_s`` of it (size handshakes: the payloads wait for them),
+    is exposed, except ``blocking_s`` of it (control exchanges: they block),
     which is always exposed.
     """
     if compute_s < 0 or comm_s < 0:

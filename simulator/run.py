@@ -87,7 +87,7 @@ class RunResult:
     messages_per_step: list[list[int]]   # [rank][step] messages sent
     wall_seconds: float
     stats: SessionStats | None = None    # rank 0's compressed streams
-    #: [rank][step] of those messages, the size handshakes' (waited for before the payloads)
+    #: [rank][step] of those messages, the control plane's (waited for: its exchanges block)
     handshakes_per_step: list[list[int]] | None = None
 
     @property
@@ -100,7 +100,7 @@ class RunResult:
         return sum(map(sum, self.bytes_per_step)) / self.steps
 
     def bottleneck(self, step: int) -> tuple[int, int, int]:
-        """(bytes, messages, handshake messages) of the rank that sends most in ``step``."""
+        """(bytes, messages, control messages) of the rank that sends most in ``step``."""
         hs = self.handshakes_per_step or [[0] * self.steps for _ in self.bytes_per_step]
         return max((b[step], m[step], h[step]) for b, m, h in zip(
             self.bytes_per_step, self.messages_per_step, hs))
@@ -172,7 +172,7 @@ def step_seconds(result: RunResult, compute_s: float, link: Link, after: int = 0
 
     Per step the busiest rank's traffic costs ``messages * latency + bytes / bandwidth``;
     asynchronous methods hide it behind compute after their synchronous warmup steps, all but
-    the latency of their size handshakes (the payloads wait for them).
+    the latency of their control exchanges (they block).
     """
     if not 0 <= after < result.steps:
         raise ValueError(f"after must be in [0, {result.steps}), got {after}")

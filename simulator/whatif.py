@@ -250,21 +250,23 @@ class Traffic:
         decodes = self.peers
         return self.count * (enc * encodes + dec * decodes) * self.message_bytes(None) / bandwidth
 
-    def seconds(self, link: Link, codec: str | None) -> float:
-        """Communication seconds of one step, collectives run one after another, the size
-        handshakes (:meth:`handshake_seconds`) included."""
+    def seconds(self, link: Link, codec: str | None, first: bool = False) -> float:
+        """Communication seconds of one step, collectives run one after another, the
+        control plane's exchanges (:meth:`control_seconds`) included."""
         one = collective_seconds(self.collective, self.message_bytes(codec), self.world, link)
-        return self.count * one + self.handshake_seconds(link, codec)
+        return self.count * one + self.control_seconds(link, codec, first)
 
-    def handshake_seconds(self, link: Link, codec: str | None) -> float:
-        """Seconds of one step's size handshakes: before every compressed collective, an
-        all-gather of :func:`~compressed_comm.group.handshake_nbytes` per rank
-        (``CompressionConfig(handshake=True)``, the default); none for raw tensors and
-        point-to-point messages."""
+    def control_seconds(self, link: Link, codec: str | None, first: bool = False) -> float:
+        """Seconds of one step's control exchanges (``CompressionConfig(handshake=True)``,
+        the default), each an all-gather of :func:`~compressed_comm.group.handshake_nbytes`
+        per rank: one at the end of every step, and on a generation's ``first`` step a size
+        handshake before every collective too (later steps repeat the agreed ones); none
+        for raw tensors and point-to-point messages."""
         if codec is None or self.collective == "p2p":
             return 0.0
-        block = handshake_nbytes(self.world)
-        return self.count * collective_seconds("all_gather", block, self.world, link)
+        block = collective_seconds("all_gather", handshake_nbytes(self.world), self.world,
+                                   link)
+        return (1 + (self.count if first else 0)) * block
 
 
 def step_traffic(model: ModelSpec, world: int, parallelism: str,
@@ -516,9 +518,10 @@ def _general_assumptions(model: ModelSpec, gpu: GPU, link: Link, world: int,
         "(compute + comm); async (distrifusion, +async): step t's exchange runs during "
         "step t's compute and only max(0, comm - compute) is exposed; the overlapped "
         "exchange is assumed to take no compute or memory bandwidth from the step",
-        f"every compressed collective is preceded by a size handshake (an all-gather of "
-        f"{handshake_nbytes(world)} bytes per rank, CompressionConfig(handshake=True), the default; "
-        "counted in comm s and exposed even when async; handshake=False removes it)",
+        f"the control plane (CompressionConfig(handshake=True), the default) exchanges one "
+        f"block of {handshake_nbytes(world)} bytes per rank (an all-gather) at the end of every "
+        "step, and on a generation's first step one before every compressed collective too; "
+        "counted in comm s and exposed even when async; handshake=False removes it",
         f"the first {warmup} step(s) of distrifusion and of every codec are synchronous and "
         f"send the full tensor (codecs: the keyframe codec's payload, header included)",
         f"codec kernels run at the GPU's memory bandwidth ({gpu.memory_bandwidth / 1e9:.0f} "
@@ -592,7 +595,7 @@ def run_what_if(
 
     def total(method: _Method) -> tuple[StepEstimate, float, float, float]:
         """(steady step, total, seconds of the keyed steps, slowest step)."""
-        handshake = traffic.handshake_seconds(link_, method.codec)
+        handshake = traffic.control_seconds(link_, method.codec)
         steady = estimate_step(compute + codec_s(method.codec),
                                traffic.seconds(link_, method.codec), method.overlap, handshake)
         if method.codec is None:  # raw tensors: warmup steps synchronous (DistriFusion)
@@ -608,11 +611,12 @@ def run_what_if(
         total_s = keyed_s = slowest = 0.0
         for t in range(spec.steps):
             size = stream.payload_nbytes(t)
+            control = traffic.control_seconds(link_, method.codec, first=t == 0)
             comm = traffic.count * collective_seconds(traffic.collective, size, world,
-                                                      link_) + handshake
+                                                      link_) + control
             codec = method.warm_codec if stream.is_keyframe(t) else method.codec
             step = estimate_step(compute + codec_s(codec), comm,
-                                 method.overlap and t >= warmup, handshake).step_s
+                                 method.overlap and t >= warmup, control).step_s
             total_s += step
             slowest = max(slowest, step)
             if stream.is_keyframe(t) or stream.spread_rows(t) is not None:

@@ -233,13 +233,12 @@ def serving_faults_worker(rank, world, init_file, out_dir):
                 pg.step()
             out["b_exact"] = ok
         pg.new_session()
-        # 2. rank 1 skips one step(): a Python exception on every rank, then recovery
+        # 2. rank 1 skips one step(): a Python exception on every rank (rank 0's step()
+        #    meets rank 1's next all-gather), then recovery
         outs = [torch.empty(16, 8) for _ in range(world)]
         dist.all_gather(outs, _tensor(rank, 2, 0), group=pg)
-        if rank == 0:
-            pg.step()
-        out["skipped_step"] = _raises(lambda: dist.all_gather(outs, _tensor(rank, 2, 1),
-                                                              group=pg))
+        out["skipped_step"] = _raises(pg.step if rank == 0 else lambda: dist.all_gather(
+            outs, _tensor(rank, 2, 1), group=pg))
         pg.new_session()
         dist.all_gather(outs, _tensor(rank, 3, 0), group=pg)
         out["recovered"] = all(torch.equal(outs[o], _tensor(o, 3, 0)) for o in range(world))

@@ -281,7 +281,7 @@ def xdit_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import xfuser_cpu
 
     torch.set_num_threads(1)
-    faulthandler.dump_traceback_later(300, exit=True)  # a hang fails the test, loudly
+    faulthandler.dump_traceback_later(int(os.environ.get("CC_HANG_S", "300")), exit=True)  # a hang fails the test, loudly
     _init(rank, world, init_file)
     usp = xfuser_cpu.import_xfuser()
     import xfuser.core.distributed.group_coordinator as gc

@@ -16,6 +16,7 @@ from compressed_comm import (
     WireFormatError,
     get_codec,
 )
+from compressed_comm.group.control import control_nbytes
 from compressed_comm.wire import pack_fingerprint
 from simulator.inprocess import Fabric, run_ranks
 
@@ -176,13 +177,16 @@ def test_wire_bytes_are_counted_per_link():
     key = get_codec("identity").payload_nbytes(shape, torch.float16) + pack_fingerprint(
         CompressionConfig().fingerprint()).numel()
     step = get_codec("binary").payload_nbytes(shape, torch.float16)
-    handshake = 64 + 16 * world  # the size check before every all-gather (config.handshake)
-    per_link = key + (steps - 1) * step + steps * handshake
+    # the control plane: a size handshake before the first step's all-gather, then one
+    # control block per step(); later all-gathers repeat the agreed step without one
+    block = control_nbytes(world)
+    control = (1 + steps) * block
+    per_link = key + (steps - 1) * step + control
     links = fabric.link_bytes()
     assert set(links) == {(s, d) for s in range(world) for d in range(world) if s != d}
     assert all(v == per_link for v in links.values())
     sent = stats[0].select("encoder")
-    assert sent.wire_bytes == per_link - steps * handshake and sent.raw_bytes == steps * 64 * 48 * 2
+    assert sent.wire_bytes == per_link - control and sent.raw_bytes == steps * 64 * 48 * 2
 
 
 @pytest.mark.parametrize("codec", ["raw", "int4"])

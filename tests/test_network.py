@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from compressed_comm import CompressionConfig, get_codec
+from compressed_comm.group.control import control_nbytes
 from compressed_comm.wire import pack_fingerprint
 from simulator.network import (
     COLLECTIVES,
@@ -205,8 +206,9 @@ def test_step_times_follow_the_documented_model():
     def codec(enc, dec):
         return 114 * (enc + 3 * dec) * raw_bytes / bandwidth
 
-    # before every compressed all-gather, a size handshake of 64 + 16 x 4 bytes per rank
-    handshake = comm(64 + 16 * 4)
+    # the control plane: one all-gather of a control block per step, and on the first step
+    # a size handshake (the same block) before every compressed all-gather too
+    exchange = 3 * (link.latency + control_nbytes(4) / link.bandwidth)
 
     raw, df, binary = report.row("raw"), report.row("distrifusion"), report.row("binary")
     assert raw.codec_s == 0 and binary.codec_s == pytest.approx(codec(5, 2))
@@ -214,19 +216,19 @@ def test_step_times_follow_the_documented_model():
     assert df.exposed_comm_s == pytest.approx(max(0.0, comm(raw_bytes) - compute))
     assert df.total_s == pytest.approx(2 * (compute + comm(raw_bytes)) + 26 * df.step_s)
     first = pack_fingerprint(CompressionConfig(codec="binary").fingerprint()).numel()
-    expected = (2 * (compute + codec(3, 2) + handshake) + comm(full + first) + comm(full)
-                + 26 * (compute + codec(5, 2) + comm(small) + handshake))
+    expected = (2 * (compute + codec(3, 2)) + comm(full + first) + 114 * exchange + exchange
+                + comm(full) + exchange + 26 * (compute + codec(5, 2) + comm(small) + exchange))
     assert binary.total_s == pytest.approx(expected)
     assert binary.speedup == pytest.approx(raw.total_s / binary.total_s)
 
 
-def test_an_asynchronous_codec_still_waits_for_its_size_handshakes():
+def test_an_asynchronous_codec_still_waits_for_its_control_exchange():
     report = run_what_if("flux.1-dev", "h100", 4, "patch", "1gbe", ["binary+async"])
     link, row = get_link("1gbe"), report.row("binary+async")
-    handshake = 114 * 3 * (link.latency + (64 + 16 * 4) / link.bandwidth)
+    exchange = 3 * (link.latency + control_nbytes(4) / link.bandwidth)  # one per step
     assert row.exposed_comm_s == pytest.approx(
-        handshake + max(0.0, row.comm_s - handshake - row.compute_s))
-    assert row.exposed_comm_s >= handshake > 0
+        exchange + max(0.0, row.comm_s - exchange - row.compute_s))
+    assert row.exposed_comm_s >= exchange > 0
 
 
 @pytest.mark.parametrize("parallelism", list(PARALLELISMS))

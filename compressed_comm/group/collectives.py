@@ -17,7 +17,7 @@ from ..session import StreamKey
 from ..transport import P2POp, TorchDistTransport, Transport, Work
 from .framing import Framing, Incoming
 from .handle import Handle, forward_only
-from .ledger import Ledger
+from .ledger import Entry, Ledger, Plan
 from .reductions import Reductions
 
 __all__ = ["DEFAULT_TIMEOUT"]
@@ -29,7 +29,11 @@ DEFAULT_TIMEOUT = 300.0
 
 def _like(shape: Sequence[int], x: torch.Tensor) -> torch.Tensor:
     """A zero-memory tensor with ``shape`` and ``x``'s dtype and device (a stream template)."""
-    return torch.empty((), dtype=x.dtype, device=x.device).expand(tuple(shape))
+    return _template(shape, x.dtype, x.device)
+
+
+def _template(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty((), dtype=dtype, device=device).expand(tuple(shape))
 
 
 class _GroupBase(Reductions):
@@ -68,6 +72,7 @@ class _GroupBase(Reductions):
         self._failure: BaseException | None = None
         self._closed: str | None = None
         self._ledger = Ledger(self.world_size)
+        self._plan = Plan()
 
     # ------------------------------------------------------------------ steps and sessions
 
@@ -94,17 +99,26 @@ class _GroupBase(Reductions):
         self._check_open()
         self._cancel_inflight(f"rank {self.rank}: the transfer's session ended (new_session)")
         try:
-            self._ledger.drain(self.transport, self.timeout)
+            if not self._end_session():
+                return  # nothing to end: the session goes on
         except BaseException as e:
             self._closed = (f"new_session could not re-synchronise the ranks "
                             f"({type(e).__name__}: {e})")
             raise GroupFailedError(f"rank {self.rank}: {self._closed}; create a new group") from e
         self._ledger.clear()
+        self._plan.clear()
         self._failure = None
         self.step_index = 0
         self.session_index += 1
         self.bytes_sent = self.messages_sent = self.handshake_messages_sent = 0
         self._reset()
+
+    def _end_session(self) -> bool:
+        """What ``new_session()`` does before dropping the session's state: drain it (its
+        counts and sizes go over the data transport itself). False: there was nothing to
+        end, the session goes on."""
+        self._ledger.drain(self.transport, self.transport, self.timeout)
+        return True
 
     def abort(self) -> None:
         """Close this group on this rank at once, without talking to its peers: pending
@@ -113,6 +127,7 @@ class _GroupBase(Reductions):
         its peers time out. Create a new group (and transport) to continue."""
         self._cancel_inflight(f"rank {self.rank}: the group was aborted")
         self._ledger.clear()
+        self._plan.clear()
         self._closed = "the group was aborted"
         self._reset()
 
@@ -151,11 +166,31 @@ class _GroupBase(Reductions):
             self._fail(e)
             raise
 
-    def _agree(self, kind: str, stream: str, step: int, send: Sequence[int],
-               recv: Sequence[int], device: torch.device) -> None:
-        """Before a collective's payloads move: make sure every rank will send and expect
-        the same sizes (the compressed group's size handshake; nothing for raw tensors,
-        whose sizes are the caller's)."""
+    # the control plane's hooks (:mod:`.plane`; raw tensors have none: their sizes are
+    # the caller's)
+
+    def _admit(self, entry: Entry) -> bool:
+        """Before a collective: whether it needs a handshake."""
+        return False
+
+    def _handshake(self, entry: Entry, step: int, send: list[int], recv: list[int]) -> None:
+        """Agree with every rank on ``entry`` and the sizes each rank sends and expects."""
+
+    def _entry_posted(self) -> None:
+        """The collective admitted last was posted."""
+
+    def _frame_error(self, what: str, frames: dict[int, tuple[int, int, str] | None]
+                     ) -> BaseException | None:
+        """The error the status frames received in a transfer stand for, if any."""
+        return None
+
+    def _received(self, what: str, bufs: dict[int, torch.Tensor]) -> None:
+        """Raise what status frames among the received ``bufs`` (by origin) stand for."""
+        frames = {o: self.framing.status(b) for o, b in bufs.items()}
+        if any(f is not None for f in frames.values()):
+            error = self._frame_error(what, frames)
+            if error is not None:
+                raise error
 
     # ------------------------------------------------------------------ the collectives
 
@@ -207,29 +242,40 @@ class _GroupBase(Reductions):
                     ) -> Handle[list[torch.Tensor]]:
         world, me = self.world_size, self.rank
         name = StreamKey("all_gather", stream)
+        entry = Entry("all_gather", stream, tuple(shapes), x.dtype, x.device)
+        handshake = self._admit(entry)
         earlier = self._settled(name, {o: _like(s, x) for o, s in enumerate(shapes)},
                                 self._earlier(name))
         incoming = self._receivers(name, x, shapes, len(earlier))
         outgoing = self.framing.sender(name, x)
         sizes = [outgoing.nbytes if o == me else incoming[o].nbytes for o in range(world)]
         slot = max(sizes)
-        self._agree("all_gather", stream, outgoing.step, [slot] * world,
-                    [slot if o != me else 0 for o in range(world)], x.device)
-        payload = outgoing.payload()
-        if slot != payload.numel():
-            padded = torch.zeros(slot, dtype=torch.uint8, device=x.device)
-            padded[: payload.numel()] = payload
-            payload = padded
-        outs = list(self._buffer(slot * world, x.device).view(world, slot))
+        if handshake:
+            self._handshake(entry, outgoing.step, [slot] * world,
+                            [slot if o != me else 0 for o in range(world)])
         what = f"all_gather of stream {stream!r}"
-        work = self._collective(what, self.transport.all_gather, payload, outs, payload)
-        self._sent(slot * (world - 1), world - 1)
+        work, outs = self._post_all_gather(what, outgoing.payload(), slot, x.device)
+        self._entry_posted()
 
         def finish(timeout: float) -> list[torch.Tensor]:
             self._wait(work, timeout, what)
-            return [x if o == me else incoming[o].take(outs[o][: sizes[o]])
-                    for o in range(world)]
+            got = {o: outs[o][: sizes[o]] for o in range(world) if o != me}
+            self._received(what, got)
+            return [x if o == me else incoming[o].take(got[o]) for o in range(world)]
         return self._track(name, self._handle(finish, earlier))
+
+    def _post_all_gather(self, what: str, payload: torch.Tensor, slot: int,
+                         device: torch.device) -> tuple[Work, list[torch.Tensor]]:
+        """Post an all-gather of ``payload`` padded to ``slot`` bytes; its work and outputs."""
+        world = self.world_size
+        if slot != payload.numel():
+            padded = torch.zeros(slot, dtype=torch.uint8, device=device)
+            padded[: payload.numel()] = payload
+            payload = padded
+        outs = list(self._buffer(slot * world, device).view(world, slot))
+        work = self._all_gather_op(what, payload, outs)
+        self._sent(slot * (world - 1), world - 1)
+        return work, outs
 
     def ring_iter(self, x: torch.Tensor, *, stream: str,
                   shapes: Sequence[Sequence[int]] | None = None
@@ -252,11 +298,14 @@ class _GroupBase(Reductions):
             h.wait()
 
         def start() -> tuple[dict[int, Incoming], torch.Tensor]:
+            entry = Entry("ring", stream, tuple(shapes), x.dtype, x.device)
+            handshake = self._admit(entry)
             incoming = self._receivers(name, x, shapes, 0)
             outgoing = self.framing.sender(name, x)
-            self._agree("ring", stream, outgoing.step, [outgoing.nbytes] * self.world_size,
-                        [0 if o == self.rank else incoming[o].nbytes
-                         for o in range(self.world_size)], x.device)
+            if handshake:
+                self._handshake(entry, outgoing.step, [outgoing.nbytes] * self.world_size,
+                                [0 if o == self.rank else incoming[o].nbytes
+                                 for o in range(self.world_size)])
             return incoming, outgoing.payload()
         incoming, payload = self._guarded(start)
         yield from self._ring_hops(x, payload, stream, incoming)
@@ -285,6 +334,9 @@ class _GroupBase(Reductions):
         chunks = x.split(in_sizes, dim=0)
         send_name = {dst: StreamKey("all_to_all", stream, dst) for dst in range(world)}
         recv_name = send_name[me]
+        entry = Entry("all_to_all", stream, (rest,), x.dtype, x.device,
+                      (tuple(in_sizes), tuple(out_sizes)))
+        handshake = self._admit(entry)
         likes = {src: _like((out_sizes[src], *rest), x) for src in range(world) if src != me}
         earlier = self._settled(recv_name, likes, self._earlier(recv_name))
         incoming = {src: self.framing.receiver(recv_name, src, like, len(earlier))
@@ -292,27 +344,39 @@ class _GroupBase(Reductions):
         outgoing = {dst: self.framing.sender(send_name[dst], chunks[dst])
                     for dst in range(world) if dst != me}
         recv_sizes = [0 if src == me else incoming[src].nbytes for src in range(world)]
-        # the group's step: with renewed streams, chunk streams may restart on some ranks
-        self._agree("all_to_all", stream, self.step_index,
-                    [0 if d == me else outgoing[d].nbytes for d in range(world)], recv_sizes,
-                    x.device)
-        payloads = [torch.empty(0, dtype=torch.uint8, device=x.device) if dst == me else
-                    outgoing[dst].payload() for dst in range(world)]
-        recv_buf = self._buffer(sum(recv_sizes), x.device)
+        if handshake:
+            # the group's step: with renewed streams, chunk streams may restart on some ranks
+            self._handshake(entry, self.step_index,
+                            [0 if d == me else outgoing[d].nbytes for d in range(world)],
+                            recv_sizes)
         what = f"all_to_all of stream {stream!r}"
-        send_buf = torch.cat(payloads)
-        work = self._collective(what, self.transport.all_to_all_single, send_buf, recv_buf,
-                                send_buf, recv_sizes, [p.numel() for p in payloads])
-        self._sent(send_buf.numel(), world - 1)
+        work, received = self._post_all_to_all(
+            what, [None if dst == me else outgoing[dst].payload() for dst in range(world)],
+            recv_sizes, x.device)
+        self._entry_posted()
 
         def finish(timeout: float) -> torch.Tensor:
             self._wait(work, timeout, what)
+            self._received(what, {src: received[src] for src in incoming})
             out = torch.empty((sum(out_sizes), *rest), dtype=x.dtype, device=x.device)
-            received = recv_buf.split(recv_sizes)
             for src, part in enumerate(out.split(out_sizes, dim=0)):
                 part.copy_(chunks[me] if src == me else incoming[src].take(received[src]))
             return out
         return self._track(recv_name, self._handle(finish, earlier))
+
+    def _post_all_to_all(self, what: str, payloads: list[torch.Tensor | None],
+                         recv_sizes: list[int], device: torch.device
+                         ) -> tuple[Work, list[torch.Tensor]]:
+        """Post an all-to-all of ``payloads`` (None: this rank's own); its work and the
+        received bytes by origin."""
+        empty = torch.empty(0, dtype=torch.uint8, device=device)
+        parts = [empty if p is None else p for p in payloads]
+        recv_buf = self._buffer(sum(recv_sizes), device)
+        send_buf = torch.cat(parts)
+        work = self._all_to_all_op(what, send_buf, recv_buf, [p.numel() for p in parts],
+                                   recv_sizes)
+        self._sent(send_buf.numel(), self.world_size - 1)
+        return work, list(recv_buf.split(recv_sizes))
 
     def send(self, x: torch.Tensor, dst: int, *, stream: str) -> None:
         """Send ``x`` to ``dst`` on ``stream`` and wait."""
@@ -410,8 +474,7 @@ class _GroupBase(Reductions):
 
     def _irecv(self, buf: torch.Tensor, src: int, what: str) -> Work:
         work = self._start(what, self.transport.irecv, buf, src)
-        self._ledger.posted[src].append(buf.numel())
-        return self._ledger.record(work, buf)
+        return self._ledger.receive(work, src, buf)
 
     def _batch(self, ops: list[P2POp], what: str) -> list[Work]:
         works = self._start(what, self.transport.batch_isend_irecv, ops)
@@ -419,21 +482,29 @@ class _GroupBase(Reductions):
             if op.kind == "send":
                 self._ledger.sent[op.peer].append(op.tensor.numel())
                 self._sent(op.tensor.numel(), 1)
+                self._ledger.record(work, op.tensor)
             else:
-                self._ledger.posted[op.peer].append(op.tensor.numel())
-            self._ledger.record(work, op.tensor)
+                self._ledger.receive(work, op.peer, op.tensor)
         return works
 
-    def _collective(self, what: str, op: Callable[..., Work], tensor: torch.Tensor,
-                    *args: Any) -> Work:
-        work = self._start(what, op, *args)
-        self._ledger.collectives += 1
-        return self._ledger.record(work, tensor)
+    def _all_gather_op(self, what: str, block: torch.Tensor, outs: list[torch.Tensor]) -> Work:
+        work = self._start(what, self.transport.all_gather, outs, block)
+        self._ledger.collective("all_gather", [block.numel()] * self.world_size,
+                                [block.numel()] * self.world_size)
+        return self._ledger.record(work, block)
+
+    def _all_to_all_op(self, what: str, send_buf: torch.Tensor, recv_buf: torch.Tensor,
+                       send_sizes: list[int], recv_sizes: list[int]) -> Work:
+        work = self._start(what, self.transport.all_to_all_single, recv_buf, send_buf,
+                           recv_sizes, send_sizes)
+        self._ledger.collective("all_to_all", send_sizes, recv_sizes)
+        return self._ledger.record(work, send_buf)
 
     def _wait(self, work: Work, timeout: float, what: str) -> None:
         try:
             work.wait(timeout)
         except CommError as e:
+            self._ledger.failed(work)  # over, unsuccessfully: nothing to wait for in a drain
             raise type(e)(f"rank {self.rank}: {what}: {e}") from e
         self._ledger.done(work)
 
@@ -459,14 +530,96 @@ class _GroupBase(Reductions):
                     self._wait(w, timeout, what)
             return origin, buf, self._track(name, self._handle(finish))
 
+        def forward_rest(pending: tuple[int, torch.Tensor, Handle[None]], hop: int) -> None:
+            """After a failure at ``hop``: the rest of the pass still goes round (the
+            peers downstream wait on it), forwarding what arrives unread."""
+            for later in range(hop + 1, world):
+                _, buf, handle = pending
+                handle.wait()
+                if later < world - 1:
+                    pending = post(buf, later + 1)
+
         pending = post(packet, 1)
+        self._entry_posted()
         yield self.rank, x
         for hop in range(1, world):
             origin, buf, handle = pending
             handle.wait()
             if hop < world - 1:
                 pending = post(buf, hop + 1)  # forward unchanged while decoding
-            yield origin, self._guarded(lambda: incoming[origin].take(buf))
+            try:
+                self._check_usable()
+                self._received(f"ring pass of stream {stream!r}", {origin: buf})
+                block = incoming[origin].take(buf)
+            except Exception as e:
+                if hop < world - 1:
+                    try:
+                        forward_rest(pending, hop)
+                    except Exception:  # noqa: BLE001 - the first error is the one to report
+                        pass
+                self._fail(e)
+                raise
+            yield origin, block
+
+    def _post_status(self, entry: Entry, status: int, rank: int, text: str,
+                      wait: bool) -> dict[int, Any]:
+        """Post the collective of ``entry`` with status frames (``status`` about ``rank``,
+        ``text``) of the sizes the peers expect instead of payloads. With ``wait``: wait for
+        it and return what every rank sent, by origin (a status tuple, or None for data);
+        a ring pass always waits, hop by hop, forwarding what arrives."""
+        world, me, device = self.world_size, self.rank, entry.device
+        what = f"{entry} (status frames)"
+        mine = (status, rank, text)
+
+        def frame(nbytes: int) -> torch.Tensor:
+            return self.framing.frame(nbytes, status, rank, text, device)
+
+        def like(shape: Sequence[int]) -> torch.Tensor:
+            return _template(shape, entry.dtype, device)
+
+        if entry.kind == "all_to_all":
+            rest = entry.shapes[0]
+            in_sizes, out_sizes = entry.splits
+            recv_name = StreamKey("all_to_all", entry.stream, me)
+            ahead = len(self._earlier(recv_name))
+            incoming = {src: self.framing.receiver(recv_name, src, like((out_sizes[src], *rest)),
+                                                   ahead) for src in range(world) if src != me}
+            payloads = [None if dst == me else frame(self.framing.sender(
+                StreamKey("all_to_all", entry.stream, dst), like((in_sizes[dst], *rest))).nbytes)
+                for dst in range(world)]
+            recv_sizes = [0 if src == me else incoming[src].nbytes for src in range(world)]
+            work, received = self._post_all_to_all(what, payloads, recv_sizes, device)
+            bufs = {src: received[src] for src in incoming}
+        else:
+            name = StreamKey(entry.kind, entry.stream)
+            ahead = len(self._earlier(name)) if entry.kind == "all_gather" else 0
+            incoming = {o: self.framing.receiver(name, o, like(entry.shapes[o]), ahead)
+                        for o in range(world) if o != me}
+            nbytes = self.framing.sender(name, like(entry.shapes[me])).nbytes
+            if entry.kind == "ring":
+                return self._status_ring(what, frame(nbytes), incoming, mine)
+            sizes = [nbytes if o == me else incoming[o].nbytes for o in range(world)]
+            work, outs = self._post_all_gather(what, frame(nbytes), max(sizes), device)
+            bufs = {o: outs[o][: sizes[o]] for o in incoming}
+        if not wait:
+            return {}
+        self._wait(work, self.timeout, what)
+        return {me: mine} | {o: self.framing.status(b) for o, b in bufs.items()}
+
+    def _status_ring(self, what: str, packet: torch.Tensor, incoming: dict[int, Incoming],
+                     mine: tuple[int, int, str]) -> dict[int, Any]:
+        """A ring pass of the status frame ``packet``, hop by hop (see :meth:`_post_status`)."""
+        world, me = self.world_size, self.rank
+        nxt, prv = (me + 1) % world, (me - 1) % world
+        frames: dict[int, Any] = {me: mine}
+        for hop in range(1, world):
+            origin = (me - hop) % world
+            buf = self._buffer(incoming[origin].nbytes, packet.device)
+            for w in self._batch([P2POp("send", packet, nxt), P2POp("recv", buf, prv)], what):
+                self._wait(w, self.timeout, what)
+            frames[origin] = self.framing.status(buf)
+            packet = buf
+        return frames
 
     def _send_bytes(self, data: torch.Tensor, dst: int, stream: str) -> Handle[None]:
         """Start sending the uint8 buffer ``data`` to ``dst``; it stays alive until done."""

@@ -1,72 +1,200 @@
-"""The size handshake: a fixed-size block every rank shares before a collective's payloads
-move, so that ranks that disagree all raise the same error instead of hanging or crashing
-the backend (gloo aborts the process on mismatched sizes).
+"""The control exchange: one fixed-size block per rank, all-gathered on the transport's
+control channel (:meth:`~compressed_comm.Transport.control`), through which the ranks of a
+compressed group agree on what they do.
 
-Block layout (little-endian), :func:`handshake_nbytes` bytes per rank::
+A block says which exchange its rank is in:
 
-    offset  size      field
-    0       4         magic b"CCHS"
-    4       4         session id
-    8       4         CRC-32 of "<collective>:<stream name>"
-    12      4         step (the stream's message number, or the group's step)
-    16      4 x F     the config's fingerprint: a CRC-32 per shared field
-                      (compressed_comm.config.SHARED_FIELDS, F of them), padded to 8 bytes
-    ...     8 x W     bytes this rank sends to each of the W ranks
-    ...     8 x W     bytes this rank expects from each rank
+* ``HANDSHAKE`` -- before a collective the ranks have not agreed on yet (the first step of
+  a session, a new stream, a changed shape): its name, step and the sizes this rank will
+  send to and expects from each rank;
+* ``STEP`` -- at the end of a step (``step()``): how many collectives the step posted and a
+  digest of them; agreed, they are the next step's ledger, and collectives that follow it
+  need no handshake;
+* ``RECOVER`` -- in ``new_session()``: what this rank posted in the session (to drain it).
 
-Every rank sees every block and reaches the same verdict (:func:`disagreements`).
+Every block also carries the session and step, the config's fingerprint and whether its
+rank's session failed (with the failed rank and the cause). Blocks have the same size
+whatever their kind, so ranks in different exchanges still meet -- a rank that calls
+``step()`` and one that issues another collective both see the disagreement, instead of
+hanging or crashing the backend -- and every rank reaches the same verdict from the same
+blocks.
+
+Block layout (little-endian), :func:`control_nbytes` bytes per rank of a group of W::
+
+    offset  size    field
+    0       4       magic b"CCCB"
+    4       1       kind: 1 handshake, 2 step, 3 recover
+    5       1       flags: bit 0 = this rank's session failed, bit 1 = it is fresh
+                    (nothing posted, no failure)
+    6       2       zero
+    8       4       session id
+    12      4       step (the group's step)
+    16      4       collectives this rank posted in the step
+    20      4       handshake: CRC-32 of "<collective>:<stream>"; step: digest of the step
+    24      4       handshake: the stream's message number
+    28      4       the rank that failed first (0xFFFFFFFF: none)
+    32      4 x F   the config's fingerprint (a CRC-32 per field of
+                    compressed_comm.config.SHARED_FIELDS, F of them), zero-padded to 8
+    ...     64      what that rank failed with (UTF-8, zero-padded)
+    ...     8 x W   handshake: bytes sent to each rank; recover: p2p messages sent to each
+    ...     8 x W   handshake: bytes expected from each rank; recover: p2p receives
+                    posted from each
+    ...     8       recover: collectives posted in the session
 """
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..config import SHARED_FIELDS, differing_fields
+from ..transport import Transport
 
-__all__ = ["handshake_nbytes", "handshake_block", "disagreements"]
+__all__ = ["HANDSHAKE", "STEP", "RECOVER", "ControlBlock", "control_nbytes",
+           "handshake_nbytes", "exchange", "disagreements", "name_crc"]
 
-_FIXED = struct.Struct(f"<4sIII{len(SHARED_FIELDS)}I{-4 * len(SHARED_FIELDS) % 8}x")
-_MAGIC = b"CCHS"
-
-
-def handshake_nbytes(world_size: int) -> int:
-    """Bytes each rank contributes to the size handshake before a compressed collective."""
-    return _FIXED.size + 16 * world_size
-
-
-def handshake_block(session: int, kind: str, stream: str, step: int,
-                    fingerprint: Sequence[int], send: Sequence[int], recv: Sequence[int],
-                    device: torch.device) -> torch.Tensor:
-    """This rank's block: the sizes it will send to and expects from each rank. A tensor
-    that owns its memory: the backend may release it from its own thread."""
-    raw = _FIXED.pack(_MAGIC, session & 0xFFFFFFFF, zlib.crc32(f"{kind}:{stream}".encode()),
-                      step & 0xFFFFFFFF, *fingerprint)
-    raw += struct.pack(f"<{len(send) + len(recv)}Q", *send, *recv)
-    return torch.tensor(list(raw), dtype=torch.uint8, device=device)
+HANDSHAKE, STEP, RECOVER = 1, 2, 3
+_KINDS = {HANDSHAKE: "handshake", STEP: "step", RECOVER: "recover"}
+_MAGIC = b"CCCB"
+_NONE = 0xFFFFFFFF
+_CAUSE = 64
+_FIXED = struct.Struct(f"<4sBBxxIIIIII{len(SHARED_FIELDS)}I{-4 * len(SHARED_FIELDS) % 8}x"
+                       f"{_CAUSE}s")
 
 
-def disagreements(blocks: Sequence[torch.Tensor]) -> list[str]:
+def control_nbytes(world_size: int) -> int:
+    """Bytes each rank contributes to a control exchange in a group of ``world_size``."""
+    return _FIXED.size + 16 * world_size + 8
+
+
+#: the size of a size handshake's block: a control block
+handshake_nbytes = control_nbytes
+
+
+def name_crc(kind: str, stream: str) -> int:
+    """The CRC-32 that names a collective of ``kind`` on ``stream`` in a handshake."""
+    return zlib.crc32(f"{kind}:{stream}".encode())
+
+
+@dataclass(frozen=True)
+class ControlBlock:
+    """One rank's block (see the module docstring for the fields)."""
+
+    kind: int
+    session: int
+    step: int
+    position: int = 0
+    name: int = 0
+    seq: int = 0
+    fingerprint: tuple[int, ...] = ()
+    failed: bool = False
+    fresh: bool = False
+    failed_rank: int = -1
+    cause: str = ""
+    sent: tuple[int, ...] = ()
+    expected: tuple[int, ...] = ()
+    collectives: int = 0
+
+    @property
+    def what(self) -> str:
+        """The exchange's name, for messages."""
+        return _KINDS.get(self.kind, f"kind {self.kind}")
+
+    def pack(self, world: int) -> bytes:
+        fingerprint = tuple(self.fingerprint) or (0,) * len(SHARED_FIELDS)
+        raw = _FIXED.pack(_MAGIC, self.kind, int(self.failed) | 2 * int(self.fresh),
+                          self.session & _NONE,
+                          self.step & _NONE, self.position & _NONE, self.name & _NONE,
+                          self.seq & _NONE, _NONE if self.failed_rank < 0 else self.failed_rank,
+                          *fingerprint, self.cause.encode()[:_CAUSE])
+        sent = tuple(self.sent) or (0,) * world
+        expected = tuple(self.expected) or (0,) * world
+        return raw + struct.pack(f"<{2 * world + 1}Q", *sent, *expected, self.collectives)
+
+    @classmethod
+    def unpack(cls, raw: bytes, world: int) -> ControlBlock:
+        fields = _FIXED.unpack(raw[:_FIXED.size])
+        magic, kind, flags, session, step, position, name, seq, failed_rank = fields[:9]
+        fingerprint = fields[9:9 + len(SHARED_FIELDS)]
+        cause = fields[-1].rstrip(b"\x00").decode(errors="replace")
+        counts = struct.unpack(f"<{2 * world + 1}Q", raw[_FIXED.size:])
+        if magic != _MAGIC:
+            return cls(kind=0, session=0, step=0, cause=f"not a control block: {magic!r}")
+        return cls(kind=kind, session=session, step=step, position=position, name=name,
+                   seq=seq, fingerprint=tuple(fingerprint), failed=bool(flags & 1),
+                   fresh=bool(flags & 2),
+                   failed_rank=-1 if failed_rank == _NONE else failed_rank, cause=cause,
+                   sent=counts[:world], expected=counts[world:2 * world],
+                   collectives=counts[2 * world])
+
+
+def exchange(transport: Transport, block: ControlBlock, timeout: float,
+             device: torch.device) -> list[ControlBlock]:
+    """Every rank's block, in rank order: one all-gather on ``transport`` (the control
+    channel). A tensor that owns its memory: the backend may release it from its thread."""
+    world = transport.world_size
+    raw = block.pack(world)
+    mine = torch.tensor(list(raw), dtype=torch.uint8, device=device)
+    outs = list(torch.empty(len(raw) * world, dtype=torch.uint8, device=device)
+                .view(world, len(raw)))
+    transport.all_gather(outs, mine).wait(timeout)
+    return [ControlBlock.unpack(bytes(o.cpu().numpy()), world) for o in outs]
+
+
+def failure(blocks: Sequence[ControlBlock]) -> ControlBlock | None:
+    """The block of the lowest rank whose session failed, if any."""
+    return next((b for b in blocks if b.failed), None)
+
+
+def disagreements(blocks: Sequence[ControlBlock]) -> list[str]:
     """What the ranks' blocks (in rank order) disagree on; empty when they agree."""
     world = len(blocks)
-    views = [bytes(b.cpu().numpy()) for b in blocks]
-    fields = [_FIXED.unpack(v[:_FIXED.size]) for v in views]
-    sizes = [struct.unpack(f"<{2 * world}Q", v[_FIXED.size:]) for v in views]
     problems = []
-    for label, i in (("session", 1), ("stream name", 2), ("step", 3)):
-        values = [f[i] for f in fields]
+    kinds = [b.kind for b in blocks]
+    if len(set(kinds)) > 1:
+        problems.append("the ranks are in different exchanges: " + ", ".join(
+            f"rank {r} {b.what}" for r, b in enumerate(blocks)))
+    for label, values in (("session", [b.session for b in blocks]),
+                          ("step", [b.step for b in blocks])):
         if len(set(values)) > 1:
-            shown = values if label != "stream name" else [f"{v:#010x}" for v in values]
-            problems.append(f"{label} differs by rank: {dict(enumerate(shown))}")
-    differ = differing_fields([f[4:4 + len(SHARED_FIELDS)] for f in fields])
+            problems.append(f"{label} differs by rank: {dict(enumerate(values))}")
+    differ = differing_fields([b.fingerprint for b in blocks])
     if differ:
         problems.append(f"CompressionConfig differs in {', '.join(differ)}")
+    if problems or kinds[0] == RECOVER:
+        return problems
+    if kinds[0] == STEP:
+        counts = [b.position for b in blocks]
+        if len(set(counts)) > 1:
+            problems.append(f"collectives in the step differ by rank: {dict(enumerate(counts))}")
+        elif len({b.name for b in blocks}) > 1:
+            problems.append("the step's collectives (their kinds, streams or shapes) differ "
+                            "by rank")
+        return problems
+    names = [b.name for b in blocks]
+    if len(set(names)) > 1:
+        problems.append(f"stream name differs by rank: "
+                        f"{dict(enumerate(f'{v:#010x}' for v in names))}")
+    seqs = [b.seq for b in blocks]
+    if len(set(seqs)) > 1:
+        problems.append(f"the stream's message number differs by rank: {dict(enumerate(seqs))}")
+    positions = [b.position for b in blocks]
+    if len(set(positions)) > 1:
+        problems.append(f"collectives before this one differ by rank: "
+                        f"{dict(enumerate(positions))}")
     for src in range(world):
         for dst in range(world):
-            if src != dst and sizes[src][dst] != sizes[dst][world + src]:
-                problems.append(f"rank {src} sends {sizes[src][dst]} bytes to rank {dst}, "
-                                f"which expects {sizes[dst][world + src]}")
+            if src != dst and blocks[src].sent[dst] != blocks[dst].expected[src]:
+                problems.append(f"rank {src} sends {blocks[src].sent[dst]} bytes to rank "
+                                f"{dst}, which expects {blocks[dst].expected[src]}")
     return problems
+
+
+def replace(block: ControlBlock, **changes: object) -> ControlBlock:
+    """``block`` with ``changes``."""
+    return dataclasses.replace(block, **changes)  # type: ignore[arg-type]

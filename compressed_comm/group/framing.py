@@ -21,7 +21,7 @@ import torch
 
 from ..session import Session, StreamKey
 from ..stream import StreamDecoder, StreamEncoder
-from ..wire import announced_payload
+from ..wire import announced_payload, read_status, status_frame
 
 __all__ = ["Framing", "Outgoing", "Incoming", "RawFraming", "CompressedFraming", "as_bytes"]
 
@@ -80,6 +80,16 @@ class Framing(ABC):
     def reconstruction(self, name: StreamKey, x: torch.Tensor) -> torch.Tensor:
         """What the receivers of this rank's last message ``x`` on ``name`` hold."""
         return x
+
+    def status(self, buf: torch.Tensor) -> tuple[int, int, str] | None:
+        """``(status, rank, text)`` if the received bytes ``buf`` are a status frame (see
+        :func:`compressed_comm.wire.status_frame`), None for data."""
+        return None
+
+    def frame(self, nbytes: int, status: int, rank: int, text: str,
+              device: torch.device) -> torch.Tensor:
+        """A status frame of ``nbytes`` (what a receiver expects) in place of a payload."""
+        raise NotImplementedError(f"{type(self).__name__} sends no status frames")
 
 
 # ---------------------------------------------------------------------- raw
@@ -157,3 +167,10 @@ class CompressedFraming(Framing):
 
     def reconstruction(self, name: StreamKey, x: torch.Tensor) -> torch.Tensor:
         return self.session.encoder(name, x).reference.clone()
+
+    def status(self, buf: torch.Tensor) -> tuple[int, int, str] | None:
+        return read_status(buf)
+
+    def frame(self, nbytes: int, status: int, rank: int, text: str,
+              device: torch.device) -> torch.Tensor:
+        return status_frame(nbytes, status, rank, text, device)

@@ -9,17 +9,16 @@ import torch
 import torch.distributed as dist
 
 from ..config import CompressionConfig
-from ..errors import WireFormatError
 from ..session import Session, SessionStats, StreamKey
 from ..transport import Transport
 from .collectives import DEFAULT_TIMEOUT, _GroupBase
-from .control import disagreements, handshake_block
 from .framing import CompressedFraming, RawFraming
+from .plane import ControlPlane
 
 __all__ = ["CompressedGroup", "RawGroup"]
 
 
-class CompressedGroup(_GroupBase):
+class CompressedGroup(ControlPlane, _GroupBase):
     """Compressed send/recv, all-gather, ring pass and all-to-all with residual state.
 
     ``CompressedGroup(transport_or_process_group, config, timeout=300.0)``: the first
@@ -59,6 +58,10 @@ class CompressedGroup(_GroupBase):
         #: sum to the tensor's dtype aside), the same on every rank
         self.reduce_errors: dict[str, float] = {}
         self._fingerprint = self.config.fingerprint()
+        if self._control_on() and self.transport.accepts_short_messages:
+            # now, while every rank is here (it costs nothing where the channel is a gloo
+            # group's own): a rank that fails must not leave its peers making a channel
+            self.transport.control()
 
     def __repr__(self) -> str:
         return (f"CompressedGroup(rank={self.rank}, world_size={self.world_size}, "
@@ -72,30 +75,20 @@ class CompressedGroup(_GroupBase):
         """Traffic, accuracy and memory of every stream of the current session."""
         return self.session.stats()
 
-    def _agree(self, kind: str, stream: str, step: int, send: Sequence[int],
-               recv: Sequence[int], device: torch.device) -> None:
-        """With ``config.handshake``, before a collective's payloads move: every rank shares
-        the sizes it will send to and expects from each rank, its session, step and config,
-        in a block of fixed size (:mod:`.control`), so a disagreement raises the same error
-        on every rank -- where mismatched sizes would otherwise hang or abort the backend
-        (gloo aborts the process)."""
-        if not self.config.handshake:
-            return
-        world = self.world_size
-        block = handshake_block(self.session.id, kind, stream, step, self._fingerprint, send,
-                                recv, device)
-        outs = list(self._buffer(block.numel() * world, device).view(world, block.numel()))
-        what = f"{kind} of stream {stream!r} (size handshake)"
-        self._wait(self._collective(what, self.transport.all_gather, block, outs, block),
-                   self.timeout, what)
-        self._sent(block.numel() * (world - 1), world - 1)
-        self.handshake_messages_sent += world - 1
-        problems = disagreements(outs)
-        if problems:
-            raise WireFormatError(
-                f"rank {self.rank}: {kind} of stream {stream!r}: the ranks disagree ("
-                + "; ".join(problems[:6]) + "); every rank must issue the same calls with the "
-                "same config, step() and new_session()")
+    def step(self) -> None:
+        """Mark the end of a denoising step (every rank). With the control plane
+        (``config.handshake``), the ranks agree on the step's collectives here, in one small
+        exchange: the next step's collectives that repeat them need no handshake."""
+        if self._control_on():
+            self._end_step()
+        self.step_index += 1
+
+    def _end_session(self) -> bool:
+        return self._recover() if self._control_on() else super()._end_session()
+
+    def _entry_posted(self) -> None:
+        if self._control_on():
+            self._plan.posted += 1
 
     def _account_reduction(self, stream: str, blocks: Sequence[torch.Tensor],
                            reduced: torch.Tensor, result: torch.Tensor) -> None:
@@ -117,8 +110,7 @@ class CompressedGroup(_GroupBase):
         outs = [torch.empty_like(vec) for _ in range(world)]
         what = f"all_reduce of stream {stream!r} (error accounting)"
         block = vec.view(torch.uint8)
-        work = self._collective(what, self.transport.all_gather, block,
-                                [o.view(torch.uint8) for o in outs], block)
+        work = self._all_gather_op(what, block, [o.view(torch.uint8) for o in outs])
         self._wait(work, self.timeout, what)
         self._sent(vec.nbytes * (world - 1), world - 1)
         errors = torch.stack(outs).cpu()  # [sender][block, then own reduced block]
