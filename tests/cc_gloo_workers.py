@@ -416,3 +416,73 @@ def split_changes_worker(rank, world, init_file, out_dir, steps=100):
     finally:
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     exit_after_teardown()
+
+
+def _fault_outcome(call):
+    """(error type, message, seconds) of ``call``, or (None, "", seconds)."""
+    t0 = time.monotonic()
+    try:
+        call()
+        return None, "", time.monotonic() - t0
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        return type(e).__name__, str(e), time.monotonic() - t0
+
+
+def control_plane_worker(rank, world, init_file, out_dir):
+    """Over gloo: faults one rank sees in a steady step (every rank raises at once and
+    new_session() recovers), control traffic per step, then the patterns that aborted the
+    process before, each on a group of its own (a timeout breaks a gloo group)."""
+    _init(rank, world, init_file)
+    out = {"faults": {}}
+    spare = [dist.new_group(backend="gloo") for _ in range(2)]
+    try:
+        g = CompressedGroup(None, CompressionConfig(codec="int8"), timeout=30.0)
+        for request, fault in enumerate(("none", "nan", "user", "shape")):
+            exchanges = []
+            for step in range(4):
+                x = _drifting(rank, step, (16, 8))
+                if step == 3 and rank == 1 and fault == "nan":
+                    x[0, 0] = float("nan")
+                if step == 3 and rank == 1 and fault == "shape":
+                    x = _drifting(rank, step, (12, 8))
+
+                def one_step():
+                    if step == 3 and rank == 1 and fault == "user":
+                        try:
+                            raise RuntimeError("boom in the caller's code")
+                        except RuntimeError as e:
+                            g.fail(e)
+                            raise
+                    g.all_gather(x, stream="kv")
+                    g.all_to_all(torch.cat([x] * world), stream="a2a")
+                    g.step()
+                before = g.handshake_messages_sent
+                outcome = _fault_outcome(one_step)
+                exchanges.append((g.handshake_messages_sent - before) // (world - 1))
+                if outcome[0] is not None:
+                    break
+            g.new_session()
+            got = g.all_gather(_drifting(rank, 0, (16, 8)), stream="kv")
+            exact = all(_rel(got[o], _drifting(o, 0, (16, 8))) < 0.01 for o in range(world))
+            out["faults"][fault] = dict(outcome=outcome, exchanges=exchanges, recovered=exact)
+            g.new_session()
+        # handshake=True on one rank only: a Python error on both, after the timeout
+        one = CompressedGroup(spare[0], CompressionConfig(codec="int8",
+                                                          handshake=rank == 0), timeout=3.0)
+        out["one_handshake"] = _fault_outcome(
+            lambda: one.all_gather(_drifting(rank, 0, (16, 8)), stream="k"))
+        # the drop-in group: step() skipped on one rank when the step's calls reach the cap
+        pg = wrap_process_group(spare[1], CompressionConfig(codec="int8"), timeout=3.0,
+                                max_calls_per_step=2)
+        outs = [torch.empty(16, 8) for _ in range(world)]
+
+        def capped():
+            for call in range(2):
+                dist.all_gather(outs, _drifting(rank, call, (16, 8)), group=pg)
+            if rank == 0:
+                pg.step()
+            dist.all_gather(outs, _drifting(rank, 2, (16, 8)), group=pg)
+        out["skipped_step_at_cap"] = _fault_outcome(capped)
+    finally:
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    os._exit(0)  # groups left broken by timeouts on purpose: no collective teardown

@@ -93,3 +93,28 @@ def test_drop_in_all_to_all_follows_splits_that_change_every_step(world, tmp_pat
         for codec in ("identity", "int8"):
             assert out[codec]["streams"] <= 2 * (world - 1)
             assert out[codec]["memory"] <= largest, out
+
+
+def test_control_plane_over_gloo(tmp_path):
+    """One control exchange per steady step; a fault one rank sees (NaN in its input, an
+    exception in its caller's code reported with fail(), a changed shape) is an error on
+    both ranks within seconds, at a 30 s timeout, and new_session() recovers; patterns that
+    aborted the process are Python errors."""
+    results = spawn(workers.control_plane_worker, 2, tmp_path)
+    for rank, out in enumerate(results):
+        clean = out["faults"]["none"]
+        assert clean["outcome"][0] is None and clean["recovered"]
+        assert clean["exchanges"] == [3, 1, 1, 1]  # 2 handshakes + the step's, then 1
+        for fault in ("nan", "user", "shape"):
+            kind, message, seconds = out["faults"][fault]["outcome"]
+            assert kind is not None and seconds < 5.0, (rank, fault, kind, seconds)
+            assert out["faults"][fault]["recovered"], (rank, fault)
+        if rank == 0:  # the peer of the faulty rank names it and the cause
+            for fault, cause in (("nan", "NonFiniteError"), ("user", "boom")):
+                kind, message, _ = out["faults"][fault]["outcome"]
+                assert kind == "PeerFailedError" and "rank 1 failed" in message
+                assert cause in message
+        assert out["faults"]["shape"]["outcome"][0] == "WireFormatError"
+        for pattern in ("one_handshake", "skipped_step_at_cap"):
+            kind, _, seconds = out[pattern]
+            assert kind is not None and seconds < 10.0, (rank, pattern, kind)
