@@ -3,7 +3,7 @@
     python bench/e2e.py [--world 4] [--steps 6] [--tokens 1024] [--heads 8] [--head-dim 48]
         [--parallelisms patch,ring,ulysses,cp-ulysses,cp-ring] [--codecs binary,binary+async]
         [--keyframe-codec int8] [--keyframe-period 10] [--keyframe-spread 4]
-        [--rate 1gbit] [--delay 1ms] [--json e2e.json] [--timeout 3600]
+        [--control on|off] [--rate 1gbit] [--delay 1ms] [--json e2e.json] [--timeout 3600]
 
 Each of ``--world`` processes (gloo on CPU, NCCL when CUDA is available) holds the same
 random-weight diffusers ``FluxTransformer2DModel`` (``simulator.workloads.flux_workload``: 2
@@ -150,7 +150,8 @@ def _config(codec: str, args: argparse.Namespace) -> Any:
 
     return CompressionConfig(codec=codec, keyframe_codec=args.keyframe_codec,
                              keyframe_period=args.keyframe_period,
-                             keyframe_spread=args.keyframe_spread)
+                             keyframe_spread=args.keyframe_spread,
+                             handshake=args.control == "on")
 
 
 def _psnr(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -241,6 +242,9 @@ def main() -> None:
                    help="a keyframe every this many steps (0: only the warmup step)")
     p.add_argument("--keyframe-spread", type=int, default=1,
                    help="each periodic keyframe in this many row slices over as many steps")
+    p.add_argument("--control", choices=("on", "off"), default="on",
+                   help="the codecs' control plane (CompressionConfig.handshake): on, the "
+                        "default, or off (no agreement between ranks: cheapest, unsafe)")
     p.add_argument("--rate", help="cap the ranks' shared link at this tc rate (1gbit, 200mbit)")
     p.add_argument("--delay", help="netem delay per packet (1ms), where the kernel has netem")
     p.add_argument("--json", help="write the results here")

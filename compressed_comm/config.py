@@ -72,13 +72,15 @@ class CompressionConfig:
         transit; the CRC costs a pass over the payload on each side (a host copy on CUDA).
         The header (codec, stream, session, step, config) is always checked.
 
-    13. ``handshake`` -- before each compressed all-gather, all-to-all and ring pass, the
-        ranks all-gather a block of ``64 + 16 * world_size`` bytes with the sizes, session,
-        step and config each will use, so ranks that disagree (a missed ``step()``, another config) all
-        raise the same :class:`~compressed_comm.WireFormatError` instead of hanging or
-        crashing the backend (gloo aborts the process on mismatched sizes). Costs one
-        extra small collective per call and, on CUDA, a host synchronisation; turn it off
-        only where every rank is known to issue the same calls.
+    13. ``handshake`` -- the control plane (:mod:`compressed_comm.group.plane`): at every
+        ``step()`` the ranks agree on the step's collectives in one small exchange on a
+        channel of its own, and later steps' collectives that repeat them go at once; the
+        first step, new streams and changed shapes get a size handshake. Ranks that
+        disagree (a missed ``step()``, another config) all raise the same
+        :class:`~compressed_comm.WireFormatError`, a rank that fails makes every peer raise
+        :class:`~compressed_comm.PeerFailedError` at once, and ``new_session()`` recovers,
+        instead of hanging or crashing the backend. Costs one small exchange per step (on
+        CUDA, a host synchronisation); off, ranks must be known to issue the same calls.
 
     14. ``reduce`` -- the drop-in process group (:func:`~compressed_comm.wrap_process_group`)
         also compresses ``all_reduce``, ``all_reduce_coalesced`` and

@@ -135,12 +135,13 @@ class CompressedProcessGroup(dist.ProcessGroup):
         self._calls_this_step = 0
         self.compressed.step()
 
-    def new_session(self) -> None:
+    def new_session(self, *, rebuild: bool = False) -> None:
         """Start a new request (every rank): drop all residual state, cancel and drain what
-        is in flight; also the way back after a failed call."""
+        is in flight; also the way back after a failed call (``rebuild``: after a timeout,
+        on fresh connections; see :meth:`CompressedGroup.new_session`)."""
         self._calls.clear()
         self._calls_this_step = 0
-        self.compressed.new_session()
+        self.compressed.new_session(rebuild=rebuild)
 
     def stats(self) -> SessionStats:
         """Traffic and accuracy of every stream of the current session."""

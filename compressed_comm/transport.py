@@ -84,6 +84,12 @@ class Transport(ABC):
         of failing the backend. This transport itself where there is no second channel."""
         return self
 
+    def rebuild(self) -> None:
+        """Make fresh connections to the same ranks, replacing this transport's (after a
+        timeout or a broken connection: gloo's do not survive one). Every rank calls it
+        together. Raises :class:`~compressed_comm.CommError` where the transport cannot."""
+        raise CommError(f"{type(self).__name__} cannot make fresh connections")
+
     def send(self, tensor: torch.Tensor, dst: int, timeout: float | None = None) -> None:
         """Send ``tensor`` to ``dst`` and wait."""
         self.isend(tensor, dst).wait(timeout)
@@ -150,6 +156,7 @@ class TorchDistTransport(Transport):
         self.rank = process_group.rank()
         self.world_size = process_group.size()
         self._control: Transport | None = None
+        self._retired: list[dist.ProcessGroup] = []
         try:
             self.accepts_short_messages = process_group.name() == "gloo"
         except RuntimeError:  # a group without a backend name
@@ -163,6 +170,27 @@ class TorchDistTransport(Transport):
             self._control = (_TagChannel(self) if self.accepts_short_messages else
                              TorchDistTransport(_gloo_side_group(self.group)))
         return self._control
+
+    def rebuild(self) -> None:
+        """A new group of the same ranks and backend, made from the default store under a
+        prefix of its own (the group's name and this rank's count of rebuilds, which every
+        rank advances alike): the caller's group is left as it is, and this transport runs
+        on the library's own from now on."""
+        old = self.group
+        backend = old.name() if hasattr(old, "name") else "gloo"
+        if backend not in ("gloo", "nccl"):
+            raise CommError(f"cannot rebuild a {backend!r} group: only gloo and NCCL groups")
+        store = _default_store()
+        name = getattr(old, "group_name", "") or "unnamed"
+        count = store.add(f"compressed_comm/rebuild/{name}/rank{self.rank}", 1)
+        prefixed = dist.PrefixStore(f"compressed_comm/rebuild/{name}/{count}/", store)
+        if backend == "gloo":
+            self.group = dist.ProcessGroupGloo(prefixed, self.rank, self.world_size,
+                                               _SIDE_GROUP_TIMEOUT)
+        else:  # pragma: no cover - needs GPUs
+            self.group = dist.ProcessGroupNCCL(prefixed, self.rank, self.world_size)
+        self._retired.append(old)  # a broken group's threads may still hold its buffers
+        self._control = None
 
     def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> Work:
         return _start(f"send to rank {dst}", self.group.send, [tensor], dst, tag)
@@ -186,15 +214,20 @@ class TorchDistTransport(Transport):
 _SIDE_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
 
+def _default_store() -> dist.Store:
+    """torch.distributed's default store, through which the library makes groups of its own."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError) as e:
+        raise CommError(f"the library's own groups need torch.distributed's default store "
+                        f"(dist.init_process_group): {e}") from e
+
+
 def _gloo_side_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
     """A new gloo group of ``group``'s ranks, made from the default store (a rendezvous of
     those ranks only) under a prefix no other side group uses: the group's name and this
     rank's count of side groups over it, which every rank advances in the same order."""
-    try:
-        store = dist.distributed_c10d._get_default_store()
-    except (RuntimeError, ValueError) as e:
-        raise CommError(f"the library's control channel needs torch.distributed's default "
-                        f"store (dist.init_process_group): {e}") from e
+    store = _default_store()
     name = getattr(group, "group_name", "") or "unnamed"
     rank, size = group.rank(), group.size()
     count = store.add(f"compressed_comm/side/{name}/rank{rank}", 1)

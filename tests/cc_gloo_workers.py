@@ -486,3 +486,43 @@ def control_plane_worker(rank, world, init_file, out_dir):
     finally:
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     os._exit(0)  # groups left broken by timeouts on purpose: no collective teardown
+
+
+def rebuild_worker(rank, world, init_file, out_dir):
+    """A receiver times out because its sender is slow (gloo's connection does not survive
+    it); new_session(rebuild=True) on every rank makes fresh connections, and the next
+    request is right. The group runs on a group of its own, so the world group is intact."""
+    _init(rank, world, init_file)
+    out = {}
+    try:
+        pg = dist.new_group(backend="gloo")
+        g = CompressedGroup(pg, CompressionConfig(codec="int8"), timeout=2.0)
+        g.all_gather(_drifting(rank, 0, (16, 8)), stream="warm")  # a working group first
+        if rank == 0:
+            out["timed_out"] = _fault_outcome(lambda: g.recv(torch.empty(16, 8), 1, stream="p"))
+        else:
+            time.sleep(3.0)  # slower than the receiver's timeout
+            out["timed_out"] = _fault_outcome(lambda: g.send(_drifting(1, 0, (16, 8)), 0,
+                                                             stream="p"))
+            if out["timed_out"][0] is None:  # the send went out: the next call finds the break
+                out["timed_out"] = _fault_outcome(lambda: g.all_gather(
+                    _drifting(rank, 1, (16, 8)), stream="warm"))
+        t0 = time.monotonic()
+        g.new_session(rebuild=True)
+        out["rebuild_s"] = time.monotonic() - t0
+        errors = []
+        for step in range(3):
+            got = g.all_gather(_drifting(rank, step, (16, 8)), stream="kv")
+            errors += [_rel(got[o], _drifting(o, step, (16, 8))) for o in range(world)]
+            if rank == 0:
+                g.send(_drifting(0, step, (16, 8)), 1, stream="q")
+            else:
+                errors.append(_rel(g.recv(torch.empty(16, 8), 0, stream="q"),
+                                   _drifting(0, step, (16, 8))))
+            g.step()
+        out["after"] = max(errors)
+        dist.barrier()  # the world group was never the broken one
+        out["world_ok"] = True
+    finally:
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    os._exit(0)  # the broken group is left to the process's end

@@ -118,3 +118,10 @@ def test_control_plane_over_gloo(tmp_path):
         for pattern in ("one_handshake", "skipped_step_at_cap"):
             kind, _, seconds = out[pattern]
             assert kind is not None and seconds < 10.0, (rank, pattern, kind)
+
+
+def test_a_timeout_is_recovered_on_fresh_connections(tmp_path):
+    for rank, out in enumerate(spawn(workers.rebuild_worker, 2, tmp_path)):
+        assert out["timed_out"][0] is not None, rank  # a Python error, not an abort
+        assert out["rebuild_s"] < 10.0
+        assert out["after"] < 0.05 and out["world_ok"], out

@@ -85,7 +85,7 @@ class _GroupBase(Reductions):
         """The failure that stopped this group (None while it is usable)."""
         return self._failure
 
-    def new_session(self) -> None:
+    def new_session(self, *, rebuild: bool = False) -> None:
         """Start a new request (all ranks together): end the current session and drop all
         per-request state.
 
@@ -93,12 +93,21 @@ class _GroupBase(Reductions):
         :class:`~compressed_comm.CancelledError`) and their bytes drained, so no message of
         the old session can reach the new one; this also recovers a group that failed. The
         ranks exchange a few control messages to agree on what is left to drain. Raises
-        :class:`~compressed_comm.GroupFailedError` if that is impossible (a peer is gone, or
-        the ranks issued different collectives); the group is then closed for good.
+        :class:`~compressed_comm.GroupFailedError` if that is impossible (a peer is gone);
+        the group is then closed for good.
+
+        ``rebuild`` (every rank alike): first make fresh connections
+        (:meth:`~compressed_comm.Transport.rebuild`) -- after a timeout or a broken
+        connection, which a gloo group does not survive -- abandoning what the old ones
+        carried instead of draining it.
         """
         self._check_open()
         self._cancel_inflight(f"rank {self.rank}: the transfer's session ended (new_session)")
         try:
+            if rebuild:
+                self.transport.rebuild()
+                self._ledger.clear()
+                self._plan.clear()
             if not self._end_session():
                 return  # nothing to end: the session goes on
         except BaseException as e:
