@@ -19,6 +19,7 @@ Core API:
 
 from .codecs import Codec, available_codecs, get_codec
 from .config import CompressionConfig
+from .keyframes import Keyframes, KeyframeSchedule
 from .errors import (
     CancelledError,
     CommError,
@@ -35,8 +36,8 @@ from .errors import (
 )
 from .group import CompressedGroup, Handle, RawGroup
 from .process_group import CompressedProcessGroup, wrap_process_group
-from .session import Session, SessionStats, StreamKey
-from .stream import StreamDecoder, StreamEncoder, StreamStats
+from .session import Session, SessionStats
+from .stream import StreamDecoder, StreamEncoder, StreamKey, StreamStats
 from .transport import P2POp, TorchDistTransport, Transport, Work
 from .warmup import warmup
 from .wire import Header, read_header
@@ -48,6 +49,8 @@ __all__ = [
     "get_codec",
     "available_codecs",
     "CompressionConfig",
+    "Keyframes",
+    "KeyframeSchedule",
     "StreamEncoder",
     "StreamDecoder",
     "StreamStats",

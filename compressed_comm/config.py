@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .codecs import get_codec
+from .keyframes import KEYFRAME_CODECS, Keyframes
 from .kernels import resolve_impl
 
-__all__ = ["CompressionConfig", "KEYFRAME_CODECS", "SHARED_FIELDS", "differing_fields"]
+__all__ = ["CompressionConfig", "Keyframes", "KEYFRAME_CODECS", "SHARED_FIELDS",
+           "differing_fields"]
 
 
 def _shared(default: Any = None, **kwargs: Any) -> Any:
@@ -20,13 +24,11 @@ def _shared(default: Any = None, **kwargs: Any) -> Any:
         return field(metadata={"shared": True}, **kwargs)
     return field(default=default, metadata={"shared": True}, **kwargs)
 
-#: Codecs a keyframe may use: stateless ones that send the tensor itself.
-KEYFRAME_CODECS = ("identity", "fp8", "int8", "int4", "int2", "binary")
-
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """How activations are compressed. Tuning guide:
+    """How activations are compressed, by concern: the algorithm (1-4, 6-8), keyframes (5),
+    safety (9, 12, 13) and the implementation (10, 11). Tuning guide:
 
     1. ``codec`` -- a spec for :func:`compressed_comm.get_codec`. ``"binary"`` (1 bit per
        element, ~16x vs fp16) is the default; ``"int2"``/``"int4"`` trade bytes for accuracy;
@@ -37,17 +39,10 @@ class CompressionConfig:
     3. ``decay`` -- damping of the extrapolated step for order 2, in ``[0, 1]``.
     4. ``warmup_steps`` -- the first steps of each stream are sent in full (lossless), so
        references start exact; 1 is enough for order 1, use 2 or more for order 2.
-    5. ``keyframe_period`` -- if > 0, every ``keyframe_period``-th step is also sent in full,
-       resetting accumulated error (and recovering from any NaN that was let through).
-       ``keyframe_codec`` -- how warmup steps and keyframes are sent: ``"identity"``
-       (default, lossless) or a stateless lossy codec (``"int8"``, ``"fp8"`` halve the
-       bytes, ``"int4"`` quarters them; also ``"int2"``, ``"binary"``). Both sides take
-       the decoded keyframe as their reference, so what it loses is the next residual's to
-       correct. ``keyframe_spread`` -- if > 1, each periodic keyframe is sent in that many
-       slices over as many consecutive steps: step ``t`` with ``t % keyframe_period = j <
-       keyframe_spread`` sends slice ``j`` of the rows through ``keyframe_codec`` and the
-       other rows as residuals, so no single step pays the whole tensor (warmup steps stay
-       whole). At most ``keyframe_period``.
+    5. ``keyframes`` -- a :class:`~compressed_comm.Keyframes`: how warmup steps and keyframes
+       are sent (``codec``: ``"identity"``, lossless, by default; ``"int8"``/``"fp8"``
+       halve the bytes), whether a periodic keyframe resets accumulated error (``period``)
+       and whether it is spread over several steps as row slices (``spread``).
     6. ``min_bytes`` -- tensors smaller than this are always sent raw; compression of tiny
        messages costs more in kernel launches than it saves in bytes.
     7. ``skip`` -- ``fnmatch`` patterns of stream names that are always sent raw.
@@ -82,15 +77,13 @@ class CompressionConfig:
         instead of hanging or crashing the backend. Costs one small exchange per step (on
         CUDA, a host synchronisation); off, ranks must be known to issue the same calls.
 
-    14. ``reduce`` -- the drop-in process group (:func:`~compressed_comm.wrap_process_group`)
-        also compresses ``all_reduce``, ``all_reduce_coalesced`` and
-        ``reduce_scatter_tensor`` of float tensors with SUM or AVG (a compressed
-        reduce-scatter, then an all-gather: every rank gets the same bits). Off by default:
-        code often relies on an all-reduce being exact. The explicit
-        :meth:`~compressed_comm.CompressedGroup.all_reduce` needs no switch.
+    Whether the drop-in process group also compresses reductions is its own switch
+    (:func:`~compressed_comm.wrap_process_group`'s ``reduce``), not a config field.
+    ``keyframe_codec``, ``keyframe_period``, ``keyframe_spread`` and ``reduce`` are still
+    accepted, with a :class:`DeprecationWarning`, for one release.
 
-    All ranks of a group must use the same settings for 1-8 (keyframe_codec and
-    keyframe_spread included) and 12 (:data:`SHARED_FIELDS`): the first message of every
+    All ranks of a group must use the same settings for 1-8 and 12
+    (:data:`SHARED_FIELDS`): the first message of every
     stream and every size handshake carry a fingerprint of them, and a rank whose config
     differs raises :class:`~compressed_comm.WireFormatError` naming the fields.
     """
@@ -99,9 +92,7 @@ class CompressionConfig:
     residual_order: int = _shared(1)
     decay: float = _shared(0.5)
     warmup_steps: int = _shared(1)
-    keyframe_period: int = _shared(0)
-    keyframe_codec: str = _shared("identity")
-    keyframe_spread: int = _shared(1)
+    keyframes: Keyframes = _shared(default_factory=Keyframes)
     min_bytes: int = _shared(0)
     skip: tuple[str, ...] = _shared(default_factory=tuple)
     closed_loop: bool = _shared(True)
@@ -110,29 +101,21 @@ class CompressionConfig:
     track_error: bool = False
     checksum: bool = _shared(False)
     handshake: bool = True
-    reduce: bool = False
+    #: ``CompressionConfig(reduce=...)``, deprecated: the drop-in group's own switch now
+    legacy_reduce: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         get_codec(self.codec)  # raises ValueError naming the valid specs
-        if get_codec(self.keyframe_codec).spec not in KEYFRAME_CODECS:
-            raise ValueError(
-                f"keyframe_codec must be one of {', '.join(KEYFRAME_CODECS)} (a keyframe sends "
-                f"the tensor itself, with no state); got {self.keyframe_codec!r}")
+        if not isinstance(self.keyframes, Keyframes):
+            raise ValueError(f"keyframes must be a Keyframes; got {self.keyframes!r}")
         if self.residual_order not in (0, 1, 2):
             raise ValueError(f"residual_order must be 0, 1 or 2; got {self.residual_order!r}")
         if not 0.0 <= float(self.decay) <= 1.0:
             raise ValueError(f"decay must be in [0, 1]; got {self.decay!r}")
-        for name in ("warmup_steps", "keyframe_period", "min_bytes"):
+        for name in ("warmup_steps", "min_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
-        spread = self.keyframe_spread
-        if not isinstance(spread, int) or isinstance(spread, bool) or spread < 1:
-            raise ValueError(f"keyframe_spread must be a positive integer; got {spread!r}")
-        if spread > 1 and not spread <= self.keyframe_period:
-            raise ValueError(f"keyframe_spread={spread} needs keyframe_period >= {spread} (the "
-                             f"slices of one keyframe go out before the next); got "
-                             f"keyframe_period={self.keyframe_period}")
         if isinstance(self.skip, str):
             raise ValueError(f"skip must be a sequence of name patterns, not the string {self.skip!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
@@ -143,11 +126,20 @@ class CompressionConfig:
         """Whether ``stream_name`` matches one of the :attr:`skip` patterns."""
         return any(fnmatch.fnmatchcase(stream_name, pat) for pat in self.skip)
 
+    def __getattr__(self, name: str) -> Any:
+        if name in _MOVED:
+            warnings.warn(f"CompressionConfig.{name} is deprecated; use {_MOVED[name][1]}",
+                          DeprecationWarning, stacklevel=2)
+            if name == "reduce":
+                return self.legacy_reduce
+            return getattr(self.keyframes, _MOVED[name][0])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def fingerprint(self) -> tuple[int, ...]:
         """A CRC-32 of each of :data:`SHARED_FIELDS`, in that order: what ranks compare to
         name the fields on which their configs differ (``decay`` counts only for
         ``residual_order=2``, the only order that uses it)."""
-        return tuple(zlib.crc32(repr(getattr(self, name) if name != "decay"
+        return tuple(zlib.crc32(repr(_value(self, name) if name != "decay"
                                      or self.residual_order == 2 else None).encode())
                      for name in SHARED_FIELDS)
 
@@ -165,7 +157,44 @@ def differing_fields(fingerprints: Sequence[Sequence[int]]) -> list[str]:
     return [n for n in differ if n != "decay" or "residual_order" not in differ]
 
 
+#: deprecated argument -> (where it went, what to write instead)
+_MOVED = {"keyframe_codec": ("codec", "keyframes=Keyframes(codec=...)"),
+          "keyframe_period": ("period", "keyframes=Keyframes(period=...)"),
+          "keyframe_spread": ("spread", "keyframes=Keyframes(spread=...)"),
+          "reduce": ("legacy_reduce", "wrap_process_group(reduce=...) or "
+                     "enable_compression(reduce=...)")}
+_dataclass_init = CompressionConfig.__init__
+
+
+def _init(self: CompressionConfig, *args: Any, **kwargs: Any) -> None:
+    moved = {name: kwargs.pop(name) for name in _MOVED if name in kwargs}
+    for name in moved:
+        warnings.warn(f"CompressionConfig({name}=...) is deprecated; use {_MOVED[name][1]}",
+                      DeprecationWarning, stacklevel=2)
+    if "reduce" in moved:
+        kwargs["legacy_reduce"] = bool(moved.pop("reduce"))
+    if moved:  # validated by Keyframes, which names the argument
+        kwargs["keyframes"] = dataclasses.replace(
+            kwargs.get("keyframes", Keyframes()),
+            **{_MOVED[name][0]: value for name, value in moved.items()})
+    _dataclass_init(self, *args, **kwargs)
+
+
+_init.__doc__ = _dataclass_init.__doc__
+_init.__signature__ = __import__("inspect").signature(_dataclass_init)  # type: ignore[attr-defined]
+CompressionConfig.__init__ = _init  # type: ignore[method-assign]
+
+def _value(config: CompressionConfig, name: str) -> Any:
+    """The value of the (possibly dotted: ``keyframes.codec``) field ``name``."""
+    value: Any = config
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
+
+
 #: The :class:`CompressionConfig` fields every rank of a group must share, in the order of
-#: :meth:`CompressionConfig.fingerprint`.
-SHARED_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(CompressionConfig)
-                                       if f.metadata.get("shared"))
+#: :meth:`CompressionConfig.fingerprint` (:class:`Keyframes`' fields one by one).
+SHARED_FIELDS: tuple[str, ...] = tuple(
+    name for f in fields(CompressionConfig) if f.metadata.get("shared")
+    for name in ([f"keyframes.{k.name}" for k in fields(Keyframes)] if f.name == "keyframes"
+                 else [f.name]))

@@ -3,7 +3,7 @@
 ``wrapped = wrap_process_group(pg, config)`` returns a process group that existing code
 passes as ``group=`` to ``dist.all_gather``, ``dist.all_gather_into_tensor``,
 ``dist.send``/``recv``/``isend``/``irecv``, ``dist.batch_isend_irecv`` and
-``dist.all_to_all_single`` -- and, with ``CompressionConfig(reduce=True)``,
+``dist.all_to_all_single`` -- and, with ``wrap_process_group(..., reduce=True)``,
 ``dist.all_reduce``, ``dist.all_reduce_coalesced`` and ``dist.reduce_scatter_tensor`` with
 SUM or AVG. Floating-point tensors (float16, bfloat16, float32) go through a
 :class:`~compressed_comm.CompressedGroup`; everything else (other dtypes and reductions,
@@ -65,6 +65,7 @@ class _Options:
     config: CompressionConfig
     timeout: float
     max_calls_per_step: int
+    reduce: bool
 
 
 class _Work(dist.Work):
@@ -112,7 +113,8 @@ class CompressedProcessGroup(dist.ProcessGroup):
 
     def __init__(self, inner: dist.ProcessGroup, config: CompressionConfig | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT,
-                 max_calls_per_step: int = DEFAULT_MAX_CALLS_PER_STEP) -> None:
+                 max_calls_per_step: int = DEFAULT_MAX_CALLS_PER_STEP,
+                 reduce: bool = False) -> None:
         super().__init__(inner.rank(), inner.size())
         if max_calls_per_step < 1:
             raise ValueError(f"max_calls_per_step must be positive, got {max_calls_per_step}")
@@ -120,6 +122,8 @@ class CompressedProcessGroup(dist.ProcessGroup):
         self.compressed = CompressedGroup(TorchDistTransport(inner), config, timeout=timeout,
                                           renew_streams=True)
         self.max_calls_per_step = max_calls_per_step
+        #: whether SUM/AVG reductions of float tensors are compressed too
+        self.reduce = reduce
         self._calls: dict[tuple[Any, ...], int] = {}
         self._calls_this_step = 0
         self._warned = False
@@ -237,7 +241,7 @@ class CompressedProcessGroup(dist.ProcessGroup):
 
     def _reducing(self, tensors: list[torch.Tensor], opts: Any) -> str | None:
         """The reduction to compress (``reduce=True``, float tensors, SUM or AVG), or None."""
-        if not self.compressed.config.reduce or not all(map(_compressible, tensors)):
+        if not self.reduce or not all(map(_compressible, tensors)):
             return None
         return _reduction(opts)
 
@@ -298,27 +302,34 @@ del _name
 
 def _create(backend_options: Any, options: _Options) -> CompressedProcessGroup:
     return CompressedProcessGroup(options.inner, options.config, timeout=options.timeout,
-                                  max_calls_per_step=options.max_calls_per_step)
+                                  max_calls_per_step=options.max_calls_per_step,
+                                  reduce=options.reduce)
 
 
 def wrap_process_group(pg: dist.ProcessGroup | None = None,
                        config: CompressionConfig | None = None, *,
                        timeout: float = DEFAULT_TIMEOUT,
-                       max_calls_per_step: int = DEFAULT_MAX_CALLS_PER_STEP
-                       ) -> CompressedProcessGroup:
+                       max_calls_per_step: int = DEFAULT_MAX_CALLS_PER_STEP,
+                       reduce: bool = False) -> CompressedProcessGroup:
     """A process group over ``pg``'s ranks (default: the world) that compresses its traffic.
 
     A collective over the default group, like ``dist.new_group``: every process calls it
     (processes outside ``pg`` get ``GroupMember.NON_GROUP_MEMBER``). ``timeout`` (seconds)
     bounds every compressed wait; ``max_calls_per_step`` caps the streams one step opens
-    (see the module docstring).
+    (see the module docstring). ``reduce``: also compress ``all_reduce``,
+    ``all_reduce_coalesced`` and ``reduce_scatter_tensor`` of float tensors with SUM or AVG
+    (a compressed reduce-scatter, then an all-gather: every rank gets the same bits). Off by
+    default: code often relies on an all-reduce being exact. The explicit
+    :meth:`~compressed_comm.CompressedGroup.all_reduce` needs no switch.
     """
     if not dist.is_initialized():
         raise RuntimeError("wrap_process_group needs torch.distributed to be initialised "
                            "(dist.init_process_group) first")
     inner = pg if pg is not None else dist.group.WORLD
+    config = config or CompressionConfig()
+    reduce = reduce or config.legacy_reduce
     dist.Backend.register_backend(BACKEND_NAME, _create, extended_api=True,
                                   devices=["cpu", "cuda"])
     return dist.new_group(ranks=dist.get_process_group_ranks(inner), backend=BACKEND_NAME,
-                          pg_options=_Options(inner, config or CompressionConfig(), timeout,
-                                              max_calls_per_step))
+                          pg_options=_Options(inner, config, timeout, max_calls_per_step,
+                                              reduce))

@@ -10,37 +10,11 @@ import torch
 from .codecs import Codec, IdentityCodec, get_codec
 from .config import CompressionConfig
 from .errors import StreamMismatchError
-from .stream import StreamDecoder, StreamEncoder, StreamStats
+from .stream import StreamDecoder, StreamEncoder, StreamKey, StreamStats
 
 __all__ = ["Session", "SessionStats", "StreamKey"]
 
 _Stream = StreamEncoder | StreamDecoder
-
-
-@dataclass(frozen=True)
-class StreamKey:
-    """What a stream carries, as its caller named it.
-
-    ``op`` is the operation (``"all_gather"``, ``"ring"``, ``"p2p"``, ``"all_to_all"``; ``""``
-    for a stream made directly on a :class:`Session`), ``name`` the caller's stream name and
-    ``dst`` the destination rank of point-to-point and all-to-all streams. The sending rank
-    (the stream's origin) is kept beside the key. ``skip`` patterns match :attr:`name`;
-    ``str(key)`` is the full name that stats and errors show (``"all_gather:layer7.k"``,
-    ``"p2p:x->1"``).
-    """
-
-    op: str
-    name: str
-    dst: int | None = None
-
-    def __str__(self) -> str:
-        full = f"{self.op}:{self.name}" if self.op else self.name
-        return full if self.dst is None else f"{full}->{self.dst}"
-
-    @classmethod
-    def of(cls, key: str | StreamKey) -> StreamKey:
-        """``key`` itself, or the key of a stream a caller named ``key`` directly."""
-        return key if isinstance(key, StreamKey) else cls("", key)
 
 
 @dataclass(frozen=True)
@@ -154,9 +128,8 @@ class Session:
                 raise TypeError(f"stream {str(key)!r}: like must be a tensor, got "
                                 f"{type(like).__name__}")
             codec = self.codec_for(key, like.nbytes)
-            stream = cls(str(key), like, self.config, origin=origin, codec=codec,
+            stream = cls(key, like, self.config, origin=origin, codec=codec,
                          session=self.id, namespace=self.namespace)
-            stream.key = key
             self._streams[(key, origin)] = stream
             return stream
         if not isinstance(stream, cls):

@@ -8,34 +8,57 @@ bit-identical and each step's quantisation error ``x - ref`` is carried into the
 residual (error feedback).
 
 Predictions by ``residual_order``: 0 -> zero (plain compression), 1 -> ``ref``,
-2 -> ``ref + decay * (ref - previous ref)``. Steps ``t < warmup_steps`` and, if
-``keyframe_period > 0``, steps with ``t % keyframe_period == 0`` are keyframes: the tensor
-itself, through the keyframe codec (lossless by default). With ``keyframe_spread = K > 1``
-a periodic keyframe is sent in ``K`` row slices instead: step ``t`` with ``t %
-keyframe_period = j < K`` sends slice ``j`` of the rows as a keyframe and the other rows
-as residuals. The schedule depends only on ``t``, so both sides know every payload size
-in advance (:meth:`payload_nbytes`).
+2 -> ``ref + decay * (ref - previous ref)``. Warmup steps and keyframes
+(:class:`~compressed_comm.Keyframes`) send the tensor itself through the keyframe codec;
+the schedule depends only on the step, so both sides know every payload size in advance
+(:meth:`payload_nbytes`, from :class:`~compressed_comm.messages.MessageLayout`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .codecs import Codec, IdentityCodec, get_codec
-from .codecs.base import _nc, as_2d, check_finite
-from .config import CompressionConfig
+from .codecs.base import as_2d, check_finite
+from .config import SHARED_FIELDS, CompressionConfig
+from .errors import StreamMismatchError, WireFormatError
+from .keyframes import KeyframeSchedule
 from .kernels.torch_ref import FP32_MAX
-from .errors import StaleMessageError, StreamMismatchError, StreamOrderError, WireFormatError
-from .config import SHARED_FIELDS
-from .wire import (ALIGN, CONFIG_FIELDS, FLAG_CHECKSUM, FLAG_CONFIG, FLAG_KEYFRAME, FLAG_SPREAD,
-                   Header, check_dtype, contiguous_payload, pack_fingerprint, read_header,
-                   stream_tag, unpack_fingerprint, verify_checksum)
+from .messages import MessageLayout
+from .wire import (FLAG_CONFIG, Header, check_dtype, contiguous_payload, expect, expect_position,
+                   pack_fingerprint, read_header, stream_tag, unpack_fingerprint,
+                   verify_checksum)
 
-__all__ = ["StreamEncoder", "StreamDecoder", "StreamStats"]
+__all__ = ["StreamEncoder", "StreamDecoder", "StreamStats", "StreamKey"]
+
+
+@dataclass(frozen=True)
+class StreamKey:
+    """What a stream carries, as its caller named it.
+
+    ``op`` is the operation (``"all_gather"``, ``"ring"``, ``"p2p"``, ``"all_to_all"``; ``""``
+    for a stream made directly on a :class:`~compressed_comm.Session`), ``name`` the caller's
+    stream name and ``dst`` the destination rank of point-to-point and all-to-all streams.
+    The sending rank (the stream's origin) is kept beside the key. ``skip`` patterns match
+    :attr:`name`; ``str(key)`` is the full name that stats and errors show
+    (``"all_gather:layer7.k"``, ``"p2p:x->1"``).
+    """
+
+    op: str
+    name: str
+    dst: int | None = None
+
+    def __str__(self) -> str:
+        full = f"{self.op}:{self.name}" if self.op else self.name
+        return full if self.dst is None else f"{full}->{self.dst}"
+
+    @classmethod
+    def of(cls, key: str | StreamKey) -> StreamKey:
+        """``key`` itself, or the key of a stream a caller named ``key`` directly."""
+        return key if isinstance(key, StreamKey) else cls("", key)
 
 
 @dataclass(frozen=True)
@@ -54,17 +77,13 @@ class StreamStats:
     #: ``||x - reference|| / ||x||`` of the last message (senders with ``track_error`` only)
     last_rel_error: float | None
 
-    #: operation, caller's name and destination (:class:`~compressed_comm.StreamKey`)
-    key: Any = None
+    #: operation, caller's name and destination
+    key: StreamKey | None = None
 
     @property
     def ratio(self) -> float:
         """raw bytes / wire bytes (inf before the first message)."""
         return self.raw_bytes / self.wire_bytes if self.wire_bytes else float("inf")
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 class _Stream:
@@ -74,7 +93,7 @@ class _Stream:
 
     def __init__(
         self,
-        name: str,
+        key: str | StreamKey,
         like: torch.Tensor,
         config: CompressionConfig | None = None,
         *,
@@ -84,12 +103,11 @@ class _Stream:
         namespace: str = "",
     ) -> None:
         config = config or CompressionConfig()
+        self.key = StreamKey.of(key)
+        self.name = name = str(self.key)
         if not isinstance(like, torch.Tensor):
             raise TypeError(f"stream {name!r}: like must be a tensor, got {type(like).__name__}")
         check_dtype(like.dtype, f"stream {name!r}")
-        # identity (a Session also sets .key, the StreamKey the name was made from)
-        self.name = name
-        self.key: Any = None
         self.origin = int(origin)
         self.shape = tuple(like.shape)
         self.dtype = like.dtype
@@ -100,18 +118,25 @@ class _Stream:
         self.codec = codec if codec is not None else get_codec(config.codec, kernels=config.kernels)
         self.order = 0 if self.codec.lossless else config.residual_order
         self.decay = float(config.decay)
-        self.warmup_steps = 0 if self.codec.lossless else config.warmup_steps
-        self.keyframe_period = 0 if self.codec.lossless else config.keyframe_period
-        self.keyframe_spread = 1 if self.codec.lossless else config.keyframe_spread
+        keyframes = config.keyframes
+        self.schedule = (KeyframeSchedule() if self.codec.lossless else KeyframeSchedule(
+            config.warmup_steps, keyframes.period, keyframes.spread))
+        self.warmup_steps = self.schedule.warmup_steps
         self.check_finite = config.check_finite
         self.closed_loop = config.closed_loop
-        self.checksum = config.checksum
         # the first message ends with the sender's config fingerprint, checked by receivers
         self._config = config
         self._trailer = pack_fingerprint(config.fingerprint()).to(self.device)
         self._keyframe_codec: Codec = (
-            IdentityCodec("identity") if self.codec.lossless or config.keyframe_codec == "identity"
-            else get_codec(config.keyframe_codec, kernels=config.kernels))
+            IdentityCodec("identity") if self.codec.lossless or keyframes.codec == "identity"
+            else get_codec(keyframes.codec, kernels=config.kernels))
+        self.layout = MessageLayout(
+            self.codec, self._keyframe_codec, self.schedule, self.shape, self.dtype,
+            fields=dict(tag=self.tag, session=self.session & 0xFFFFFFFF,
+                        residual_order=self.order, closed_loop=self.closed_loop,
+                        warmup_steps=self.warmup_steps, keyframe_period=self.schedule.period,
+                        decay=self.decay if self.order == 2 else 0.0),
+            trailer_nbytes=self._trailer.numel(), checksum=config.checksum)
         # state: reference (and the previous one for order 2), codec state, step counter
         self._ref = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         self._prev = torch.zeros_like(self._ref) if self.order == 2 else None
@@ -146,55 +171,17 @@ class _Stream:
 
     def is_keyframe(self, step: int) -> bool:
         """Whether message ``step`` sends the whole tensor through the keyframe codec."""
-        if step < self.warmup_steps:
-            return True
-        return (self.keyframe_period > 0 and self.keyframe_spread == 1
-                and step % self.keyframe_period == 0)
+        return self.schedule.is_keyframe(step)
 
     def spread_rows(self, step: int) -> tuple[int, int] | None:
         """Rows ``(lo, hi)`` of the tensor viewed ``(N, C)`` that message ``step`` sends as
         its slice of a spread keyframe (the other rows go as residuals); None if the
         message is not such a slice."""
-        k = self.keyframe_spread
-        j = step % self.keyframe_period if k > 1 else k
-        if j >= k or step - j < self.warmup_steps:  # not in a keyframe after the warmup
-            return None
-        n = _nc(self.shape)[0]
-        return j * n // k, (j + 1) * n // k
-
-    def _fields(self, step: int, flags: int) -> dict[str, Any]:
-        return dict(seq=step & 0xFFFFFFFF, tag=self.tag, flags=flags,
-                    session=self.session & 0xFFFFFFFF, residual_order=self.order,
-                    closed_loop=self.closed_loop, warmup_steps=self.warmup_steps,
-                    keyframe_period=self.keyframe_period,
-                    decay=self.decay if self.order == 2 else 0.0)
-
-    def _parts(self, step: int, lo: int, hi: int) -> list[tuple[int, int, Codec, Header]]:
-        """The row blocks of a spread keyframe's message: ``(start, end, codec, header)``
-        of the rows before the slice, the slice (keyframe codec) and the rows after."""
-        n, c = _nc(self.shape)
-        blocks = ((0, lo, self.codec, 0), (lo, hi, self._keyframe_codec, FLAG_KEYFRAME),
-                  (hi, n, self.codec, 0))
-        return [(a, b, codec, codec.header((b - a, c), self.dtype, **self._fields(step, flags)))
-                for a, b, codec, flags in blocks if b > a]
+        return self.layout.slice_rows(step)
 
     def header(self, step: int | None = None) -> Header:
         """The header of message ``step`` (default: the next one)."""
-        step = self._step if step is None else step
-        flags = (FLAG_CHECKSUM if self.checksum else 0) | (FLAG_CONFIG if step == 0 else 0)
-        trailer = self._trailer.numel() if step == 0 else 0
-        rows = self.spread_rows(step)
-        if rows is not None:
-            body = sum(_aligned(h.payload_nbytes) for *_, h in self._parts(step, *rows))
-            outer = self.codec.header(self.shape, self.dtype,
-                                      **self._fields(step, FLAG_SPREAD | flags))
-            return dataclasses.replace(outer, body_nbytes=body + trailer)
-        keyframe = self.is_keyframe(step)
-        codec = self._keyframe_codec if keyframe else self.codec
-        header = codec.header(self.shape, self.dtype,
-                              **self._fields(step, (FLAG_KEYFRAME if keyframe else 0) | flags))
-        return dataclasses.replace(header, body_nbytes=header.body_nbytes + trailer) \
-            if trailer else header
+        return self.layout.header(self._step if step is None else step)
 
     def payload_nbytes(self, step: int | None = None) -> int:
         """Size of the payload of message ``step`` (default: the next one)."""
@@ -205,14 +192,7 @@ class _Stream:
         that a sender of another config sending it raw would (another ``min_bytes``,
         ``skip`` or keyframe codec): a receive buffer of this size takes such a message,
         whose header then names the difference."""
-        raw = IdentityCodec("identity").payload_nbytes(self.shape, self.dtype)
-        sizes = [c.payload_nbytes(self.shape, self.dtype)
-                 for c in (self.codec, self._keyframe_codec)]
-        sizes += [self.payload_nbytes(0), raw + self._trailer.numel()]
-        if self.keyframe_spread > 1:  # every slice of the first spread keyframe
-            first = -(-self.warmup_steps // self.keyframe_period) * self.keyframe_period
-            sizes += [self.payload_nbytes(first + j) for j in range(self.keyframe_spread)]
-        return max(sizes)
+        return self.layout.max_payload_nbytes(IdentityCodec("identity"))
 
     @property
     def reference_bytes(self) -> int:
@@ -268,10 +248,10 @@ class StreamEncoder(_Stream):
 
     role = "encoder"
 
-    def __init__(self, name: str, like: torch.Tensor, config: CompressionConfig | None = None,
-                 *, origin: int = 0, codec: Codec | None = None, session: int = 0,
-                 namespace: str = "") -> None:
-        super().__init__(name, like, config, origin=origin, codec=codec, session=session,
+    def __init__(self, key: str | StreamKey, like: torch.Tensor,
+                 config: CompressionConfig | None = None, *, origin: int = 0,
+                 codec: Codec | None = None, session: int = 0, namespace: str = "") -> None:
+        super().__init__(key, like, config, origin=origin, codec=codec, session=session,
                          namespace=namespace)
         self.track_error = (config or CompressionConfig()).track_error
         self._err: torch.Tensor | None = None
@@ -294,7 +274,9 @@ class StreamEncoder(_Stream):
         header = self.header()
         pred, target, codec = self._begin()
         if rows is not None:
-            payload = self._emit_spread(x, header, rows, pred, target)
+            payload = self.layout.emit_spread(
+                x, header, self._step, rows, pred, target,
+                self._trailer if self._step == 0 else None)
         else:
             state = self._codec_state if codec is self.codec else None
             payload = codec.emit(as_2d(x), self.shape, None if pred is None else as_2d(pred),
@@ -306,25 +288,6 @@ class StreamEncoder(_Stream):
             target.copy_(x)
         self._wire_bytes += payload.numel()
         self._finish()
-        return payload
-
-    def _emit_spread(self, x: torch.Tensor, header: Header, rows: tuple[int, int],
-                     pred: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
-        """The payload of a spread keyframe's slice: one sub-payload per row block."""
-        n, c = _nc(self.shape)
-        x2, t2 = as_2d(x), target.view(n, c)
-        p2 = None if pred is None else pred.view(n, c)
-        payload = torch.zeros(header.payload_nbytes, dtype=torch.uint8, device=x.device)
-        header.write(payload)
-        offset = header.nbytes
-        for a, b, codec, sub in self._parts(self._step, *rows):
-            part = codec.emit(x2[a:b], (b - a, c), None if sub.keyframe or p2 is None
-                              else p2[a:b], t2[a:b], sub)
-            payload[offset:offset + part.numel()] = part
-            offset += _aligned(part.numel())
-        if self._step == 0:
-            payload[payload.numel() - self._trailer.numel():].copy_(self._trailer)
-        header.seal(payload)
         return payload
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -364,58 +327,24 @@ class StreamDecoder(_Stream):
             raise WireFormatError(f"{self.what}: {e}") from None
         payload = contiguous_payload(payload)
         expected = self.header()
-        if header.tag != expected.tag:
-            raise WireFormatError(
-                f"{self.what}: payload belongs to another stream (tag {header.tag:#010x}, "
-                f"expected {expected.tag:#010x})"
-            )
-        if header.session != expected.session:
-            raise StaleMessageError(
-                f"{self.what}: payload belongs to session {header.session}, this is session "
-                f"{expected.session} (a message of an earlier or later request; discarded)"
-            )
-        if header.seq != expected.seq:
-            kind = "missed" if header.seq > expected.seq else "repeated or stale"
-            raise StreamOrderError(
-                f"{self.what}: expected the payload of step {expected.seq}, got step "
-                f"{header.seq} (a {kind} message)"
-            )
+        expect_position(header, expected, self.what)
         verify_checksum(payload, header, self.what)  # before any field of the body is read
-        bad = header.mismatches(expected)
-        config = [b for b in bad if b.split("=")[0] in CONFIG_FIELDS]
-        if (header.flags ^ expected.flags) & FLAG_SPREAD:
-            config.append(f"keyframe_spread (step {expected.seq} is "
-                          f"{'' if expected.flags & FLAG_SPREAD else 'not '}a slice of a "
-                          "spread keyframe here)")
+        differ: list[str] = []
         if (header.flags & expected.flags & FLAG_CONFIG
                 and header.body_nbytes >= self._trailer.numel()):
             differ = self._config.differences(unpack_fingerprint(payload, len(SHARED_FIELDS)))
-            if differ:  # named by the sender's fingerprint, with the values the header shows
-                related = set(differ) | ({"codec_id", "param"} if {
-                    "codec", "keyframe_codec", "min_bytes", "skip"} & set(differ) else set()) | (
-                    {"flags"} if {"checksum", "keyframe_spread"} & set(differ) else set())
-                shown = [b for b in bad if b.split("=")[0] in related]
-                raise WireFormatError(
-                    f"{self.what}: the sender's CompressionConfig differs from this rank's in "
-                    f"{', '.join(differ)}" + (f" ({', '.join(shown)})" if shown else "")
-                    + "; every rank must use the same config")
-        if config:
-            raise WireFormatError(
-                f"{self.what}: the sender's CompressionConfig differs from this rank's: "
-                f"{', '.join(config)}; every rank must use the same config"
-            )
-        if bad:
-            raise WireFormatError(f"{self.what}: payload does not match the stream: {', '.join(bad)}")
+        expect(header, expected, self.what, differ)
         if self._broken is not None:
             raise WireFormatError(f"{self.what}: {self._broken}; start a new session")
         rows = self.spread_rows(self._step)
-        parts = None if rows is None else self._spread_parts(payload, header, rows)
+        parts = None if rows is None else self.layout.split_spread(
+            payload, header, self._step, rows, self.what)
         pred, target, codec = self._begin()
         try:
             if parts is None:
                 codec.absorb(payload, header, pred, target)
             else:
-                self._absorb_spread(parts, pred, target)
+                self.layout.absorb_spread(parts, pred, target)
         except WireFormatError as e:  # a body the codec rejects (e.g. a corrupt top-k index)
             if self.order == 2 or parts is not None:  # the reference is already changed
                 self._broken = f"out of step with its sender since step {self._step} ({e})"
@@ -423,28 +352,3 @@ class StreamDecoder(_Stream):
         self._wire_bytes += payload.numel()
         self._finish()
         return self._ref
-
-    def _spread_parts(self, payload: torch.Tensor, header: Header, rows: tuple[int, int]
-                      ) -> list[tuple[int, int, Codec, Header, torch.Tensor]]:
-        """The validated sub-payloads of a spread keyframe's slice (before any is applied)."""
-        parts, offset = [], header.nbytes
-        for a, b, codec, sub in self._parts(self._step, *rows):
-            part = payload[offset:offset + sub.payload_nbytes]
-            try:
-                bad = read_header(part).mismatches(sub)
-            except WireFormatError as e:
-                bad = [str(e)]
-            if bad:
-                raise WireFormatError(f"{self.what}: rows {a}:{b} of the spread keyframe at step "
-                                      f"{self._step}: {', '.join(bad)}")
-            parts.append((a, b, codec, sub, part))
-            offset += _aligned(sub.payload_nbytes)
-        return parts
-
-    def _absorb_spread(self, parts: list[tuple[int, int, Codec, Header, torch.Tensor]],
-                       pred: torch.Tensor | None, target: torch.Tensor) -> None:
-        n, c = _nc(self.shape)
-        t2 = target.view(n, c)
-        p2 = None if pred is None else pred.view(n, c)
-        for a, b, codec, sub, part in parts:
-            codec.absorb(part, sub, None if sub.keyframe or p2 is None else p2[a:b], t2[a:b])

@@ -26,7 +26,7 @@ Every payload is one contiguous 1-D ``uint8`` tensor::
     48      8*ndim shape, one uint64 per dimension
     ...            body: the codec's sections, each starting at a multiple of 8
 
-A spread keyframe's message (``CompressionConfig(keyframe_spread=K)``) has the stream's
+A spread keyframe's message (``Keyframes(spread=K)``) has the stream's
 header with flag bit 2 and, as its body, complete payloads (header and body each) of
 contiguous row blocks of the tensor viewed ``(N, C)``: the residual-codec payload of the
 rows before the slice, the keyframe-codec payload of the slice, that of the rows after
@@ -59,7 +59,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UnsupportedDtypeError, WireFormatError
+from .errors import (StaleMessageError, StreamOrderError, UnsupportedDtypeError,
+                     WireFormatError)
 
 __all__ = [
     "MAGIC",
@@ -88,6 +89,8 @@ __all__ = [
     "contiguous_payload",
     "announced_payload",
     "CONFIG_FIELDS",
+    "expect_position",
+    "expect",
 ]
 
 MAGIC = b"CC"
@@ -218,6 +221,52 @@ class Header:
 
 #: Header fields that come from the sender's :class:`~compressed_comm.CompressionConfig`.
 CONFIG_FIELDS = ("residual_order", "closed_loop", "warmup_steps", "keyframe_period", "decay")
+
+
+def expect_position(header: Header, expected: Header, what: str) -> None:
+    """Raise if ``header`` is not the message a stream expects next: another stream's
+    (:class:`WireFormatError`), another session's (:class:`StaleMessageError`) or another
+    step's (:class:`StreamOrderError`)."""
+    if header.tag != expected.tag:
+        raise WireFormatError(f"{what}: payload belongs to another stream (tag "
+                              f"{header.tag:#010x}, expected {expected.tag:#010x})")
+    if header.session != expected.session:
+        raise StaleMessageError(
+            f"{what}: payload belongs to session {header.session}, this is session "
+            f"{expected.session} (a message of an earlier or later request; discarded)")
+    if header.seq != expected.seq:
+        kind = "missed" if header.seq > expected.seq else "repeated or stale"
+        raise StreamOrderError(f"{what}: expected the payload of step {expected.seq}, got step "
+                               f"{header.seq} (a {kind} message)")
+
+
+def expect(header: Header, expected: Header, what: str,
+           differing: list[str] | tuple[str, ...] = ()) -> None:
+    """Raise :class:`WireFormatError` if ``header`` differs from ``expected`` (after
+    :func:`expect_position`): ``differing`` are the config fields the sender's fingerprint
+    names (named with the header values they explain), else the header's config fields,
+    else the fields of another shape, codec or size."""
+    bad = header.mismatches(expected)
+    if differing:
+        related = set(differing) | ({"codec_id", "param"} if {
+            "codec", "keyframes.codec", "min_bytes", "skip"} & set(differing) else set()) | (
+            {"flags"} if {"checksum", "keyframes.spread"} & set(differing) else set()) | (
+            {"keyframe_period"} if "keyframes.period" in differing else set())
+        shown = [b for b in bad if b.split("=")[0] in related]
+        raise WireFormatError(
+            f"{what}: the sender's CompressionConfig differs from this rank's in "
+            f"{', '.join(differing)}" + (f" ({', '.join(shown)})" if shown else "")
+            + "; every rank must use the same config")
+    config = [b for b in bad if b.split("=")[0] in CONFIG_FIELDS]
+    if (header.flags ^ expected.flags) & FLAG_SPREAD:
+        config.append(f"keyframes.spread (step {expected.seq} is "
+                      f"{'' if expected.flags & FLAG_SPREAD else 'not '}a slice of a "
+                      "spread keyframe here)")
+    if config:
+        raise WireFormatError(f"{what}: the sender's CompressionConfig differs from this "
+                              f"rank's: {', '.join(config)}; every rank must use the same config")
+    if bad:
+        raise WireFormatError(f"{what}: payload does not match the stream: {', '.join(bad)}")
 
 
 def _f32(v: float) -> float:

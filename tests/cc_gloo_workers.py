@@ -308,7 +308,7 @@ def reduce_worker(rank, world, init_file, out_dir):
     out = {}
     try:
         for codec in ("identity", "int8"):
-            pg = wrap_process_group(config=CompressionConfig(codec=codec, reduce=True))
+            pg = wrap_process_group(config=CompressionConfig(codec=codec), reduce=True)
             errors = {}
             for step in range(STEPS):
                 x = _drifting(rank, step, (12, 8))

@@ -11,6 +11,7 @@ from compressed_comm import (
     CompressedCommError,
     CompressedGroup,
     CompressionConfig,
+    Keyframes,
     RawGroup,
     StreamMismatchError,
     WireFormatError,
@@ -120,7 +121,7 @@ def test_every_collective_every_codec(world, codec, dtype):
 def test_spread_keyframes_in_every_collective(keyframe_codec):
     """Keyframes spread over 3 steps (every 4th step, from step 4) in all collectives: the
     references stay in lock step, and the sizes each rank announces agree (the handshake)."""
-    cfg = dict(keyframe_period=4, keyframe_spread=3, keyframe_codec=keyframe_codec)
+    cfg = dict(keyframes=Keyframes(period=4, spread=3, codec=keyframe_codec))
     res = run_ranks(3, lambda t: all_collectives(t, "binary", torch.float16, 12, **cfg))
     check_lock_step(res)
     for me in range(3):

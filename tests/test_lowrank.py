@@ -13,7 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compressed_comm import CompressionConfig, StreamDecoder, StreamEncoder, read_header
+from compressed_comm import (CompressionConfig, Keyframes, StreamDecoder, StreamEncoder,
+                             read_header)
 from compressed_comm.codecs import get_codec, lowrank
 from compressed_comm.codecs.base import as_2d
 
@@ -121,7 +122,7 @@ def test_warm_suffix_rejected(spec, use):
 def test_references_bit_identical(spec, blocks, dtype, order, n, c, k, period, seed):
     xs = drifting(n, c, k, 10, seed, dtype)
     cfg = CompressionConfig(codec=spec, residual_order=order, warmup_steps=1,
-                            keyframe_period=period)
+                            keyframes=Keyframes(period=period))
     with block_elems(blocks):
         enc, dec = StreamEncoder("s", xs[0], cfg), StreamDecoder("s", xs[0], cfg)
         for t, x in enumerate(xs):

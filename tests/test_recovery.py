@@ -11,6 +11,7 @@ from compressed_comm import (
     CancelledError,
     CommTimeoutError,
     CompressedGroup,
+    Keyframes,
     CompressionConfig,
     GroupFailedError,
     PeerFailedError,
@@ -109,7 +110,7 @@ def test_a_failed_wait_fails_the_group_until_new_session():
 @pytest.mark.parametrize("theirs,field", [
     (dict(residual_order=0), "residual_order"),
     (dict(warmup_steps=2), "warmup_steps"),
-    (dict(keyframe_period=3), "keyframe_period"),
+    (dict(keyframes=Keyframes(period=3)), "keyframes.period"),
     (dict(closed_loop=False), "closed_loop"),
     (dict(codec="int4"), "codec"),
 ])
@@ -235,9 +236,9 @@ DIFFERENT = {
     "residual_order": dict(residual_order=2),
     "decay": dict(residual_order=2, decay=0.25),
     "warmup_steps": dict(warmup_steps=2),
-    "keyframe_period": dict(keyframe_period=3),
-    "keyframe_codec": dict(keyframe_codec="int8"),
-    "keyframe_spread": dict(keyframe_spread=2),
+    "keyframes.period": dict(keyframes=Keyframes(period=3)),
+    "keyframes.codec": dict(keyframes=Keyframes(codec="int8")),
+    "keyframes.spread": dict(keyframes=Keyframes(period=4, spread=2)),
     "min_bytes": dict(min_bytes=10**9),
     "skip": dict(skip=("x*",)),
     "closed_loop": dict(closed_loop=False),
@@ -253,13 +254,14 @@ def test_every_shared_field_has_a_p2p_case():
 @pytest.mark.parametrize("field", list(DIFFERENT))
 def test_config_disagreement_on_p2p_names_every_shared_field(field):
     base = dict(codec="int8") | {"decay": dict(residual_order=2),
-                                 "keyframe_spread": dict(keyframe_period=4)}.get(field, {})
+                                 "keyframes.spread": dict(keyframes=Keyframes(period=4))
+                                 }.get(field, {})
     p2p_disagreement(base | DIFFERENT[field], base,
                      f"CompressionConfig differs from this rank's in {field}")
 
 
 @pytest.mark.parametrize("sender,receiver", [(1, 2), (2, 1), (2, 3), (3, 4), (4, 2)])
 def test_keyframe_spreads_that_differ_are_named_on_p2p(sender, receiver):
-    base = dict(codec="int8", keyframe_period=4)
-    p2p_disagreement(base | dict(keyframe_spread=sender), base | dict(keyframe_spread=receiver),
-                     "differs from this rank's in keyframe_spread")
+    p2p_disagreement(dict(codec="int8", keyframes=Keyframes(period=4, spread=sender)),
+                     dict(codec="int8", keyframes=Keyframes(period=4, spread=receiver)),
+                     "differs from this rank's in keyframes.spread")

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from compressed_comm import (
     CompressionConfig,
+    Keyframes,
     NonFiniteError,
     StreamDecoder,
     StreamEncoder,
@@ -60,8 +61,8 @@ def rel_err(x, xhat):
     seed=st.integers(0, 2**16),
 )
 def test_references_bit_identical_over_30_steps(codec, order, dtype, shape, warmup, period, seed):
-    cfg = CompressionConfig(codec=codec, residual_order=order, warmup_steps=warmup,
-                            keyframe_period=period, decay=0.7)
+    cfg = CompressionConfig(codec=codec, residual_order=order, warmup_steps=warmup, decay=0.7,
+                            keyframes=Keyframes(period=period))
     walk = list(random_walk(shape, 30, dtype, seed))
     enc, dec = pair(cfg, walk[0])
     for step, x in enumerate(walk):
@@ -170,7 +171,7 @@ def test_error_statistic_is_off_by_default():
 
 
 def test_warmup_and_keyframes_are_exact_and_flagged():
-    cfg = CompressionConfig(codec="binary", warmup_steps=3, keyframe_period=5)
+    cfg = CompressionConfig(codec="binary", warmup_steps=3, keyframes=Keyframes(period=5))
     walk = list(random_walk((20, 16), 12, torch.float16, seed=6))
     enc, dec = pair(cfg, walk[0])
     keyframes = {0, 1, 2, 5, 10}
@@ -301,7 +302,7 @@ def test_payload_of_another_session_is_stale():
     (dict(residual_order=2), "residual_order=2 .expected 1"),
     (dict(closed_loop=False), "closed_loop=False"),
     (dict(warmup_steps=3), "warmup_steps=3 .expected 1"),
-    (dict(keyframe_period=4), "keyframe_period=4 .expected 0"),
+    (dict(keyframes=Keyframes(period=4)), "keyframes.period .keyframe_period=4 .expected 0"),
 ])
 def test_config_mismatch_is_named_at_the_first_message(theirs, field):
     x = torch.randn(8, 6)
@@ -415,7 +416,7 @@ def test_inputs_that_require_grad_are_encoded_detached(codec):
 
 
 def test_unchecked_nan_propagates_identically_until_a_keyframe():
-    cfg = CompressionConfig(codec="int4", check_finite=False, keyframe_period=3)
+    cfg = CompressionConfig(codec="int4", check_finite=False, keyframes=Keyframes(period=3))
     enc, dec = pair(cfg, torch.zeros(6, 5))
     xs = [torch.randn(6, 5) for _ in range(4)]
     xs[1][2, 2] = float("nan")
@@ -437,8 +438,8 @@ def test_unsupported_dtype_raises():
        warmup=st.integers(1, 2), period=st.sampled_from([0, 3]), seed=st.integers(0, 99))
 def test_lossy_keyframes_keep_references_identical_and_sizes_known(
         codec, keyframe_codec, order, dtype, warmup, period, seed):
-    cfg = CompressionConfig(codec=codec, keyframe_codec=keyframe_codec, residual_order=order,
-                            warmup_steps=warmup, keyframe_period=period)
+    cfg = CompressionConfig(codec=codec, residual_order=order, warmup_steps=warmup,
+                            keyframes=Keyframes(codec=keyframe_codec, period=period))
     walk = list(random_walk((12, 8), 8, dtype, seed))
     enc, dec = pair(cfg, walk[0])
     kf = get_codec(keyframe_codec)
@@ -459,10 +460,10 @@ def test_lossy_keyframes_keep_references_identical_and_sizes_known(
 
 
 def test_keyframe_codec_must_be_stateless_and_agree():
-    with pytest.raises(ValueError, match="keyframe_codec must be one of identity, fp8, int8"):
-        CompressionConfig(keyframe_codec="lowrank:4")
+    with pytest.raises(ValueError, match="Keyframes.codec must be one of identity, fp8, int8"):
+        CompressionConfig(keyframes=Keyframes(codec="lowrank:4"))
     x = torch.randn(8, 6)
-    enc = StreamEncoder("s", x, CompressionConfig(keyframe_codec="int8"))
+    enc = StreamEncoder("s", x, CompressionConfig(keyframes=Keyframes(codec="int8")))
     dec = StreamDecoder("s", x, CompressionConfig())
     with pytest.raises(WireFormatError, match="codec_id"):
         dec.decode(enc.encode(x))
@@ -482,9 +483,9 @@ def test_spread_keyframes_keep_references_identical_and_sizes_known(
     view, sent through the keyframe codec (exact for identity); every other row is a
     residual. Both references stay bit-identical and every size is known in advance."""
     spread = min(spread, period)
-    cfg = CompressionConfig(codec=codec, keyframe_codec=keyframe_codec, residual_order=order,
-                            warmup_steps=warmup, keyframe_period=period, keyframe_spread=spread,
-                            checksum=checksum)
+    cfg = CompressionConfig(codec=codec, residual_order=order, warmup_steps=warmup,
+                            checksum=checksum,
+                            keyframes=Keyframes(codec=keyframe_codec, period=period, spread=spread))
     walk = list(random_walk((rows, 2, 4), 3 * period + 2, dtype, seed))
     enc, dec = pair(cfg, walk[0])
     largest = enc.max_payload_nbytes()
@@ -511,7 +512,7 @@ def test_spread_keyframes_keep_references_identical_and_sizes_known(
 
 
 def test_spread_slices_cover_every_row_once_per_keyframe():
-    cfg = CompressionConfig(codec="binary", keyframe_period=6, keyframe_spread=4)
+    cfg = CompressionConfig(codec="binary", keyframes=Keyframes(period=6, spread=4))
     enc = StreamEncoder("s", torch.zeros(10, 3), cfg)
     spans = [enc.spread_rows(t) for t in range(13)]
     assert spans[:6] == [None] * 6  # step 0 is the warmup keyframe, whole
@@ -521,8 +522,8 @@ def test_spread_slices_cover_every_row_once_per_keyframe():
 
 def test_a_spread_keyframe_costs_less_than_a_whole_one():
     x = torch.randn(64, 128, dtype=torch.float16)
-    whole = StreamEncoder("s", x, CompressionConfig(keyframe_period=8))
-    spread = StreamEncoder("s", x, CompressionConfig(keyframe_period=8, keyframe_spread=4))
+    whole = StreamEncoder("s", x, CompressionConfig(keyframes=Keyframes(period=8)))
+    spread = StreamEncoder("s", x, CompressionConfig(keyframes=Keyframes(period=8, spread=4)))
     assert whole.payload_nbytes(8) == get_codec("identity").payload_nbytes(x.shape, x.dtype)
     slices = [spread.payload_nbytes(8 + j) for j in range(4)]
     assert max(slices) < 0.4 * whole.payload_nbytes(8)
@@ -530,22 +531,22 @@ def test_a_spread_keyframe_costs_less_than_a_whole_one():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(keyframe_spread=0), "keyframe_spread must be a positive integer"),
-    (dict(keyframe_spread=2), "keyframe_spread=2 needs keyframe_period >= 2"),
-    (dict(keyframe_spread=4, keyframe_period=3), "needs keyframe_period >= 4"),
+    (dict(spread=0), "Keyframes.spread must be a positive integer"),
+    (dict(spread=2), "Keyframes.spread=2 needs Keyframes.period >= 2"),
+    (dict(spread=4, period=3), "needs Keyframes.period >= 4"),
 ])
 def test_spread_needs_a_keyframe_period(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        CompressionConfig(**kwargs)
+        Keyframes(**kwargs)
 
 
 def test_spread_mismatch_is_named_and_a_corrupt_slice_is_refused():
     x = torch.randn(8, 6)
-    enc = StreamEncoder("s", x, CompressionConfig(keyframe_period=2, keyframe_spread=2))
-    dec = StreamDecoder("s", x, CompressionConfig(keyframe_period=2))
-    with pytest.raises(WireFormatError, match="differs from this rank's in keyframe_spread"):
+    enc = StreamEncoder("s", x, CompressionConfig(keyframes=Keyframes(period=2, spread=2)))
+    dec = StreamDecoder("s", x, CompressionConfig(keyframes=Keyframes(period=2)))
+    with pytest.raises(WireFormatError, match="differs from this rank's in keyframes.spread"):
         dec.decode(enc.encode(x))  # named by the first message's config fingerprint
-    cfg = CompressionConfig(keyframe_period=2, keyframe_spread=2, residual_order=1)
+    cfg = CompressionConfig(residual_order=1, keyframes=Keyframes(period=2, spread=2))
     enc, dec = pair(cfg, x)
     for _ in range(2):
         dec.decode(enc.encode(x))

@@ -209,7 +209,7 @@ class _GroupBase(Reductions):
         name = StreamKey("p2p", stream, dst)
         x = forward_only(x)
         return self._guarded(lambda: self._send_bytes(
-            self.framing.sender(name, x).payload(), dst, stream))
+            self.framing.sender(name, x).payload(), dst, name))
 
     def irecv(self, like: torch.Tensor, src: int, *, stream: str) -> Handle[torch.Tensor]:
         """Start receiving a tensor shaped like ``like`` from ``src`` on ``stream``."""
@@ -630,14 +630,14 @@ class _GroupBase(Reductions):
             packet = buf
         return frames
 
-    def _send_bytes(self, data: torch.Tensor, dst: int, stream: str) -> Handle[None]:
+    def _send_bytes(self, data: torch.Tensor, dst: int, name: StreamKey) -> Handle[None]:
         """Start sending the uint8 buffer ``data`` to ``dst``; it stays alive until done."""
-        what = f"send of stream {stream!r} to rank {dst}"
+        what = f"send of stream {name.name!r} to rank {dst}"
         work = self._isend(data, dst, what)
 
         def finish(timeout: float, data: torch.Tensor = data) -> None:
             self._wait(work, timeout, what)
-        return self._track(StreamKey("send", stream, dst), self._handle(finish))
+        return self._track(name, self._handle(finish))
 
     def _sent(self, nbytes: int, messages: int) -> None:
         self.bytes_sent += nbytes
