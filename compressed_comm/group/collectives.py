@@ -12,12 +12,14 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..errors import CommError, GroupFailedError
+from ..errors import GroupFailedError
 from ..session import StreamKey
-from ..transport import P2POp, TorchDistTransport, Transport, Work
-from .framing import Framing, Incoming
+from ..transport import TorchDistTransport, Transport, Work
+from .arguments import check_peer, gather_shapes, split_sizes
+from .framing import Framing, Incoming, template
 from .handle import Handle, forward_only
 from .ledger import Entry, Ledger, Plan
+from .posting import Posting
 from .reductions import Reductions
 
 __all__ = ["DEFAULT_TIMEOUT"]
@@ -29,14 +31,10 @@ DEFAULT_TIMEOUT = 300.0
 
 def _like(shape: Sequence[int], x: torch.Tensor) -> torch.Tensor:
     """A zero-memory tensor with ``shape`` and ``x``'s dtype and device (a stream template)."""
-    return _template(shape, x.dtype, x.device)
+    return template(shape, x.dtype, x.device)
 
 
-def _template(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.empty((), dtype=dtype, device=device).expand(tuple(shape))
-
-
-class _GroupBase(Reductions):
+class _GroupBase(Posting, Reductions):
     """What raw and compressed groups share: transport, timeouts, steps, sessions, the
     failed state, the ledger that lets :meth:`new_session` drain a failed session, and the
     collectives over the group's :attr:`framing`.
@@ -205,7 +203,7 @@ class _GroupBase(Reductions):
 
     def isend(self, x: torch.Tensor, dst: int, *, stream: str) -> Handle[None]:
         """Start sending ``x`` to ``dst`` on ``stream``."""
-        self._check_peer(dst, "destination")
+        check_peer(self.rank, self.world_size, dst, "destination")
         name = StreamKey("p2p", stream, dst)
         x = forward_only(x)
         return self._guarded(lambda: self._send_bytes(
@@ -213,7 +211,7 @@ class _GroupBase(Reductions):
 
     def irecv(self, like: torch.Tensor, src: int, *, stream: str) -> Handle[torch.Tensor]:
         """Start receiving a tensor shaped like ``like`` from ``src`` on ``stream``."""
-        self._check_peer(src, "source")
+        check_peer(self.rank, self.world_size, src, "source")
         name = StreamKey("p2p", stream, self.rank)
 
         def start() -> Handle[torch.Tensor]:
@@ -242,7 +240,7 @@ class _GroupBase(Reductions):
         ``x`` itself. ``shapes`` gives each rank's shape when they differ (uneven patches).
         """
         x = forward_only(x)
-        shapes = self._shapes(x, shapes)
+        shapes = gather_shapes(self.rank, self.world_size, x, shapes)
         if self.world_size == 1:
             return Handle.completed([x])
         return self._guarded(lambda: self._all_gather(x, stream, shapes))
@@ -298,7 +296,7 @@ class _GroupBase(Reductions):
         every hop (a pass left unfinished is drained by ``new_session()``).
         """
         x = forward_only(x)
-        shapes = self._shapes(x, shapes)
+        shapes = gather_shapes(self.rank, self.world_size, x, shapes)
         if self.world_size == 1:
             yield self.rank, x
             return
@@ -331,7 +329,7 @@ class _GroupBase(Reductions):
         copied exactly.
         """
         x = forward_only(x)
-        in_sizes, out_sizes = self._splits(x, stream, input_split_sizes, output_split_sizes)
+        in_sizes, out_sizes = split_sizes(self.world_size, x, stream, input_split_sizes, output_split_sizes)
         if self.world_size == 1:
             return Handle.completed(x)
         return self._guarded(lambda: self._all_to_all(x, stream, in_sizes, out_sizes))
@@ -421,243 +419,3 @@ class _GroupBase(Reductions):
                    ahead: int) -> dict[int, Incoming]:
         return {o: self.framing.receiver(name, o, _like(shapes[o], x), ahead)
                 for o in range(self.world_size) if o != self.rank}
-
-    def _settled(self, name: StreamKey, likes: dict[int, torch.Tensor],
-                 earlier: list[Handle[Any]]) -> list[Handle[Any]]:
-        """``earlier`` (the stream's transfers in flight), or none once they are complete
-        where one of the streams ``(name, origin)`` is about to be renewed for
-        ``likes[origin]``: they belong to the old stream."""
-        if not earlier or all(self.framing.fits(name, o, t) for o, t in likes.items()):
-            return earlier
-        for h in earlier:
-            h.wait()
-        return []
-
-    def _check_peer(self, peer: int, role: str) -> None:
-        if not 0 <= peer < self.world_size or peer == self.rank:
-            raise ValueError(f"rank {self.rank}: {role} rank {peer} is not another rank of "
-                             f"this group of {self.world_size}")
-
-    def _shapes(self, x: torch.Tensor, shapes: Sequence[Sequence[int]] | None
-                ) -> list[tuple[int, ...]]:
-        if shapes is None:
-            return [tuple(x.shape)] * self.world_size
-        out = [tuple(int(d) for d in s) for s in shapes]
-        if len(out) != self.world_size or out[self.rank] != tuple(x.shape):
-            raise ValueError(f"rank {self.rank}: shapes must list {self.world_size} shapes with "
-                             f"this rank's equal to {tuple(x.shape)}; got {out}")
-        return out
-
-    def _earlier(self, name: StreamKey) -> list[Handle[Any]]:
-        """The still-incomplete handles of stream ``name``, oldest first."""
-        live = [h for h in self._inflight.get(name, ()) if not h.is_completed()]
-        self._inflight[name] = live
-        return list(live)
-
-    def _track(self, name: StreamKey, handle: Handle[T]) -> Handle[T]:
-        self._inflight.setdefault(name, []).append(handle)
-        return handle
-
-    def _handle(self, finish: Callable[[float], T], before: Sequence[Handle[Any]] = ()
-                ) -> Handle[T]:
-        return Handle(finish, self.timeout, before, group=self)
-
-    @staticmethod
-    def _buffer(nbytes: int, device: torch.device) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, device=device)
-
-    # posting and waiting: every transfer goes through these, so that the ledger knows what
-    # new_session has left to complete or drain
-
-    def _start(self, what: str, op: Callable[..., T], *args: Any) -> T:
-        try:
-            return op(*args)
-        except CommError as e:
-            raise type(e)(f"rank {self.rank}: {what}: {e}") from e
-
-    def _isend(self, data: torch.Tensor, dst: int, what: str) -> Work:
-        work = self._start(what, self.transport.isend, data, dst)
-        self._ledger.sent[dst].append(data.numel())
-        self._sent(data.numel(), 1)
-        return self._ledger.record(work, data)
-
-    def _irecv(self, buf: torch.Tensor, src: int, what: str) -> Work:
-        work = self._start(what, self.transport.irecv, buf, src)
-        return self._ledger.receive(work, src, buf)
-
-    def _batch(self, ops: list[P2POp], what: str) -> list[Work]:
-        works = self._start(what, self.transport.batch_isend_irecv, ops)
-        for op, work in zip(ops, works):
-            if op.kind == "send":
-                self._ledger.sent[op.peer].append(op.tensor.numel())
-                self._sent(op.tensor.numel(), 1)
-                self._ledger.record(work, op.tensor)
-            else:
-                self._ledger.receive(work, op.peer, op.tensor)
-        return works
-
-    def _all_gather_op(self, what: str, block: torch.Tensor, outs: list[torch.Tensor]) -> Work:
-        work = self._start(what, self.transport.all_gather, outs, block)
-        self._ledger.collective("all_gather", [block.numel()] * self.world_size,
-                                [block.numel()] * self.world_size)
-        return self._ledger.record(work, block)
-
-    def _all_to_all_op(self, what: str, send_buf: torch.Tensor, recv_buf: torch.Tensor,
-                       send_sizes: list[int], recv_sizes: list[int]) -> Work:
-        work = self._start(what, self.transport.all_to_all_single, recv_buf, send_buf,
-                           recv_sizes, send_sizes)
-        self._ledger.collective("all_to_all", send_sizes, recv_sizes)
-        return self._ledger.record(work, send_buf)
-
-    def _wait(self, work: Work, timeout: float, what: str) -> None:
-        try:
-            work.wait(timeout)
-        except CommError as e:
-            self._ledger.failed(work)  # over, unsuccessfully: nothing to wait for in a drain
-            raise type(e)(f"rank {self.rank}: {what}: {e}") from e
-        self._ledger.done(work)
-
-    def _ring_hops(self, x: torch.Tensor, packet: torch.Tensor, stream: str,
-                   incoming: dict[int, Incoming]) -> Iterator[tuple[int, torch.Tensor]]:
-        """The hops of a ring pass of this rank's byte ``packet``: yields ``(rank, x)``, then
-        ``(origin, tensor)`` per hop while the next hop is in flight; every received packet
-        is forwarded unchanged. A failure fails the group."""
-        world = self.world_size
-        nxt, prv = (self.rank + 1) % world, (self.rank - 1) % world
-        name = StreamKey("ring", stream)
-
-        def post(packet: torch.Tensor, hop: int) -> tuple[int, torch.Tensor, Handle[None]]:
-            origin = (self.rank - hop) % world
-            buf = self._buffer(incoming[origin].nbytes, x.device)
-            what = (f"ring pass of stream {stream!r}, hop {hop} of {world - 1}: block of rank "
-                    f"{origin} sent to rank {nxt}, received from rank {prv}")
-            works = self._guarded(lambda: self._batch(
-                [P2POp("send", packet, nxt), P2POp("recv", buf, prv)], what))
-
-            def finish(timeout: float) -> None:
-                for w in works:
-                    self._wait(w, timeout, what)
-            return origin, buf, self._track(name, self._handle(finish))
-
-        def forward_rest(pending: tuple[int, torch.Tensor, Handle[None]], hop: int) -> None:
-            """After a failure at ``hop``: the rest of the pass still goes round (the
-            peers downstream wait on it), forwarding what arrives unread."""
-            for later in range(hop + 1, world):
-                _, buf, handle = pending
-                handle.wait()
-                if later < world - 1:
-                    pending = post(buf, later + 1)
-
-        pending = post(packet, 1)
-        self._entry_posted()
-        yield self.rank, x
-        for hop in range(1, world):
-            origin, buf, handle = pending
-            handle.wait()
-            if hop < world - 1:
-                pending = post(buf, hop + 1)  # forward unchanged while decoding
-            try:
-                self._check_usable()
-                self._received(f"ring pass of stream {stream!r}", {origin: buf})
-                block = incoming[origin].take(buf)
-            except Exception as e:
-                if hop < world - 1:
-                    try:
-                        forward_rest(pending, hop)
-                    except Exception:  # noqa: BLE001 - the first error is the one to report
-                        pass
-                self._fail(e)
-                raise
-            yield origin, block
-
-    def _post_status(self, entry: Entry, status: int, rank: int, text: str,
-                      wait: bool) -> dict[int, Any]:
-        """Post the collective of ``entry`` with status frames (``status`` about ``rank``,
-        ``text``) of the sizes the peers expect instead of payloads. With ``wait``: wait for
-        it and return what every rank sent, by origin (a status tuple, or None for data);
-        a ring pass always waits, hop by hop, forwarding what arrives."""
-        world, me, device = self.world_size, self.rank, entry.device
-        what = f"{entry} (status frames)"
-        mine = (status, rank, text)
-
-        def frame(nbytes: int) -> torch.Tensor:
-            return self.framing.frame(nbytes, status, rank, text, device)
-
-        def like(shape: Sequence[int]) -> torch.Tensor:
-            return _template(shape, entry.dtype, device)
-
-        if entry.kind == "all_to_all":
-            rest = entry.shapes[0]
-            in_sizes, out_sizes = entry.splits
-            recv_name = StreamKey("all_to_all", entry.stream, me)
-            ahead = len(self._earlier(recv_name))
-            incoming = {src: self.framing.receiver(recv_name, src, like((out_sizes[src], *rest)),
-                                                   ahead) for src in range(world) if src != me}
-            payloads = [None if dst == me else frame(self.framing.sender(
-                StreamKey("all_to_all", entry.stream, dst), like((in_sizes[dst], *rest))).nbytes)
-                for dst in range(world)]
-            recv_sizes = [0 if src == me else incoming[src].nbytes for src in range(world)]
-            work, received = self._post_all_to_all(what, payloads, recv_sizes, device)
-            bufs = {src: received[src] for src in incoming}
-        else:
-            name = StreamKey(entry.kind, entry.stream)
-            ahead = len(self._earlier(name)) if entry.kind == "all_gather" else 0
-            incoming = {o: self.framing.receiver(name, o, like(entry.shapes[o]), ahead)
-                        for o in range(world) if o != me}
-            nbytes = self.framing.sender(name, like(entry.shapes[me])).nbytes
-            if entry.kind == "ring":
-                return self._status_ring(what, frame(nbytes), incoming, mine)
-            sizes = [nbytes if o == me else incoming[o].nbytes for o in range(world)]
-            work, outs = self._post_all_gather(what, frame(nbytes), max(sizes), device)
-            bufs = {o: outs[o][: sizes[o]] for o in incoming}
-        if not wait:
-            return {}
-        self._wait(work, self.timeout, what)
-        return {me: mine} | {o: self.framing.status(b) for o, b in bufs.items()}
-
-    def _status_ring(self, what: str, packet: torch.Tensor, incoming: dict[int, Incoming],
-                     mine: tuple[int, int, str]) -> dict[int, Any]:
-        """A ring pass of the status frame ``packet``, hop by hop (see :meth:`_post_status`)."""
-        world, me = self.world_size, self.rank
-        nxt, prv = (me + 1) % world, (me - 1) % world
-        frames: dict[int, Any] = {me: mine}
-        for hop in range(1, world):
-            origin = (me - hop) % world
-            buf = self._buffer(incoming[origin].nbytes, packet.device)
-            for w in self._batch([P2POp("send", packet, nxt), P2POp("recv", buf, prv)], what):
-                self._wait(w, self.timeout, what)
-            frames[origin] = self.framing.status(buf)
-            packet = buf
-        return frames
-
-    def _send_bytes(self, data: torch.Tensor, dst: int, name: StreamKey) -> Handle[None]:
-        """Start sending the uint8 buffer ``data`` to ``dst``; it stays alive until done."""
-        what = f"send of stream {name.name!r} to rank {dst}"
-        work = self._isend(data, dst, what)
-
-        def finish(timeout: float, data: torch.Tensor = data) -> None:
-            self._wait(work, timeout, what)
-        return self._track(name, self._handle(finish))
-
-    def _sent(self, nbytes: int, messages: int) -> None:
-        self.bytes_sent += nbytes
-        self.messages_sent += messages
-
-    def _splits(self, x: torch.Tensor, stream: str, input_split_sizes: Sequence[int] | None,
-                output_split_sizes: Sequence[int] | None) -> tuple[list[int], list[int]]:
-        """Validated all-to-all split sizes along dim 0 (default: equal splits both ways)."""
-        world = self.world_size
-        n = x.shape[0] if x.dim() else 0
-        if input_split_sizes is None:
-            if x.dim() == 0 or n % world:
-                raise ValueError(f"all_to_all of stream {stream!r}: dim 0 of shape "
-                                 f"{tuple(x.shape)} does not split evenly over {world} ranks; "
-                                 "pass input_split_sizes")
-            input_split_sizes = [n // world] * world
-        in_sizes = [int(v) for v in input_split_sizes]
-        out_sizes = in_sizes if output_split_sizes is None else [int(v) for v in output_split_sizes]
-        if len(in_sizes) != world or len(out_sizes) != world or sum(in_sizes) != n or min(
-                in_sizes + out_sizes) < 0:
-            raise ValueError(f"all_to_all of stream {stream!r}: split sizes {in_sizes} -> "
-                             f"{out_sizes} do not fit dim 0 = {n} over {world} ranks")
-        return in_sizes, out_sizes

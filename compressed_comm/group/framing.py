@@ -16,6 +16,7 @@ transport takes messages shorter than the buffer).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Sequence
 
 import torch
 
@@ -23,7 +24,13 @@ from ..session import Session, StreamKey
 from ..stream import StreamDecoder, StreamEncoder
 from ..wire import announced_payload, read_status, status_frame
 
-__all__ = ["Framing", "Outgoing", "Incoming", "RawFraming", "CompressedFraming", "as_bytes"]
+__all__ = ["Framing", "Outgoing", "Incoming", "RawFraming", "CompressedFraming", "as_bytes",
+           "template"]
+
+
+def template(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-memory tensor of ``shape``, ``dtype`` and ``device``: what a stream is made for."""
+    return torch.empty((), dtype=dtype, device=device).expand(tuple(shape))
 
 
 def as_bytes(x: torch.Tensor) -> torch.Tensor:

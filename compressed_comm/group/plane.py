@@ -41,14 +41,17 @@ peers already recovered, does not disturb the group.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from ..errors import GroupFailedError, PeerFailedError, WireFormatError
+from ..stream import StreamKey
+from ..transport import P2POp
 from ..wire import STATUS_FAILED, STATUS_VOID
 from . import control
 from .control import HANDSHAKE, RECOVER, STEP, ControlBlock
+from .framing import Incoming, template
 from .ledger import Entry, digest
 
 if TYPE_CHECKING:
@@ -217,6 +220,66 @@ class ControlPlane:
                 return (_peer_failed(self.rank, what, rank, text) if status == STATUS_FAILED
                         else _disagreement(self.rank, what, f"rank {rank} {text}"))
         return None
+
+    def _post_status(self: CompressedGroup, entry: Entry, status: int, rank: int, text: str,
+                      wait: bool) -> dict[int, Any]:
+        """Post the collective of ``entry`` with status frames (``status`` about ``rank``,
+        ``text``) of the sizes the peers expect instead of payloads. With ``wait``: wait for
+        it and return what every rank sent, by origin (a status tuple, or None for data);
+        a ring pass always waits, hop by hop, forwarding what arrives."""
+        world, me, device = self.world_size, self.rank, entry.device
+        what = f"{entry} (status frames)"
+        mine = (status, rank, text)
+
+        def frame(nbytes: int) -> torch.Tensor:
+            return self.framing.frame(nbytes, status, rank, text, device)
+
+        def like(shape: Sequence[int]) -> torch.Tensor:
+            return template(shape, entry.dtype, device)
+
+        if entry.kind == "all_to_all":
+            rest = entry.shapes[0]
+            in_sizes, out_sizes = entry.splits
+            recv_name = StreamKey("all_to_all", entry.stream, me)
+            ahead = len(self._earlier(recv_name))
+            incoming = {src: self.framing.receiver(recv_name, src, like((out_sizes[src], *rest)),
+                                                   ahead) for src in range(world) if src != me}
+            payloads = [None if dst == me else frame(self.framing.sender(
+                StreamKey("all_to_all", entry.stream, dst), like((in_sizes[dst], *rest))).nbytes)
+                for dst in range(world)]
+            recv_sizes = [0 if src == me else incoming[src].nbytes for src in range(world)]
+            work, received = self._post_all_to_all(what, payloads, recv_sizes, device)
+            bufs = {src: received[src] for src in incoming}
+        else:
+            name = StreamKey(entry.kind, entry.stream)
+            ahead = len(self._earlier(name)) if entry.kind == "all_gather" else 0
+            incoming = {o: self.framing.receiver(name, o, like(entry.shapes[o]), ahead)
+                        for o in range(world) if o != me}
+            nbytes = self.framing.sender(name, like(entry.shapes[me])).nbytes
+            if entry.kind == "ring":
+                return self._status_ring(what, frame(nbytes), incoming, mine)
+            sizes = [nbytes if o == me else incoming[o].nbytes for o in range(world)]
+            work, outs = self._post_all_gather(what, frame(nbytes), max(sizes), device)
+            bufs = {o: outs[o][: sizes[o]] for o in incoming}
+        if not wait:
+            return {}
+        self._wait(work, self.timeout, what)
+        return {me: mine} | {o: self.framing.status(b) for o, b in bufs.items()}
+
+    def _status_ring(self: CompressedGroup, what: str, packet: torch.Tensor, incoming: dict[int, Incoming],
+                     mine: tuple[int, int, str]) -> dict[int, Any]:
+        """A ring pass of the status frame ``packet``, hop by hop (see :meth:`_post_status`)."""
+        world, me = self.world_size, self.rank
+        nxt, prv = (me + 1) % world, (me - 1) % world
+        frames: dict[int, Any] = {me: mine}
+        for hop in range(1, world):
+            origin = (me - hop) % world
+            buf = self._buffer(incoming[origin].nbytes, packet.device)
+            for w in self._batch([P2POp("send", packet, nxt), P2POp("recv", buf, prv)], what):
+                self._wait(w, self.timeout, what)
+            frames[origin] = self.framing.status(buf)
+            packet = buf
+        return frames
 
     # ------------------------------------------------------------------ exchanges
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from ..session import StreamKey
+from .arguments import split_sizes
 from .handle import Handle, forward_only
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class Reductions:
         """
         average = _reduce_op(op, stream)
         x = forward_only(x)
-        in_sizes, _ = self._splits(x, stream, input_split_sizes, None)
+        in_sizes, _ = split_sizes(self.world_size, x, stream, input_split_sizes, None)
         world, mine = self.world_size, in_sizes[self.rank]
         parts = self.all_to_all_async(x, stream=stream, input_split_sizes=in_sizes,
                                       output_split_sizes=[mine] * world)

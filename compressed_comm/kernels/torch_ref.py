@@ -72,7 +72,6 @@ def torch_unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tens
     """Inverse of :func:`torch_pack_bits`: the first ``numel`` codes as 1-D uint8."""
     if bits == 8:
         return packed[:numel]
-    per = 8 // bits
     mask = (1 << bits) - 1
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     codes = (packed[:, None] >> shifts) & mask
