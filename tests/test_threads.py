@@ -65,6 +65,9 @@ from adapters.xdit import enable_compression
 handle = enable_compression(torch.nn.Linear(4, 4), CompressionConfig(codec="binary"),
                             points=["torch_ring"])
 handle.disable()
+# torch's own import of torch._dynamo (torch.compiler.disable, the hook points' guard) sets
+# TORCHINDUCTOR_CACHE_DIR: torch's side effect, in every process that compiles anyway
+os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None) if "TORCHINDUCTOR_CACHE_DIR" not in environment else None
 globals_kept &= dict(os.environ) == environment and signals == {
     s: signal.getsignal(s) for s in signals}
 print(json.dumps({"before": BEFORE, "after": settings(), "changed": changed,

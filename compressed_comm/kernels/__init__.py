@@ -21,6 +21,7 @@ import importlib
 import logging
 import os
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable
 
 import torch
@@ -28,8 +29,8 @@ import torch
 from . import torch_ref
 from .torch_ref import packed_nbytes
 
-__all__ = ["Kernels", "KERNELS_ENV", "IMPLEMENTATIONS", "get_kernels", "packed_nbytes",
-           "available_implementations"]
+__all__ = ["Kernels", "KERNELS_ENV", "IMPLEMENTATIONS", "MEMBERS", "get_kernels", "bundle",
+           "packed_nbytes", "available_implementations"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,23 +59,18 @@ class Kernels:
     absmax_decode: Callable[..., None]
 
 
-TORCH_KERNELS = Kernels(
-    name="torch",
-    all_finite=torch_ref.torch_all_finite,
-    error_norms=torch_ref.torch_error_norms,
-    pack_bits=torch_ref.torch_pack_bits,
-    unpack_bits=torch_ref.torch_unpack_bits,
-    pack_uint=torch_ref.torch_pack_uint,
-    unpack_uint=torch_ref.torch_unpack_uint,
-    binary_encode=torch_ref.torch_binary_encode,
-    binary_decode=torch_ref.torch_binary_decode,
-    int2_encode=torch_ref.torch_int2_encode,
-    int2_decode=torch_ref.torch_int2_decode,
-    minmax_encode=torch_ref.torch_minmax_encode,
-    minmax_decode=torch_ref.torch_minmax_decode,
-    absmax_encode=torch_ref.torch_absmax_encode,
-    absmax_decode=torch_ref.torch_absmax_decode,
-)
+#: the members of a :class:`Kernels` bundle, each ``<impl>_<member>`` in its module
+MEMBERS: tuple[str, ...] = tuple(f for f in Kernels.__dataclass_fields__ if f != "name")
+
+TORCH_KERNELS = Kernels(name="torch", **{m: getattr(torch_ref, f"torch_{m}") for m in MEMBERS})
+
+
+def bundle(name: str, module: ModuleType, errors: tuple[type[BaseException], ...]) -> Kernels:
+    """The bundle of implementation ``name``: each member is ``module``'s ``<name>_<member>``
+    where it has one, else the torch reference's; a member that raises one of ``errors``
+    (it cannot compile) falls back to the reference with one log line (:func:`with_fallback`)."""
+    members = {m: getattr(module, f"{name}_{m}", getattr(TORCH_KERNELS, m)) for m in MEMBERS}
+    return with_fallback(Kernels(name=name, **members), TORCH_KERNELS, errors)
 
 
 def with_fallback(fast: Kernels, reference: Kernels, errors: tuple[type[BaseException], ...]
@@ -100,15 +96,21 @@ def with_fallback(fast: Kernels, reference: Kernels, errors: tuple[type[BaseExce
                 return chosen[0](*args, **kwargs)
         call.__name__ = call.__qualname__ = f"{fast.name}_{field}"
         return call
-    fields = {f: guard(f) for f in Kernels.__dataclass_fields__ if f != "name"}
-    return Kernels(name=fast.name, **fields)  # type: ignore[arg-type]
+    return Kernels(name=fast.name, **{m: guard(m) for m in MEMBERS})  # type: ignore[arg-type]
 
 
 def resolve_impl(impl: str | None = None) -> str:
     """The implementation name to use: ``impl``, else ``$COMPRESSED_COMM_KERNELS`` (unset or
     empty: auto), else auto."""
-    name = impl if impl is not None else os.environ.get(KERNELS_ENV, "")
-    name = name.strip().lower() or "auto"  # an empty variable means auto too
+    if impl is not None:
+        return _resolve(impl, True)
+    return _resolve(os.environ.get(KERNELS_ENV, ""), False)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve(given: str, from_argument: bool) -> str:
+    impl = given if from_argument else None
+    name = given.strip().lower() or "auto"  # an empty variable means auto too
     if name not in ("auto", *IMPLEMENTATIONS):
         source = "kernels" if impl is not None else f"${KERNELS_ENV}"
         raise ValueError(

@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from .torch_ref import (INT2_SPLIT, torch_all_finite, torch_error_norms, torch_pack_bits, torch_pack_uint,
-                        torch_unpack_bits, torch_unpack_uint)
+from .torch_ref import INT2_SPLIT, torch_all_finite
 
 __all__ = ["probe", "source", "CUPY_KERNELS", "TILE", "OPTIONS", "KernelCompileError"]
 
@@ -83,14 +82,27 @@ def _arr(t: torch.Tensor) -> Any:
 
 
 def _launch(name: str, dtype: torch.dtype | None, grid: int, block: int, *args: Any) -> None:
-    import cupy
     import numpy as np
     cast = [_arr(a) if isinstance(a, torch.Tensor) else
             (np.int64(a) if isinstance(a, int) and not isinstance(a, bool) else a) for a in args]
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(
-            torch.cuda.current_stream(device).cuda_stream):
+    with _device(device.index), _stream(device.index,
+                                        torch.cuda.current_stream(device).cuda_stream):
         _kernel(name, dtype)((max(grid, 1),), (block,), tuple(cast))
+
+
+@functools.lru_cache(maxsize=None)
+def _device(index: int) -> Any:
+    """CuPy's handle of CUDA device ``index`` (one per device, not per launch)."""
+    import cupy
+    return cupy.cuda.Device(index)
+
+
+@functools.lru_cache(maxsize=64)
+def _stream(index: int, handle: int) -> Any:
+    """CuPy's view of the torch stream ``handle`` on device ``index``."""
+    import cupy
+    return cupy.cuda.ExternalStream(handle, index)
 
 
 def _int(v: int) -> Any:
@@ -222,16 +234,12 @@ def cupy_absmax_decode(codes, amax, bits: int, pred, out) -> None:
 
 
 def _cupy_kernels() -> Any:
-    from . import Kernels
-    # statistics, bit packing and top-k indices run as torch ops (one pass each, on the GPU)
-    return Kernels(
-        name="cupy", all_finite=torch_all_finite, error_norms=torch_error_norms,
-        pack_bits=torch_pack_bits, unpack_bits=torch_unpack_bits,
-        pack_uint=torch_pack_uint, unpack_uint=torch_unpack_uint,
-        binary_encode=cupy_binary_encode, binary_decode=cupy_binary_decode,
-        int2_encode=cupy_int2_encode, int2_decode=cupy_int2_decode,
-        minmax_encode=cupy_minmax_encode, minmax_decode=cupy_minmax_decode,
-        absmax_encode=cupy_absmax_encode, absmax_decode=cupy_absmax_decode)
+    import sys
+
+    from . import bundle
+    # statistics, bit packing and top-k indices run as the torch reference's ops (one pass
+    # each, on the GPU); a kernel that cannot compile falls back to the reference
+    return bundle("cupy", sys.modules[__name__], (KernelCompileError,))
 
 
 CUPY_KERNELS = _cupy_kernels()

@@ -817,18 +817,12 @@ def numba_absmax_decode(codes, amax, bits: int, pred, out) -> None:
 def numba_kernels():
     """The :class:`~compressed_comm.kernels.Kernels` bundle of this module; a kernel that
     numba cannot compile falls back to the torch reference with one log line."""
+    import sys
+
     from numba.core.errors import NumbaError
 
-    from . import TORCH_KERNELS, Kernels, with_fallback
-    return with_fallback(Kernels(
-        name="numba", all_finite=numba_all_finite, error_norms=numba_error_norms,
-        pack_bits=numba_pack_bits, unpack_bits=numba_unpack_bits,
-        pack_uint=numba_pack_uint, unpack_uint=numba_unpack_uint,
-        binary_encode=numba_binary_encode, binary_decode=numba_binary_decode,
-        int2_encode=numba_int2_encode, int2_decode=numba_int2_decode,
-        minmax_encode=numba_minmax_encode, minmax_decode=numba_minmax_decode,
-        absmax_encode=numba_absmax_encode, absmax_decode=numba_absmax_decode),
-        TORCH_KERNELS, (NumbaError,))
+    from . import bundle
+    return bundle("numba", sys.modules[__name__], (NumbaError,))
 
 
 _launch_pool()  # at import: the import lock keeps it from racing with itself
