@@ -22,10 +22,9 @@ It first measures the link's latency with timed 4-byte all_gathers (seconds per 
 per step of the slowest rank after the first step, the speedup against raw (same
 parallelism) and against one process, the bytes each rank sends per step after the first,
 and the PSNR of the final latents against raw; ``--json`` writes the same
-(``bench/results.py``'s ``E2EResult``). With
-``--rate`` the ranks share one link of that rate (a fresh network
-namespace whose loopback is shaped by tc, see ``bench/shaped_link.py``; needs root, exits 2
-otherwise); ``--delay`` adds a netem delay where the kernel has netem. On CPU, diffusers' ring
+(``bench/results.py``'s ``E2EResult``). With ``--rate`` the ranks share one link of that
+rate (a fresh network namespace whose loopback is shaped by tc, see
+``bench/shaped_link.py``; needs root, exits 2 otherwise); ``--delay`` adds a netem delay where the kernel has netem. On CPU, diffusers' ring
 needs the log-sum-exp that its CP backends do not return there: ``cp-ring`` then uses a
 small math attention op (as ``examples/diffusers_cp_example.py`` does).
 """
