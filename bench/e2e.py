@@ -21,10 +21,10 @@ It first measures the link's latency with timed 4-byte all_gathers (seconds per 
 ``bench/sim_vs_e2e.py`` gives the simulator), then prints, per run, the median seconds
 per step of the slowest rank after the first step, the speedup against raw (same
 parallelism) and against one process, the bytes each rank sends per step after the first,
-and the PSNR of the final latents against raw; ``--json`` writes the same. With
-``--rate`` the ranks share one link of that rate (a fresh network
-namespace whose loopback is shaped by tc, see ``bench/shaped_link.py``; needs root, exits 2
-otherwise); ``--delay`` adds a netem delay where the kernel has netem. On CPU, diffusers' ring
+and the PSNR of the final latents against raw; ``--json`` writes the same
+(``bench/results.py``'s ``E2EResult``). With ``--rate`` the ranks share one link of that
+rate (a fresh network namespace whose loopback is shaped by tc, see
+``bench/shaped_link.py``; needs root, exits 2 otherwise); ``--delay`` adds a netem delay where the kernel has netem. On CPU, diffusers' ring
 needs the log-sum-exp that its CP backends do not return there: ``cp-ring`` then uses a
 small math attention op (as ``examples/diffusers_cp_example.py`` does).
 """
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import math
 import os
 import statistics
@@ -48,8 +47,11 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from shaped_link import end_rank, run_behind  # bench/ is this script's folder
+from results import E2EResult, E2ERow  # bench/ is this script's folder
+from shaped_link import end_rank, run_behind
 
+from simulator.methods import RAW, Method, method_list, parse_methods
+from simulator.metrics import range_psnr
 from simulator.workloads import Workload, flux_workload
 
 TOOL = "e2e.py"
@@ -100,25 +102,27 @@ def _hop_latency(world: int, device: torch.device, repeat: int = 7) -> float:
     return statistics.median(secs) / (world - 1)
 
 
-def _methods(parallelism: str, codecs: list[str]) -> list[str]:
-    extra = ["distrifusion"] if parallelism == "patch" else []
-    ok = [c for c in codecs if not c.endswith("+async") or parallelism in ("patch", "cp-ring")]
-    return ["raw", *extra, *ok]
+def _methods(parallelism: str, codecs: list[Method]) -> list[Method]:
+    """raw, distrifusion (patch) and every method of ``codecs`` that ``parallelism`` runs:
+    stale ones where :mod:`simulator.methods` allows them, and on diffusers' own CP only
+    compressed ones (its raw run is diffusers' own, unhooked)."""
+    return [m for m in method_list(codecs, distrifusion=parallelism == "patch")
+            if m.runs_on(parallelism)
+            and (parallelism in ADAPTER or m.codec is not None or m == RAW)]
 
 
-def _run(parallelism: str, method: str, workload: Workload, args: argparse.Namespace
+def _run(parallelism: str, method: Method, workload: Workload, args: argparse.Namespace
          ) -> tuple[torch.Tensor, list[float], list[int]]:
     from adapters.dit import ParallelConfig, parallelize
     from adapters.xdit import enable_compression
     from compressed_comm import TorchDistTransport
 
     model = copy.deepcopy(workload.model)
-    codec = method.removesuffix("+async")
-    stale = method.endswith("+async") or method == "distrifusion"
     if parallelism in ADAPTER:
-        compression = None if method in ("raw", "distrifusion") else _config(codec, args)
+        compression = None if method.codec is None else _config(method.codec, args)
         par = parallelize(model, TorchDistTransport(), ParallelConfig(
-            parallelism, compression=compression, asynchronous=stale, timeout=args.op_timeout))
+            parallelism, compression=compression, asynchronous=method.stale,
+            timeout=args.op_timeout))
         try:
             return _denoise(workload, model, args.steps, lambda: par.exchange.bytes_sent)
         finally:
@@ -135,9 +139,9 @@ def _run(parallelism: str, method: str, workload: Workload, args: argparse.Names
     on_cpu = not workload.noise.is_cuda
     lse = lse_attention_on_cpu() if mode == "ring" and on_cpu else nullcontext()
     with lse:
-        if method == "raw":
+        if method == RAW:
             return _denoise(workload, model, args.steps, lambda: 0)
-        handle = enable_compression(model, _config(codec, args), asynchronous=stale,
+        handle = enable_compression(model, _config(method.codec, args), asynchronous=method.stale,
                                     timeout=args.op_timeout)
         try:
             return _denoise(workload, model, args.steps, lambda: handle.bytes_sent)
@@ -154,12 +158,6 @@ def _config(codec: str, args: argparse.Namespace) -> Any:
                              handshake=args.control == "on")
 
 
-def _psnr(got: torch.Tensor, want: torch.Tensor) -> float:
-    mse = float((got.double() - want.double()).pow(2).mean())
-    peak = float(want.max() - want.min())
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
-
-
 def _worker(rank: int, args: argparse.Namespace, init: str) -> None:
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init}", rank=rank,
@@ -171,17 +169,17 @@ def _worker(rank: int, args: argparse.Namespace, init: str) -> None:
         if cuda:
             torch.cuda.set_device(device)
         workload = _workload(args, device, torch.bfloat16 if cuda else torch.float32)
-        link = {"latency_s": _hop_latency(args.world, device)}
+        latency = _hop_latency(args.world, device)
         if rank == 0:
-            print(f"link latency (4-byte all_gather): {link['latency_s'] * 1e6:.0f} us per hop",
+            print(f"link latency (4-byte all_gather): {latency * 1e6:.0f} us per hop",
                   flush=True)
-        rows: list[dict[str, Any]] = []
+        rows: list[E2ERow] = []
         secs = (_denoise(workload, workload.model, args.steps, lambda: 0, together=False)[1]
                 if rank == 0 else [])  # one process alone; the others wait below
         times: list[Any] = [None] * args.world
         dist.all_gather_object(times, secs)
         single = statistics.median(times[0][1:])
-        rows.append({"parallelism": "-", "method": "single", "seconds": single})
+        rows.append(E2ERow("-", "single", single))
         if rank == 0:
             _print_row(rows[-1])
         for parallelism in args.parallelisms:
@@ -192,35 +190,35 @@ def _worker(rank: int, args: argparse.Namespace, init: str) -> None:
                 dist.all_gather_object(gathered, (secs, sent))
                 slowest = [max(g[0][i] for g in gathered) for i in range(args.steps)]
                 seconds = statistics.median(slowest[1:])
-                if method == "raw":
+                if method == RAW:
                     raw_latents, raw_seconds = latents, seconds
                 nbytes = max(statistics.mean(g[1][1:]) for g in gathered)
-                rows.append({
-                    "parallelism": parallelism, "method": method, "seconds": seconds,
-                    "speedup_vs_raw": raw_seconds / seconds, "speedup_vs_single": single / seconds,
-                    "bytes_per_step": None if parallelism in DIFFUSERS_CP and method == "raw"
+                rows.append(E2ERow(
+                    parallelism, method.name, seconds, speedup_vs_raw=raw_seconds / seconds,
+                    speedup_vs_single=single / seconds,
+                    bytes_per_step=None if parallelism in DIFFUSERS_CP and method == RAW
                     else nbytes,
-                    "psnr_vs_raw": _psnr(latents.float().cpu(), raw_latents.float().cpu()),
-                })
+                    psnr_vs_raw=range_psnr(latents.float().cpu(), raw_latents.float().cpu())))
                 if rank == 0:
                     _print_row(rows[-1])
         if rank == 0 and args.json:
-            with open(args.json, "w") as f:
-                json.dump({"args": {k: v for k, v in vars(args).items() if k != "inner"},
-                           "link": link, "rows": rows}, f, indent=1)
+            options = {k: v for k, v in vars(args).items() if k not in ("inner", "codecs")}
+            E2EResult({**options, "codecs": [m.name for m in args.codecs]}, latency,
+                      tuple(rows)).write(args.json)
             print(f"wrote {args.json}")
     finally:
         dist.destroy_process_group()
     end_rank()
 
 
-def _print_row(r: dict[str, Any]) -> None:
-    nbytes = "-" if r.get("bytes_per_step") is None else f"{r['bytes_per_step']:,.0f}"
-    psnr = r.get("psnr_vs_raw")
+def _print_row(r: E2ERow) -> None:
+    nbytes = "-" if r.bytes_per_step is None else f"{r.bytes_per_step:,.0f}"
+    psnr = r.psnr_vs_raw
     psnr = "-" if psnr is None else "inf" if psnr == math.inf else f"{psnr:.1f}"
-    print(f"{r['parallelism']:<11} {r['method']:<14} {r['seconds']:>8.3f} "
-          f"{r.get('speedup_vs_raw', 1.0):>7.2f}x {r.get('speedup_vs_single', 1.0):>9.2f}x "
-          f"{nbytes:>14} {psnr:>7}", flush=True)
+    vs_raw = 1.0 if r.speedup_vs_raw is None else r.speedup_vs_raw
+    vs_single = 1.0 if r.speedup_vs_single is None else r.speedup_vs_single
+    print(f"{r.parallelism:<11} {r.method:<14} {r.seconds:>8.3f} {vs_raw:>7.2f}x "
+          f"{vs_single:>9.2f}x {nbytes:>14} {psnr:>7}", flush=True)
 
 
 def _csv(text: str) -> list[str]:
@@ -235,7 +233,9 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=48)
     p.add_argument("--parallelisms", type=_csv, default=list(ADAPTER + DIFFUSERS_CP))
-    p.add_argument("--codecs", type=_csv, default=["binary", "binary+async"])
+    p.add_argument("--codecs", default="binary,binary+async",
+                   help="methods besides raw and distrifusion: codec specs, each with +async "
+                        "for stale K/V (patch and cp-ring) (default: %(default)s)")
     p.add_argument("--keyframe-codec", default="identity",
                    help="how the codecs' keyframes are sent (CompressionConfig.keyframe_codec)")
     p.add_argument("--keyframe-period", type=int, default=0,
@@ -256,6 +256,7 @@ def main() -> None:
         p.error("--world and --steps must be at least 2 and --tokens a square number")
     try:
         _config("binary", args)
+        args.codecs = parse_methods(args.codecs)
     except ValueError as e:
         p.error(str(e))
     unknown = set(args.parallelisms) - set(ADAPTER + DIFFUSERS_CP)

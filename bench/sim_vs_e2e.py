@@ -45,7 +45,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from results import E2EResult  # bench/ is this script's folder
 
+from simulator.methods import parse_methods
 from simulator.network import Link, parse_link
 from simulator.run import codec_seconds, make_methods, run_method, run_reference, step_seconds
 from simulator.workloads import flux_workload
@@ -57,8 +59,8 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def measure(args: argparse.Namespace, rate: str) -> dict[str, Any]:
-    """``bench/e2e.py``'s JSON for patch parallelism behind ``rate``."""
+def measure(args: argparse.Namespace, rate: str) -> E2EResult:
+    """``bench/e2e.py``'s result for patch parallelism behind ``rate``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "e2e.json"
         cmd = [sys.executable, str(E2E), "--world", str(args.world), "--steps", str(args.steps),
@@ -69,7 +71,7 @@ def measure(args: argparse.Namespace, rate: str) -> dict[str, Any]:
         if done.returncode:
             sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
             sys.exit(done.returncode)
-        return json.loads(out.read_text())
+        return E2EResult.read(out)
 
 
 def main() -> None:
@@ -88,6 +90,11 @@ def main() -> None:
     args = p.parse_args()
     for rate in args.rates:
         parse_link(rate)  # a rate the simulator reads as tc does: fail before any run
+    try:
+        args.codecs = [m.name for m in parse_methods(args.codecs)]
+        args.judge = [m.name for m in parse_methods(args.judge)]
+    except ValueError as e:
+        p.error(str(e))
     methods = [m.name for m in make_methods("patch", args.codecs)]
     if not set(args.judge) <= set(methods):
         p.error(f"--judge {sorted(set(args.judge) - set(methods))}: not among the methods "
@@ -114,28 +121,28 @@ def main() -> None:
         measured = measure(args, rate)
         link = Link(f"{rate} shared by {args.world}", "tbf-shaped loopback",
                     bandwidth=parse_link(rate).bandwidth / args.world,
-                    latency=measured["link"]["latency_s"])
+                    latency=measured.latency_s)
         print(f"{rate}: {link.bandwidth / 1e6:.2f} MB/s per rank (the rate shared by "
               f"{args.world}), {link.latency * 1e6:.0f} us per hop (measured)", flush=True)
-        for r in measured["rows"]:
-            if r["parallelism"] != "patch":
+        for r in measured.rows:
+            if r.parallelism != "patch":
                 continue
-            run = runs[r["method"]]
-            codec_s = codec[r["method"]] * share
+            run = runs[r.method]
+            codec_s = codec[r.method] * share
             predicted = step_seconds(run, single / min(args.world, cores) + codec_s, link,
                                      after=1)[0]
             sim_bytes = max(sum(b[1:]) / (run.steps - 1) for b in run.bytes_per_step)
-            error = predicted / r["seconds"] - 1
-            rows.append({"rate": rate, "method": r["method"], "measured_s": r["seconds"],
+            error = predicted / r.seconds - 1
+            rows.append({"rate": rate, "method": r.method, "measured_s": r.seconds,
                          "predicted_s": predicted, "error": error, "codec_s": codec_s,
                          "bytes_per_step_sim": sim_bytes,
-                         "bytes_per_step_e2e": r["bytes_per_step"],
+                         "bytes_per_step_e2e": r.bytes_per_step,
                          "link_bytes_per_s": link.bandwidth,
                          "link_latency_s": link.latency})
-            mark = "" if r["method"] in args.judge else " (not judged)"
-            print(f"{rate:<9} {r['method']:<14} {r['seconds']:>9.3f} {predicted:>10.3f} "
+            mark = "" if r.method in args.judge else " (not judged)"
+            print(f"{rate:<9} {r.method:<14} {r.seconds:>9.3f} {predicted:>10.3f} "
                   f"{100 * error:>+6.1f}% {codec_s:>8.3f} "
-                  f"{sim_bytes:>12,.0f} / {r['bytes_per_step']:>11,.0f}{mark}", flush=True)
+                  f"{sim_bytes:>12,.0f} / {r.bytes_per_step:>11,.0f}{mark}", flush=True)
     judged = [row for row in rows if row["method"] in args.judge]
     worst = max(judged, key=lambda row: abs(row["error"]))
     ok = abs(worst["error"]) <= args.tolerance

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ import torch.distributed as dist
 from adapters.dit import PARALLELISMS, ParallelConfig
 from adapters.xdit import XDiTCompression, enable_compression
 from compressed_comm import CompressionConfig
+from simulator.metrics import range_psnr
 
 T = TypeVar("T")
 
@@ -258,7 +258,7 @@ def print_summary(title: str, args: argparse.Namespace, result: TinyComparison) 
     comp_total = sum(r[1] for r in result.per_rank)
     print(f"ratio {raw_total / comp_total:.2f}x  (raw / compressed K/V bytes per step, "
           f"warm-up step included; per-stream ratio {result.compressed.stream_ratio:.1f}x)")
-    print(f"PSNR {psnr(result.compressed.latents, result.raw.latents):.1f} dB  "
+    print(f"PSNR {range_psnr(result.compressed.latents, result.raw.latents):.1f} dB  "
           f"(compressed final latents vs raw)")
 
 
@@ -268,13 +268,6 @@ def print_traffic(rows: list[tuple[str, list[float]]]) -> None:
     print(f"{'run':<24}" + "".join(f"{f'rank {r} B/step':>16}" for r in range(ranks)))
     for name, values in rows:
         print(f"{name:<24}" + "".join(f"{v:>16,.0f}" for v in values))
-
-
-def psnr(got: torch.Tensor, want: torch.Tensor) -> float:
-    """PSNR (dB) of ``got`` against ``want``, peak = the range of ``want``."""
-    mse = float((got.double() - want.double()).pow(2).mean())
-    peak = float(want.max() - want.min())
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 def save_side_by_side(images: list[torch.Tensor], path: Path, scale: int = 8) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -41,6 +40,8 @@ import torch.distributed as dist
 from adapters.xdit import enable_compression
 from adapters.xdit.cpu import lse_attention_on_cpu
 from compressed_comm import CompressionConfig
+from simulator.metrics import range_psnr
+from simulator.workloads import make_workload
 
 
 def parse_args() -> argparse.Namespace:
@@ -61,12 +62,6 @@ def parallel_config(mode: str, world: int) -> Any:
     return ContextParallelConfig(**{f"{mode}_degree": world})
 
 
-def psnr(got: torch.Tensor, want: torch.Tensor) -> float:
-    mse = float((got.double() - want.double()).pow(2).mean())
-    peak = float(want.max() - want.min())
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
-
-
 def compare(generate: Callable[[str], tuple[torch.Tensor, float]], args: argparse.Namespace,
             rank: int) -> None:
     """``generate(codec)`` uncompressed (identity) and compressed; rank 0 prints the table."""
@@ -83,15 +78,13 @@ def compare(generate: Callable[[str], tuple[torch.Tensor, float]], args: argpars
         total = sum(a for a, _ in per_rank) / sum(b for _, b in per_rank)
         print(f"ratio {total:.2f}x  (uncompressed / compressed bytes per step, warm-up step "
               f"included)")
-        print(f"PSNR {psnr(got, exact):.1f} dB  (compressed output vs uncompressed)")
+        print(f"PSNR {range_psnr(got, exact):.1f} dB  (compressed output vs uncompressed)")
 
 
 # ---------------------------------------------------------------------- tiny mode: CPU
 
 def run_tiny(args: argparse.Namespace) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from simulator.workloads import make_workload
 
     dist.init_process_group("gloo")
     try:

@@ -22,11 +22,19 @@ import torch
 from adapters.dit import PARALLELISMS
 from compressed_comm import CompressionConfig
 
+from .methods import parse_methods
 from .metrics import quality
 from .network import LINKS, get_link
 from .report import Row, SimulationReport
-from .run import check_memory, estimate_memory, make_methods, run_method, run_reference, \
-    codec_seconds, step_seconds
+from .run import (
+    check_memory,
+    codec_seconds,
+    estimate_memory,
+    make_methods,
+    run_method,
+    run_reference,
+    step_seconds,
+)
 from .whatif import MODEL_SPECS, best_methods, run_what_if
 from .whatif import PARALLELISMS as WHATIF_PARALLELISMS
 from .workloads import WORKLOADS, make_workload
@@ -59,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None,
                    help="samples per run (default: 10 for digits, one per class; 2 otherwise)")
     p.add_argument("--codecs", default=DEFAULT_CODECS,
-                   help="comma-separated codec specs; append +async for DistriFusion-style "
-                        "overlap (patch only) (default: %(default)s)")
+                   help="comma-separated methods besides raw and distrifusion: codec specs, "
+                        "each with +async for DistriFusion-style overlap (patch only) "
+                        "(default: %(default)s)")
     p.add_argument("--keyframe-codec", default="identity",
                    help="how warmup steps (keyframes) are sent: identity (lossless), int8, fp8, "
                         "int4, int2, binary (default: %(default)s)")
@@ -120,11 +129,11 @@ def _validate(args: argparse.Namespace) -> None:
               + ("" if args.what_if is not None else " (the what-if also knows pipefusion)"))
     if args.ranks < 1 or args.steps < 1 or args.warmup < 0:
         _fail("--ranks and --steps must be at least 1 and --warmup at least 0")
-    for spec in ["binary", *_csv(args.codecs)]:
-        try:
-            CompressionConfig(codec=spec.removesuffix("+async"), **_keyframes(args))
-        except ValueError as e:
-            _fail(str(e))
+    try:
+        parse_methods(args.codecs)
+        CompressionConfig(**_keyframes(args))
+    except ValueError as e:
+        _fail(str(e))
     for name in _link_specs(args):
         try:
             get_link(name)

@@ -1,8 +1,9 @@
 """Quality of a parallel run against the exact parallel output: PSNR, SSIM, relative L2.
 
-PSNR is over the whole batch (data range 1); SSIM (scikit-image) is averaged over images. LPIPS is not
-reported: its pip package fetches pretrained network weights at run time, and this
-simulator runs offline.
+PSNR is over the whole batch (data range 1); SSIM (scikit-image) is averaged over images.
+LPIPS is not reported: its pip package fetches pretrained network weights at run time, and
+this simulator runs offline. :func:`range_psnr` compares tensors of any scale (latents)
+with the range of the reference as the peak.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Quality", "quality"]
+__all__ = ["Quality", "quality", "range_psnr"]
 
 
 @dataclass(frozen=True)
@@ -47,3 +48,11 @@ def quality(images: torch.Tensor, reference_images: torch.Tensor, latents: torch
     ref_l = reference_latents.double()
     rel = float((latents.double() - ref_l).norm() / ref_l.norm().clamp_min(1e-30))
     return Quality(psnr_db=psnr, ssim=float(np.mean(ssims)), rel_l2=rel)
+
+
+def range_psnr(got: torch.Tensor, want: torch.Tensor) -> float:
+    """PSNR (dB) of ``got`` against ``want`` with the range of ``want`` as the peak, for
+    tensors of any scale (latents); inf when identical."""
+    mse = float((got.double() - want.double()).pow(2).mean())
+    peak = float(want.max() - want.min())
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)

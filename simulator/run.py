@@ -1,10 +1,10 @@
 """Run a workload on one device and on N virtual ranks with each method; measure everything.
 
-A *method* is one way to exchange K/V: ``raw`` (exact parallel), ``distrifusion``
-(one-step-stale K/V, patch parallelism only), a codec spec (residual compression, e.g.
-``binary``) or ``<codec>+async`` (both). Each parallel run uses N threads, each with its
-own copy of the model (see :mod:`adapters.dit`), over an in-process transport; every rank
-counts the bytes and messages it sends in every step.
+A *method* (:mod:`simulator.methods`) is one way to exchange K/V: ``raw`` (exact
+parallel), ``distrifusion`` (one-step-stale K/V, patch parallelism only), a codec spec
+(residual compression, e.g. ``binary``) or ``<codec>+async`` (both). Each parallel run uses
+N threads, each with its own copy of the model (see :mod:`adapters.dit`), over an
+in-process transport; every rank counts the bytes and messages it sends in every step.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -22,49 +22,50 @@ from adapters.dit import ParallelConfig, parallelize
 from compressed_comm import CompressionConfig, SessionStats, StreamDecoder, StreamEncoder
 
 from .inprocess import run_ranks
+from .methods import DISTRIFUSION, Method, method_list, parse_methods
 from .network import Link, estimate_step
 from .workloads import Workload, sample
 
-__all__ = ["Method", "make_methods", "Reference", "RunResult", "run_reference", "run_method",
-           "estimate_memory", "check_memory", "available_memory", "step_seconds",
+__all__ = ["ParallelMethod", "make_methods", "Reference", "RunResult", "run_reference",
+           "run_method", "estimate_memory", "check_memory", "available_memory", "step_seconds",
            "codec_seconds"]
 
 
 @dataclass(frozen=True)
-class Method:
-    """A named parallel configuration."""
+class ParallelMethod:
+    """A method (:mod:`simulator.methods`) and the parallel configuration that runs it."""
 
-    name: str
+    method: Method
     config: ParallelConfig
+
+    @property
+    def name(self) -> str:
+        return self.method.name
 
     @property
     def asynchronous(self) -> bool:
         return self.config.asynchronous
 
 
-def make_methods(parallelism: str, codecs: list[str], *, warmup: int = 1,
+def make_methods(parallelism: str, codecs: Iterable[str], *, warmup: int = 1,
                  timeout: float = 120.0, distrifusion: bool = True,
                  keyframe_codec: str = "identity", keyframe_period: int = 0,
-                 keyframe_spread: int = 1) -> list[Method]:
-    """``raw``, ``distrifusion`` (patch only) and one method per codec spec (keyframes as in
-    :class:`~compressed_comm.CompressionConfig`)."""
-    methods = [Method("raw", ParallelConfig(parallelism, timeout=timeout))]
-    if distrifusion and parallelism == "patch":
-        methods.append(Method("distrifusion", ParallelConfig(
-            "patch", asynchronous=True, warmup=warmup, timeout=timeout)))
-    for spec in codecs:
-        asynchronous = spec.endswith("+async")
-        codec = spec[: -len("+async")] if asynchronous else spec
-        if asynchronous and parallelism != "patch":
-            raise ValueError(f"method {spec!r}: +async needs patch parallelism, not "
-                             f"{parallelism!r}")
-        compression = CompressionConfig(codec=codec, warmup_steps=warmup,
-                                        keyframe_codec=keyframe_codec,
-                                        keyframe_period=keyframe_period,
-                                        keyframe_spread=keyframe_spread)
-        methods.append(Method(spec, ParallelConfig(parallelism, compression, asynchronous,
-                                                   warmup, timeout)))
-    return methods
+                 keyframe_spread: int = 1) -> list[ParallelMethod]:
+    """``raw``, ``distrifusion`` (patch only) and every method of ``codecs``
+    (:func:`~simulator.methods.parse_methods`; keyframes as in
+    :class:`~compressed_comm.CompressionConfig`); ``ValueError`` for a method that
+    ``parallelism`` cannot run."""
+    methods = method_list(parse_methods(codecs),
+                          distrifusion=distrifusion and DISTRIFUSION.runs_on(parallelism))
+    out = []
+    for method in methods:
+        method.check(parallelism)
+        compression = None if method.codec is None else CompressionConfig(
+            codec=method.codec, warmup_steps=warmup, keyframe_codec=keyframe_codec,
+            keyframe_period=keyframe_period, keyframe_spread=keyframe_spread)
+        out.append(ParallelMethod(method, ParallelConfig(parallelism, compression, method.stale,
+                                                         warmup, timeout)))
+    return out
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Reference:
 class RunResult:
     """One method's parallel run."""
 
-    method: Method
+    method: ParallelMethod
     latents: torch.Tensor
     images: torch.Tensor
     bytes_per_step: list[list[int]]      # [rank][step] bytes sent
@@ -121,7 +122,7 @@ def run_reference(workload: Workload, steps: int) -> Reference:
     return Reference(latents, workload.to_images(latents), sorted(times)[len(times) // 2])
 
 
-def run_method(workload: Workload, method: Method, world: int, steps: int, *,
+def run_method(workload: Workload, method: ParallelMethod, world: int, steps: int, *,
                on_step: Callable[[], None] | None = None, timeout: float = 600.0) -> RunResult:
     """Sample with ``method`` on ``world`` virtual ranks; rank 0's latents are returned
     (every rank ends with the same full latents)."""

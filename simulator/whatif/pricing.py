@@ -1,0 +1,263 @@
+"""One generation priced phase by phase: compute, codec kernels, the wire (what of it the
+step waits for), warmup and keyframe steps, and the bytes a rank holds between steps."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from compressed_comm import CompressionConfig, StreamEncoder
+
+from ..methods import ASYNC, RAW, Method, method_list, parse_method, parse_methods
+from ..network import GPU, Link, StepEstimate, collective_seconds, estimate_step, get_gpu, get_link
+from .models import WIRE_DTYPE, ModelSpec, compute_seconds, get_model
+from .report import MethodRow, WhatIfReport, general_assumptions, not_applicable
+from .traffic import PARALLELISMS, Traffic, step_traffic
+
+__all__ = ["run_what_if", "best_methods"]
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What every phase is priced against."""
+
+    model: ModelSpec
+    gpu: GPU
+    link: Link
+    world: int
+    parallelism: str
+    traffic: Traffic
+    warmup: int
+    keyframe_codec: str
+    keyframe_period: int
+    keyframe_spread: int
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """One method's generation."""
+
+    steady: StepEstimate    # a step after the warmup
+    total_s: float          # all steps
+    keyed_s: float          # of total_s: warmup, keyframe and spread-slice steps
+    slowest_s: float        # the slowest step
+
+
+def _compute_s(setup: _Setup) -> float:
+    """Seconds of model compute in one step on the busiest rank (PipeFusion: one stage)."""
+    if setup.parallelism == "pipefusion":
+        return compute_seconds(setup.model, setup.gpu, 1) / setup.world
+    return compute_seconds(setup.model, setup.gpu, setup.world)
+
+
+def _codec_s(setup: _Setup, codec: str | None) -> float:
+    """Seconds of one step's codec kernels (0 for raw tensors)."""
+    return setup.traffic.codec_seconds(codec, setup.gpu.memory_bandwidth)
+
+
+def _wire_s(setup: _Setup, codec: str | None, first: bool = False,
+            nbytes: int | None = None) -> tuple[float, float]:
+    """(communication, of it control exchanges) seconds of one step, each message
+    ``nbytes`` (default: the steady message of ``codec``)."""
+    traffic, link = setup.traffic, setup.link
+    return (traffic.seconds(link, codec, first, nbytes),
+            traffic.control_seconds(link, codec, first))
+
+
+def _steady_step(setup: _Setup, method: Method, compute_s: float) -> StepEstimate:
+    """A step after the warmup: stale methods hide their transfers behind compute."""
+    comm, control = _wire_s(setup, method.codec)
+    return estimate_step(compute_s + _codec_s(setup, method.codec), comm, method.stale, control)
+
+
+def _raw_generation(setup: _Setup, method: Method, compute_s: float) -> _Timing:
+    """Raw tensors: DistriFusion's warmup steps synchronous, every other step steady."""
+    steady = _steady_step(setup, method, compute_s)
+    n_warm = setup.warmup if method.stale else 0
+    warm = estimate_step(compute_s, _wire_s(setup, None)[0], False)
+    warm_s = n_warm * warm.step_s
+    slowest = warm.step_s if n_warm else steady.step_s
+    return _Timing(steady, warm_s + (setup.model.steps - n_warm) * steady.step_s, warm_s,
+                   slowest)
+
+
+def _keyed_generation(setup: _Setup, method: Method, compute_s: float) -> _Timing:
+    """A codec: every step priced with the payload a stream of this config sends (warmup
+    and keyframe steps whole in the keyframe codec, spread keyframes a slice each)."""
+    stream = StreamEncoder("what-if", torch.empty(setup.traffic.shape, dtype=WIRE_DTYPE,
+                                                  device="meta"), CompressionConfig(
+        codec=method.codec, warmup_steps=setup.warmup, keyframe_codec=setup.keyframe_codec,
+        keyframe_period=setup.keyframe_period, keyframe_spread=setup.keyframe_spread))
+    total_s = keyed_s = slowest = 0.0
+    for t in range(setup.model.steps):
+        comm, control = _wire_s(setup, method.codec, t == 0, stream.payload_nbytes(t))
+        codec = setup.keyframe_codec if stream.is_keyframe(t) else method.codec
+        step = estimate_step(compute_s + _codec_s(setup, codec), comm,
+                             method.stale and t >= setup.warmup, control).step_s
+        total_s += step
+        slowest = max(slowest, step)
+        if stream.is_keyframe(t) or stream.spread_rows(t) is not None:
+            keyed_s += step
+    return _Timing(_steady_step(setup, method, compute_s), total_s, keyed_s, slowest)
+
+
+def _pipefusion_generation(setup: _Setup, method: Method, stage_s: float) -> _Timing:
+    """PipeFusion's generation (``world`` stages, ``M`` patches).
+
+    A stage computes its ``layers / world`` layers for every patch of a step (one GPU's
+    step / world) and sends each patch on while it computes the next, so a steady step
+    takes ``max(stage compute, M messages)``. The ``warmup`` steps run the full image
+    through the stages one after another (no stale K/V yet): one GPU's step plus
+    ``world - 1`` full-image hops. Filling the pipeline once costs ``world - 1`` patch
+    stages (the bubble)."""
+    model, world, warmup = setup.model, setup.world, setup.warmup
+    image = model.batch * model.image_tokens * model.hidden * WIRE_DTYPE.itemsize
+    warm_step = (compute_seconds(model, setup.gpu, 1)
+                 + (world - 1) * collective_seconds("p2p", image, world, setup.link))
+    bubble = (world - 1) * stage_s / setup.traffic.count
+    comm, work = _wire_s(setup, method.codec)[0], stage_s + _codec_s(setup, method.codec)
+    step = StepEstimate(compute_s=work, comm_s=comm, exposed_comm_s=max(0.0, comm - work),
+                        step_s=max(work, comm), overlap=True)
+    warm = warmup * warm_step
+    slowest = max(warm_step if warmup else 0.0, step.step_s)
+    return _Timing(step, warm + (model.steps - warmup) * step.step_s + bubble, warm, slowest)
+
+
+def _generation(setup: _Setup, method: Method, compute_s: float) -> _Timing:
+    if setup.parallelism == "pipefusion":
+        return _pipefusion_generation(setup, method, compute_s)
+    if method.codec is None:
+        return _raw_generation(setup, method, compute_s)
+    return _keyed_generation(setup, method, compute_s)
+
+
+def _held_bytes(setup: _Setup, method: Method) -> int:
+    """Bytes one rank keeps between steps: references or stale K/V, and for PipeFusion the
+    stage's K and V of every image token (stale for the other patches)."""
+    model = setup.model
+    kv_cache = 0
+    if setup.parallelism == "pipefusion":
+        kv_cache = (math.ceil(model.layers / setup.world) * 2 * model.batch
+                    * model.image_tokens * model.hidden * WIRE_DTYPE.itemsize)
+    return setup.traffic.held_bytes(method.codec, method.stale) + kv_cache
+
+
+def _row(setup: _Setup, method: Method, compute_s: float, raw_total_s: float) -> MethodRow:
+    if not method.runs_on(setup.parallelism):
+        return not_applicable(method.name, setup.parallelism)
+    timing = _generation(setup, method, compute_s)
+    traffic, steady = setup.traffic, timing.steady
+    held = _held_bytes(setup, method)
+    return MethodRow(
+        method=method.name,
+        applies=True,
+        bytes_per_step=traffic.bytes_per_step(method.codec),
+        ratio=traffic.message_bytes(None) / traffic.message_bytes(method.codec),
+        compute_s=steady.compute_s,
+        comm_s=steady.comm_s,
+        exposed_comm_s=steady.exposed_comm_s,
+        step_s=steady.step_s,
+        total_s=timing.total_s,
+        speedup=raw_total_s / timing.total_s,
+        held_bytes=held,
+        codec_s=_codec_s(setup, method.codec),
+        warmup_share=timing.keyed_s / timing.total_s,
+        max_step_s=timing.slowest_s,
+        fits=setup.model.params * 2 + held <= setup.gpu.memory_bytes,
+    )
+
+
+def _keyframe_assumptions(setup: _Setup) -> tuple[str, ...]:
+    if not setup.keyframe_period:
+        return ()
+    return (f"codecs also send a keyframe ({setup.keyframe_codec}) every "
+            f"{setup.keyframe_period} steps"
+            + (f", spread over {setup.keyframe_spread} steps (each a slice of the rows plus "
+               "residuals of the rest)" if setup.keyframe_spread > 1 else "")
+            + ("; not modelled for pipefusion" if setup.parallelism == "pipefusion" else ""),)
+
+
+def _what_if_methods(codecs: Sequence[str], async_combos: bool) -> list[Method]:
+    """raw, distrifusion, every method of ``codecs`` and (``async_combos``) every codec's
+    ``+async`` too."""
+    methods = parse_methods(codecs)
+    if async_combos:
+        methods += [parse_method(m.codec + ASYNC) for m in list(methods)
+                    if m.codec is not None and not m.stale]
+    return method_list(methods)
+
+
+def run_what_if(
+    model: str,
+    gpu: str | GPU,
+    world: int,
+    parallelism: str,
+    link: str | Link,
+    codecs: Sequence[str],
+    warmup: int = 1,
+    *,
+    async_combos: bool = False,
+    keyframe_codec: str = "identity",
+    keyframe_period: int = 0,
+    keyframe_spread: int = 1,
+) -> WhatIfReport:
+    """Estimate one generation of ``model`` on ``world`` x ``gpu`` over ``link``.
+
+    Methods (:mod:`simulator.methods`): ``raw`` (synchronous, bf16 tensors),
+    ``distrifusion`` (patch parallelism only: asynchronous after ``warmup`` synchronous
+    steps), each codec spec in ``codecs`` (synchronous residual compression, the first
+    ``warmup`` steps sent in full) and ``<spec>+async`` combinations (listed in ``codecs``,
+    or for every codec with ``async_combos=True``; patch parallelism only). Unknown names
+    raise ``ValueError`` listing the choices; ``ulysses`` needs ``world`` to divide the
+    attention heads. ``gpu`` and ``link`` are preset names or :class:`GPU` / :class:`Link`
+    objects. ``keyframe_codec``, ``keyframe_period`` and ``keyframe_spread`` are the codecs'
+    keyframes as in :class:`~compressed_comm.CompressionConfig` (every step priced with the
+    payload a stream of that config sends; PipeFusion: warmup only).
+    """
+    spec = get_model(model)
+    gpu_ = gpu if isinstance(gpu, GPU) else get_gpu(gpu)
+    link_ = link if isinstance(link, Link) else get_link(link)
+    traffic = step_traffic(spec, world, parallelism)
+    parallelism = parallelism.strip().lower()
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= spec.steps:
+        raise ValueError(f"warmup must be an integer in [0, {spec.steps}], got {warmup!r}")
+    CompressionConfig(keyframe_codec=keyframe_codec, keyframe_period=keyframe_period,
+                      keyframe_spread=keyframe_spread)  # ValueError naming what is wrong
+    methods = _what_if_methods(codecs, async_combos)
+    setup = _Setup(spec, gpu_, link_, world, parallelism, traffic, warmup, keyframe_codec,
+                   keyframe_period, keyframe_spread)
+    compute = _compute_s(setup)
+    raw_total = _generation(setup, RAW, compute).total_s
+    return WhatIfReport(
+        model=spec, gpu=gpu_, link=link_, world=world, parallelism=parallelism,
+        warmup=warmup, traffic=traffic, raw_message_bytes=traffic.message_bytes(None),
+        compute_s=compute, single_gpu_total_s=spec.steps * compute_seconds(spec, gpu_, 1),
+        rows=tuple(_row(setup, m, compute, raw_total) for m in methods),
+        assumptions=(spec.assumptions
+                     + general_assumptions(spec, gpu_, link_, world, parallelism, warmup)
+                     + _keyframe_assumptions(setup)),
+    )
+
+
+def best_methods(model: str, gpu: str | GPU, world: int, link: str | Link,
+                 codecs: Sequence[str], warmup: int = 1,
+                 keyframe_codec: str = "identity", keyframe_period: int = 0,
+                 keyframe_spread: int = 1) -> list[tuple[str, str, float]]:
+    """``(parallelism, method, total seconds)``: the fastest method of every parallelism
+    that applies to ``model`` on ``world`` ranks (Ulysses only where ``world`` divides the
+    heads), fastest first."""
+    out = []
+    for parallelism in PARALLELISMS:
+        try:
+            report = run_what_if(model, gpu, world, parallelism, link, codecs, warmup,
+                                 keyframe_codec=keyframe_codec,
+                                 keyframe_period=keyframe_period,
+                                 keyframe_spread=keyframe_spread)
+        except ValueError:  # e.g. Ulysses with a world that does not divide the heads
+            continue
+        best = min((r for r in report.rows if r.applies), key=lambda r: r.total_s)
+        out.append((parallelism, best.method, best.total_s))
+    return sorted(out, key=lambda row: row[2])
