@@ -2,8 +2,14 @@
 
 import warnings
 
-from compressed_comm.testing.faults import (HEADER_BYTES, Fault, FaultPlan, FaultyTransport,
-                                            Injection, faulty_world)
+from compressed_comm.testing.faults import (
+    HEADER_BYTES,
+    Fault,
+    FaultPlan,
+    FaultyTransport,
+    Injection,
+    faulty_world,
+)
 
 __all__ = ["HEADER_BYTES", "Fault", "FaultPlan", "FaultyTransport", "Injection", "faulty_world"]
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from compressed_comm.errors import CommError, CommTimeoutError
-from compressed_comm.transport import P2POp
 from compressed_comm.testing import (
     HEADER_BYTES,
     Fabric,
@@ -22,6 +21,7 @@ from compressed_comm.testing import (
     faulty_world,
     run_ranks,
 )
+from compressed_comm.transport import P2POp
 
 
 def message(n, seed):

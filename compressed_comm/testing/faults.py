@@ -52,7 +52,6 @@ import torch
 
 from ..errors import CommError, CommTimeoutError
 from ..transport import P2POp, Transport, Work
-
 from .inprocess import Fabric, InProcessTransport
 
 __all__ = ["HEADER_BYTES", "Fault", "FaultPlan", "FaultyTransport", "Injection", "faulty_world"]
@@ -134,46 +133,22 @@ class Injection(NamedTuple):
     fault: Fault
 
 
-# ---------------------------------------------------------------------------- work handles
+# ---------------------------------------------------------------------------- helpers
 
-class _Done:
-    """A send that completed (or was swallowed) when it was posted."""
+def _lost(fabric: Fabric | None, what: str) -> Work:
+    """The work of a collective this rank never contributed to: its wait can only time out."""
 
-    def wait(self, timeout: float | None = None) -> None:
-        return None
-
-
-class _AllOf:
-    """Waits for several works within one overall timeout."""
-
-    def __init__(self, works: Sequence[Work]) -> None:
-        self._works = list(works)
-
-    def wait(self, timeout: float | None = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for work in self._works:
-            work.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
-
-
-class _Lost:
-    """The wait of a collective this rank never contributed to: it can only time out."""
-
-    def __init__(self, fabric: Fabric | None, what: str) -> None:
-        self._fabric = fabric
-        self._what = what
-
-    def wait(self, timeout: float | None = None) -> None:
-        if self._fabric is not None:
-            with self._fabric._cond:  # raises CommError on abort, CommTimeoutError on timeout
-                self._fabric._wait_for(lambda: False, timeout, self._what)
+    def finish(timeout: float | None) -> None:
+        if fabric is not None:
+            with fabric._cond:  # raises CommError on abort, CommTimeoutError on timeout
+                fabric._wait_for(lambda: False, timeout, what)
         # another inner transport: wait out the timeout (None: fail now rather than hang)
         if timeout is not None:
             time.sleep(timeout)
-        raise CommTimeoutError(f"{self._what}: not complete within {timeout} s "
+        raise CommTimeoutError(f"{what}: not complete within {timeout} s "
                                f"(this rank's contribution was dropped)")
+    return Work(finish)
 
-
-# ---------------------------------------------------------------------------- helpers
 
 def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous tensor's bytes."""
@@ -302,17 +277,17 @@ class FaultyTransport(Transport):
         if fault is Fault.KILL:
             self._kill()
         if fault is Fault.DROP:
-            return _Done()
+            return Work.done()
         if fault is Fault.REORDER:
             self._held.setdefault((dst, tag), []).append(tensor.detach().clone())
-            return _Done()
+            return Work.done()
         if fault is Fault.DELAY:
             time.sleep(self.plan.delay)
         works = [emit(tensor)]
         if fault is Fault.DUPLICATE:
             works.append(emit(tensor))
         works.extend(emit(held) for held in self._held.pop((dst, tag), ()))
-        return works[0] if len(works) == 1 else _AllOf(works)
+        return works[0] if len(works) == 1 else Work.all_of(works)
 
     @property
     def accepts_short_messages(self) -> bool:  # type: ignore[override]
@@ -342,13 +317,13 @@ class FaultyTransport(Transport):
                 def emit(t: torch.Tensor, op: P2POp = op, mine: list[int] = mine) -> Work:
                     mine.append(len(actual))
                     actual.append(dataclasses.replace(op, tensor=t))
-                    return _Done()
+                    return Work.done()
 
                 self._send(op.tensor, op.peer, getattr(op, "tag", 0), "batch_isend_irecv",
                            emit)
                 owned.append(mine)
             works = self.inner.batch_isend_irecv(actual) if actual else []
-            return [_AllOf([works[i] for i in idx]) if idx else _Done() for idx in owned]
+            return [Work.all_of([works[i] for i in idx]) if idx else Work.done() for idx in owned]
 
     def flush(self) -> list[Work]:
         """Deliver the messages held back by ``REORDER`` now (in the order they were held)."""
@@ -382,7 +357,7 @@ class FaultyTransport(Transport):
         """This rank does not contribute to a collective: its peers time out, so does it."""
         if isinstance(self.inner, InProcessTransport):
             self.inner._next(self.inner.channel + kind)  # keep later collectives matched
-        return _Lost(self.fabric, f"{what} on rank {self.rank}")
+        return _lost(self.fabric, f"{what} on rank {self.rank}")
 
     def control(self) -> Transport:
         """The inner transport's control channel, without faults: faults hit data only."""

@@ -113,27 +113,6 @@ class Fabric:
             return slot
 
 
-class _Done:
-    """A transfer that completed when it was posted."""
-
-    def wait(self, timeout: float | None = None) -> None:
-        return None
-
-
-class _Later:
-    """A transfer completed by ``finish(timeout)`` on the first wait."""
-
-    __slots__ = ("_finish",)
-
-    def __init__(self, finish: Callable[[float | None], None]) -> None:
-        self._finish: Callable[[float | None], None] | None = finish
-
-    def wait(self, timeout: float | None = None) -> None:
-        if self._finish is not None:
-            finish, self._finish = self._finish, None
-            finish(timeout)
-
-
 class InProcessTransport(Transport):
     """One virtual rank's view of a :class:`Fabric` (a :class:`~compressed_comm.Transport`).
 
@@ -176,11 +155,11 @@ class InProcessTransport(Transport):
     def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> Work:
         self._peer(dst, "destination")
         self.fabric._post(self.rank, dst, tensor, (self.channel, tag))
-        return _Done()
+        return Work.done()
 
     def irecv(self, tensor: torch.Tensor, src: int, tag: int = 0) -> Work:
         self._peer(src, "source")
-        return _Later(lambda timeout: self.fabric._take(src, self.rank, tensor, timeout,
+        return Work(lambda timeout: self.fabric._take(src, self.rank, tensor, timeout,
                                                         (self.channel, tag)))
 
     def all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor) -> Work:
@@ -201,7 +180,7 @@ class InProcessTransport(Transport):
                                 f"sizes {sizes} (they disagree on shape, dtype or codec)")
             for r, out in enumerate(outputs):
                 out.view(-1).copy_(got[r].view(-1))
-        return _Later(finish)
+        return Work(finish)
 
     def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor,
                           output_split_sizes: list[int], input_split_sizes: list[int]) -> Work:
@@ -223,7 +202,7 @@ class InProcessTransport(Transport):
                     raise CommError(f"all_to_all #{seq}: rank {src} sent {tuple(chunk.shape)} to "
                                     f"rank {self.rank}, which expected {tuple(out.shape)}")
                 out.copy_(chunk)
-        return _Later(finish)
+        return Work(finish)
 
 
 def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any,
