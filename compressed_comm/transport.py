@@ -2,10 +2,11 @@
 
 A transport moves ``uint8`` payload buffers between ranks and knows nothing of codecs or
 streams. :class:`TorchDistTransport` runs over any ``torch.distributed`` process group
-(NCCL, gloo); the simulator provides an in-process transport for N virtual ranks with the
-same interface. All operations are asynchronous and return a :class:`Work` whose
-``wait(timeout)`` raises :class:`~compressed_comm.CommTimeoutError` if the transfer does
-not complete in time and :class:`~compressed_comm.CommError` if the transport fails.
+(NCCL, gloo); :mod:`compressed_comm.testing` provides an in-process transport for N
+virtual ranks with the same interface. All operations are asynchronous and return a
+:class:`Work` whose ``wait(timeout)`` raises :class:`~compressed_comm.CommTimeoutError` if
+the transfer does not complete in time and :class:`~compressed_comm.CommError` if the
+transport fails.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import datetime
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Protocol, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,12 +26,38 @@ from .errors import CommError, CommTimeoutError
 __all__ = ["Work", "P2POp", "Transport", "TorchDistTransport"]
 
 
-class Work(Protocol):
-    """A pending transfer."""
+class Work:
+    """A pending transfer: :meth:`wait` calls ``finish(timeout)`` until a call returns
+    (``finish`` None: complete already). A wait that raises leaves the transfer pending, so
+    a later wait tries again; after one has returned, the next ones return at once.
+    """
+
+    __slots__ = ("_finish",)
+
+    def __init__(self, finish: Callable[[float | None], None] | None = None) -> None:
+        self._finish = finish
+
+    @classmethod
+    def done(cls) -> Work:
+        """A transfer that completed when it was posted."""
+        return cls()
+
+    @classmethod
+    def all_of(cls, works: Sequence[Work]) -> Work:
+        """Several transfers as one, waited for within one overall timeout."""
+        works = list(works)
+
+        def finish(timeout: float | None) -> None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for w in works:
+                w.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return cls(finish)
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the transfer is complete; ``timeout`` in seconds (None: no limit)."""
-        ...
+        if self._finish is not None:
+            self._finish(timeout)
+            self._finish = None
 
 
 @dataclass(frozen=True)
@@ -99,36 +126,28 @@ class Transport(ABC):
         self.irecv(tensor, src).wait(timeout)
 
 
-class _DistWork:
-    """A torch.distributed work handle with our timeout and error semantics."""
+def _start(what: str, op: Callable[..., dist.Work | None], *args: Any) -> Work:
+    """Start a torch.distributed operation; transport failures become :class:`CommError`,
+    and its wait raises our timeout and error types."""
+    try:
+        work = op(*args)
+    except RuntimeError as e:
+        raise CommError(f"{what} failed to start: {e}") from e
+    if work is None:
+        return Work.done()
 
-    __slots__ = ("_work", "_what")
-
-    def __init__(self, work: dist.Work | None, what: str) -> None:
-        self._work = work
-        self._what = what
-
-    def wait(self, timeout: float | None = None) -> None:
-        if self._work is None:
-            return
+    def finish(timeout: float | None) -> None:
         try:
             if timeout is None:
-                self._work.wait()
+                work.wait()
             else:
-                self._work.wait(datetime.timedelta(seconds=timeout))
+                work.wait(datetime.timedelta(seconds=timeout))
         except RuntimeError as e:
             text = str(e)
             if "timed out" in text.lower() or "timeout" in text.lower():
-                raise CommTimeoutError(f"{self._what}: not complete within {timeout} s ({text})") from e
-            raise CommError(f"{self._what} failed: {text}") from e
-
-
-def _start(what: str, op: Callable[..., dist.Work | None], *args: Any) -> _DistWork:
-    """Start a torch.distributed operation; transport failures become :class:`CommError`."""
-    try:
-        return _DistWork(op(*args), what)
-    except RuntimeError as e:
-        raise CommError(f"{what} failed to start: {e}") from e
+                raise CommTimeoutError(f"{what}: not complete within {timeout} s ({text})") from e
+            raise CommError(f"{what} failed: {text}") from e
+    return Work(finish)
 
 
 class TorchDistTransport(Transport):
@@ -236,20 +255,6 @@ def _gloo_side_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
                                  _SIDE_GROUP_TIMEOUT)
 
 
-class _AllOf:
-    """Several works as one."""
-
-    __slots__ = ("_works",)
-
-    def __init__(self, works: list[Work]) -> None:
-        self._works = works
-
-    def wait(self, timeout: float | None = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for w in self._works:
-            w.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
-
-
 #: the tags of a gloo group's control channel: point-to-point of the channel at
 #: ``_CONTROL_TAGS + 16 + tag``, its all-gathers and all-to-alls below that
 _CONTROL_TAGS = 0x7C000000
@@ -280,7 +285,7 @@ class _TagChannel(Transport):
         works = [self.data.isend(tensor, p, _CONTROL_TAGS + 1) for p in peers]
         works += [self.data.irecv(outputs[p], p, _CONTROL_TAGS + 1) for p in peers]
         outputs[self.rank].copy_(tensor)
-        return _AllOf(works)
+        return Work.all_of(works)
 
     def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor,
                           output_split_sizes: list[int], input_split_sizes: list[int]) -> Work:
@@ -293,4 +298,4 @@ class _TagChannel(Transport):
             else:
                 works.append(self.data.isend(ins[p].contiguous(), p, _CONTROL_TAGS + 2))
                 works.append(self.data.irecv(outs[p], p, _CONTROL_TAGS + 2))
-        return _AllOf(works)
+        return Work.all_of(works)

@@ -20,8 +20,8 @@ import torch
 
 from adapters.dit import ParallelConfig, parallelize
 from compressed_comm import CompressionConfig, SessionStats, StreamDecoder, StreamEncoder
+from compressed_comm.testing import run_ranks
 
-from .inprocess import run_ranks
 from .methods import DISTRIFUSION, Method, method_list, parse_methods
 from .network import Link, estimate_step
 from .workloads import Workload, sample

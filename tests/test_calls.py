@@ -9,7 +9,7 @@ import torch
 from adapters.calls import MAX_MARKED_CALLS, StepCalls
 from adapters.dit import ParallelConfig, parallelize
 from compressed_comm import CompressionConfig
-from simulator.inprocess import run_ranks
+from compressed_comm.testing import run_ranks
 from simulator.workloads import flux_workload
 
 GUIDANCE = 5.0

@@ -19,7 +19,7 @@ from compressed_comm import (
 )
 from compressed_comm.group.control import control_nbytes
 from compressed_comm.wire import pack_fingerprint
-from simulator.inprocess import Fabric, run_ranks
+from compressed_comm.testing import Fabric, run_ranks
 
 CODECS = ["identity", "fp8", "int8", "int4", "int2", "binary", "lowrank:4", "lowrankq:4",
           "lowrank:3", "topk:0.05"]

@@ -15,8 +15,7 @@ from compressed_comm import (
     PeerFailedError,
     WireFormatError,
 )
-from simulator.faults import Fault, FaultPlan, faulty_world
-from simulator.inprocess import run_ranks
+from compressed_comm.testing import Fault, FaultPlan, faulty_world, run_ranks
 
 WORLD = 3
 C = 8

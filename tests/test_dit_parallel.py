@@ -7,7 +7,7 @@ import torch
 
 from adapters.dit import ParallelConfig, parallelize, token_split
 from compressed_comm import CompressionConfig
-from simulator.inprocess import run_ranks
+from compressed_comm.testing import run_ranks
 from simulator.workloads import make_workload, sample
 
 MODELS = ["sd3", "flux", "pixart", "cogvideox"]

@@ -1,4 +1,4 @@
-"""The fault-injecting transport (simulator.faults): each fault once, at a known message,
+"""The fault-injecting transport (compressed_comm.testing): each fault once, at a known message,
 over two virtual ranks; reproducible random plans; a transparent plan."""
 
 import inspect
@@ -10,16 +10,18 @@ import pytest
 import torch
 
 from compressed_comm.errors import CommError, CommTimeoutError
-from compressed_comm.transport import P2POp
-from simulator.faults import (
+from compressed_comm.testing import (
     HEADER_BYTES,
+    Fabric,
     Fault,
     FaultPlan,
     FaultyTransport,
     Injection,
+    InProcessTransport,
     faulty_world,
+    run_ranks,
 )
-from simulator.inprocess import Fabric, InProcessTransport, run_ranks
+from compressed_comm.transport import P2POp
 
 
 def message(n, seed):

@@ -18,7 +18,7 @@ from compressed_comm import (
     RawGroup,
     WireFormatError,
 )
-from simulator.inprocess import run_ranks
+from compressed_comm.testing import run_ranks
 
 SHAPE = (6, 5)
 

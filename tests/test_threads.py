@@ -78,7 +78,7 @@ print(json.dumps({"before": BEFORE, "after": settings(), "changed": changed,
 
 VIRTUAL_RANKS = PRELUDE + """
 from compressed_comm import CompressedGroup, CompressionConfig
-from simulator.inprocess import run_ranks
+from compressed_comm.testing import run_ranks
 
 def body(t):
     own = settings()
