@@ -150,12 +150,10 @@ def _run(parallelism: str, method: Method, workload: Workload, args: argparse.Na
 
 
 def _config(codec: str, args: argparse.Namespace) -> Any:
-    from compressed_comm import CompressionConfig
+    from compressed_comm import CompressionConfig, Keyframes
 
-    return CompressionConfig(codec=codec, keyframe_codec=args.keyframe_codec,
-                             keyframe_period=args.keyframe_period,
-                             keyframe_spread=args.keyframe_spread,
-                             handshake=args.control == "on")
+    return CompressionConfig(codec=codec, handshake=args.control == "on", keyframes=Keyframes(
+        codec=args.keyframe_codec, period=args.keyframe_period, spread=args.keyframe_spread))
 
 
 def _worker(rank: int, args: argparse.Namespace, init: str) -> None:

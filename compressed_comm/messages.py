@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
-from .codecs import Codec
+from .codecs import Codec, IdentityCodec, get_codec
 from .codecs.base import _nc, as_2d
+from .config import CompressionConfig
 from .errors import WireFormatError
 from .keyframes import KeyframeSchedule
 from .wire import (ALIGN, FLAG_CHECKSUM, FLAG_CONFIG, FLAG_KEYFRAME, FLAG_SPREAD, Header,
-                   read_header)
+                   pack_fingerprint, read_header)
 
 __all__ = ["MessageLayout", "Part"]
 
@@ -57,6 +58,30 @@ class MessageLayout:
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     trailer_nbytes: int = 0
     checksum: bool = False
+
+    @classmethod
+    def of(cls, config: CompressionConfig, shape: tuple[int, ...], dtype: torch.dtype, *,
+           codec: Codec | None = None, tag: int = 0, session: int = 0) -> MessageLayout:
+        """The messages of a stream of ``config`` carrying ``shape`` and ``dtype`` tensors
+        through ``codec`` (default: ``config.codec``; a lossless codec sends no keyframes
+        and no residuals), named by ``tag`` in ``session``."""
+        codec = codec if codec is not None else get_codec(config.codec, kernels=config.kernels)
+        keyframes = config.keyframes
+        lossless = codec.lossless
+        schedule = KeyframeSchedule() if lossless else KeyframeSchedule(
+            config.warmup_steps, keyframes.period, keyframes.spread)
+        order = 0 if lossless else config.residual_order
+        return cls(
+            codec,
+            IdentityCodec("identity") if lossless or keyframes.codec == "identity"
+            else get_codec(keyframes.codec, kernels=config.kernels),
+            schedule, tuple(shape), dtype,
+            fields=dict(tag=tag, session=session & 0xFFFFFFFF, residual_order=order,
+                        closed_loop=config.closed_loop, warmup_steps=schedule.warmup_steps,
+                        keyframe_period=schedule.period,
+                        decay=float(config.decay) if order == 2 else 0.0),
+            trailer_nbytes=pack_fingerprint(config.fingerprint()).numel(),
+            checksum=config.checksum)
 
     def codec_at(self, step: int) -> Codec:
         """The codec of message ``step`` (a spread slice's outer codec is the stream's)."""

@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 
-from .codecs import Codec, IdentityCodec, get_codec
+from .codecs import Codec, IdentityCodec
 from .codecs.base import as_2d, check_finite
 from .config import SHARED_FIELDS, CompressionConfig
 from .errors import StreamMismatchError, WireFormatError
-from .keyframes import KeyframeSchedule
 from .kernels.torch_ref import FP32_MAX
 from .messages import MessageLayout
 from .wire import (FLAG_CONFIG, Header, check_dtype, contiguous_payload, expect, expect_position,
@@ -114,29 +113,20 @@ class _Stream:
         self.device = like.device
         self.tag = stream_tag(namespace + name, self.origin)
         self.session = int(session)
-        # what is sent
-        self.codec = codec if codec is not None else get_codec(config.codec, kernels=config.kernels)
-        self.order = 0 if self.codec.lossless else config.residual_order
+        # what is sent: every message's header and size (the first ends with the sender's
+        # config fingerprint, checked by receivers)
+        self.layout = MessageLayout.of(config, self.shape, self.dtype, codec=codec,
+                                       tag=self.tag, session=self.session)
+        self.codec = self.layout.codec
+        self.schedule = self.layout.schedule
+        self._keyframe_codec = self.layout.keyframe_codec
+        self.order = self.layout.fields["residual_order"]
         self.decay = float(config.decay)
-        keyframes = config.keyframes
-        self.schedule = (KeyframeSchedule() if self.codec.lossless else KeyframeSchedule(
-            config.warmup_steps, keyframes.period, keyframes.spread))
         self.warmup_steps = self.schedule.warmup_steps
         self.check_finite = config.check_finite
         self.closed_loop = config.closed_loop
-        # the first message ends with the sender's config fingerprint, checked by receivers
         self._config = config
         self._trailer = pack_fingerprint(config.fingerprint()).to(self.device)
-        self._keyframe_codec: Codec = (
-            IdentityCodec("identity") if self.codec.lossless or keyframes.codec == "identity"
-            else get_codec(keyframes.codec, kernels=config.kernels))
-        self.layout = MessageLayout(
-            self.codec, self._keyframe_codec, self.schedule, self.shape, self.dtype,
-            fields=dict(tag=self.tag, session=self.session & 0xFFFFFFFF,
-                        residual_order=self.order, closed_loop=self.closed_loop,
-                        warmup_steps=self.warmup_steps, keyframe_period=self.schedule.period,
-                        decay=self.decay if self.order == 2 else 0.0),
-            trailer_nbytes=self._trailer.numel(), checksum=config.checksum)
         # state: reference (and the previous one for order 2), codec state, step counter
         self._ref = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         self._prev = torch.zeros_like(self._ref) if self.order == 2 else None

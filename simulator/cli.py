@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from adapters.dit import PARALLELISMS
-from compressed_comm import CompressionConfig
+from compressed_comm import Keyframes
 
 from .methods import parse_methods
 from .metrics import quality
@@ -105,8 +105,14 @@ def _link_specs(args: argparse.Namespace) -> list[str]:
     return _csv(presets) + list(args.link)
 
 
-def _keyframes(args: argparse.Namespace) -> dict:
-    """The keyframe options as CompressionConfig keywords."""
+def _keyframes(args: argparse.Namespace) -> Keyframes:
+    """The keyframe options (ValueError naming what is wrong)."""
+    return Keyframes(codec=args.keyframe_codec, period=args.keyframe_period,
+                     spread=args.keyframe_spread)
+
+
+def _keyframe_setup(args: argparse.Namespace) -> dict:
+    """The keyframe options as the report's setup shows them."""
     return dict(keyframe_codec=args.keyframe_codec, keyframe_period=args.keyframe_period,
                 keyframe_spread=args.keyframe_spread)
 
@@ -131,7 +137,7 @@ def _validate(args: argparse.Namespace) -> None:
         _fail("--ranks and --steps must be at least 1 and --warmup at least 0")
     try:
         parse_methods(args.codecs)
-        CompressionConfig(**_keyframes(args))
+        _keyframes(args)
     except ValueError as e:
         _fail(str(e))
     for name in _link_specs(args):
@@ -153,7 +159,7 @@ def simulate(args: argparse.Namespace, progress: bool = True) -> SimulationRepor
     check_memory(estimate_memory(workload, args.ranks, args.steps))
     try:
         methods = make_methods(args.parallelism, _csv(args.codecs), warmup=args.warmup,
-                               **_keyframes(args))
+                               keyframes=_keyframes(args))
     except ValueError as e:
         _fail(str(e))
     links = {name: get_link(name) for name in _link_specs(args)}
@@ -195,7 +201,7 @@ def simulate(args: argparse.Namespace, progress: bool = True) -> SimulationRepor
     parallel_error = float((exact.latents - reference.latents).abs().max())
     setup = {"model": workload.name, "description": workload.description, "ranks": args.ranks,
              "parallelism": args.parallelism, "steps": args.steps, "batch": batch,
-             "warmup": args.warmup, **_keyframes(args),
+             "warmup": args.warmup, **_keyframe_setup(args),
              "compute_ms_per_step": 1e3 * compute_s,
              "single_device_ms_per_step": 1e3 * reference.step_seconds,
              "exact_parallel_vs_single_device_max_abs": parallel_error,
@@ -233,14 +239,15 @@ def main(argv: list[str] | None = None) -> int:
         links = _link_specs(args)
         try:
             report = run_what_if(args.what_if, args.gpu, args.ranks, args.parallelism, links[0],
-                                 _csv(args.codecs), warmup=args.warmup, **_keyframes(args))
+                                 _csv(args.codecs), warmup=args.warmup,
+                                 keyframes=_keyframes(args))
         except ValueError as e:
             _fail(str(e))
         if args.json:
             print(json.dumps(report.to_dict(), indent=2))
             return 0
         ranked = best_methods(args.what_if, args.gpu, args.ranks, links[0], _csv(args.codecs),
-                              warmup=args.warmup, **_keyframes(args))
+                              warmup=args.warmup, keyframes=_keyframes(args))
         print("Fastest on this GPU and link: " + ", ".join(
             f"{p}/{m} {t:.1f} s" for p, m, t in ranked[:4]) + "\n")
         print(report.table())

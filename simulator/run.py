@@ -19,7 +19,8 @@ from typing import Callable, Iterable
 import torch
 
 from adapters.dit import ParallelConfig, parallelize
-from compressed_comm import CompressionConfig, SessionStats, StreamDecoder, StreamEncoder
+from compressed_comm import (CompressionConfig, Keyframes, SessionStats, StreamDecoder,
+                             StreamEncoder)
 from compressed_comm.testing import run_ranks
 
 from .methods import DISTRIFUSION, Method, method_list, parse_methods
@@ -49,20 +50,17 @@ class ParallelMethod:
 
 def make_methods(parallelism: str, codecs: Iterable[str], *, warmup: int = 1,
                  timeout: float = 120.0, distrifusion: bool = True,
-                 keyframe_codec: str = "identity", keyframe_period: int = 0,
-                 keyframe_spread: int = 1) -> list[ParallelMethod]:
+                 keyframes: Keyframes = Keyframes()) -> list[ParallelMethod]:
     """``raw``, ``distrifusion`` (patch only) and every method of ``codecs``
-    (:func:`~simulator.methods.parse_methods`; keyframes as in
-    :class:`~compressed_comm.CompressionConfig`); ``ValueError`` for a method that
-    ``parallelism`` cannot run."""
+    (:func:`~simulator.methods.parse_methods`; the codecs' ``keyframes``); ``ValueError``
+    for a method that ``parallelism`` cannot run."""
     methods = method_list(parse_methods(codecs),
                           distrifusion=distrifusion and DISTRIFUSION.runs_on(parallelism))
     out = []
     for method in methods:
         method.check(parallelism)
         compression = None if method.codec is None else CompressionConfig(
-            codec=method.codec, warmup_steps=warmup, keyframe_codec=keyframe_codec,
-            keyframe_period=keyframe_period, keyframe_spread=keyframe_spread)
+            codec=method.codec, warmup_steps=warmup, keyframes=keyframes)
         out.append(ParallelMethod(method, ParallelConfig(parallelism, compression, method.stale,
                                                          warmup, timeout)))
     return out

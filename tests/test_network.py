@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from compressed_comm import CompressionConfig, get_codec
+from compressed_comm import CompressionConfig, Keyframes, get_codec
 from compressed_comm.group.control import control_nbytes
 from compressed_comm.wire import pack_fingerprint
 from simulator.network import (
@@ -420,13 +420,13 @@ def test_periodic_keyframes_cost_time_and_spreading_hides_them_behind_compute():
     """On 10GbE a binary residual hides behind an L20's compute with stale K/V, a whole
     identity keyframe does not; sliced over 7 steps, each slice nearly does."""
     common = ("flux.1-dev", "l20", 4, "patch", "10gbe", ["binary+async"])
-    none, whole, spread = (run_what_if(*common, keyframe_period=p, keyframe_spread=k)
+    none, whole, spread = (run_what_if(*common, keyframes=Keyframes(period=p, spread=k))
                            .row("binary+async") for p, k in ((0, 1), (7, 1), (7, 7)))
     assert none.total_s < spread.total_s < whole.total_s
     assert none.warmup_share < spread.warmup_share
     assert spread.max_step_s == whole.max_step_s == none.max_step_s  # the warmup step
-    sync = [run_what_if(*common[:5], ["binary"], warmup=0, keyframe_period=7,
-                        keyframe_spread=k).row("binary") for k in (1, 7)]
+    sync = [run_what_if(*common[:5], ["binary"], warmup=0,
+                        keyframes=Keyframes(period=7, spread=k)).row("binary") for k in (1, 7)]
     assert sync[1].max_step_s < sync[0].max_step_s / 3  # no step pays the whole tensor
 
 
@@ -437,7 +437,7 @@ def test_lossy_keyframes_shrink_the_warmup_step():
     totals = {}
     for kc in ("identity", "int8", "int4"):
         report = run_what_if("flux.1-dev", "l20", 4, "patch", "1gbe", ["lowrank:8"],
-                             keyframe_codec=kc)
+                             keyframes=Keyframes(codec=kc))
         row = report.row("lowrank:8")
         totals[kc] = row.total_s
         warm = row.warmup_share * row.total_s
@@ -447,5 +447,7 @@ def test_lossy_keyframes_shrink_the_warmup_step():
         assert row.total_s == pytest.approx(warm + (spec.steps - 1) * row.step_s)
         assert report.row("raw").warmup_share == 0
     assert totals["int4"] < totals["int8"] < totals["identity"]
-    with pytest.raises(ValueError, match="keyframe_codec"):
-        run_what_if("flux.1-dev", "l20", 4, "patch", "1gbe", ["binary"], keyframe_codec="topk:0.1")
+    with pytest.raises(ValueError, match="Keyframes.codec must be one of"):
+        Keyframes(codec="topk:0.1")
+    with pytest.raises(ValueError, match="keyframes must be a Keyframes"):
+        run_what_if("flux.1-dev", "l20", 4, "patch", "1gbe", ["binary"], keyframes="int8")

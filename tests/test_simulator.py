@@ -66,9 +66,9 @@ def test_ring_and_ulysses_runs(capsys, tmp_path):
     (["--model", "sd3", "--parallelism", "ulysses", "--ranks", "3"], "head count (4)"),
     (["--model", "sd3", "--parallelism", "ring", "--codecs", "binary+async"], "+async needs patch"),
     (["--what-if", "sora"], "sora"),
-    (["--keyframe-spread", "3"], "keyframe_spread=3 needs keyframe_period >= 3"),
+    (["--keyframe-spread", "3"], "Keyframes.spread=3 needs Keyframes.period >= 3"),
     (["--what-if", "flux.1-dev", "--keyframe-period", "2", "--keyframe-spread", "3"],
-     "needs keyframe_period >= 3"),
+     "needs Keyframes.period >= 3"),
     (["--parallelism", "diffusers-ulysses"], "need real process groups; the simulator's ranks "
                                               "are threads"),
 ])

@@ -7,9 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-
-from compressed_comm import CompressionConfig, StreamEncoder
+from compressed_comm import CompressionConfig, Keyframes
+from compressed_comm.messages import MessageLayout
 
 from ..methods import ASYNC, RAW, Method, method_list, parse_method, parse_methods
 from ..network import GPU, Link, StepEstimate, collective_seconds, estimate_step, get_gpu, get_link
@@ -31,9 +30,7 @@ class _Setup:
     parallelism: str
     traffic: Traffic
     warmup: int
-    keyframe_codec: str
-    keyframe_period: int
-    keyframe_spread: int
+    keyframes: Keyframes
 
 
 @dataclass(frozen=True)
@@ -87,19 +84,19 @@ def _raw_generation(setup: _Setup, method: Method, compute_s: float) -> _Timing:
 def _keyed_generation(setup: _Setup, method: Method, compute_s: float) -> _Timing:
     """A codec: every step priced with the payload a stream of this config sends (warmup
     and keyframe steps whole in the keyframe codec, spread keyframes a slice each)."""
-    stream = StreamEncoder("what-if", torch.empty(setup.traffic.shape, dtype=WIRE_DTYPE,
-                                                  device="meta"), CompressionConfig(
-        codec=method.codec, warmup_steps=setup.warmup, keyframe_codec=setup.keyframe_codec,
-        keyframe_period=setup.keyframe_period, keyframe_spread=setup.keyframe_spread))
+    layout = MessageLayout.of(CompressionConfig(codec=method.codec, warmup_steps=setup.warmup,
+                                                keyframes=setup.keyframes),
+                              setup.traffic.shape, WIRE_DTYPE)
+    schedule = layout.schedule
     total_s = keyed_s = slowest = 0.0
     for t in range(setup.model.steps):
-        comm, control = _wire_s(setup, method.codec, t == 0, stream.payload_nbytes(t))
-        codec = setup.keyframe_codec if stream.is_keyframe(t) else method.codec
+        comm, control = _wire_s(setup, method.codec, t == 0, layout.payload_nbytes(t))
+        codec = setup.keyframes.codec if schedule.is_keyframe(t) else method.codec
         step = estimate_step(compute_s + _codec_s(setup, codec), comm,
                              method.stale and t >= setup.warmup, control).step_s
         total_s += step
         slowest = max(slowest, step)
-        if stream.is_keyframe(t) or stream.spread_rows(t) is not None:
+        if schedule.is_keyframe(t) or layout.slice_rows(t) is not None:
             keyed_s += step
     return _Timing(_steady_step(setup, method, compute_s), total_s, keyed_s, slowest)
 
@@ -171,12 +168,12 @@ def _row(setup: _Setup, method: Method, compute_s: float, raw_total_s: float) ->
 
 
 def _keyframe_assumptions(setup: _Setup) -> tuple[str, ...]:
-    if not setup.keyframe_period:
+    keyframes = setup.keyframes
+    if not keyframes.period:
         return ()
-    return (f"codecs also send a keyframe ({setup.keyframe_codec}) every "
-            f"{setup.keyframe_period} steps"
-            + (f", spread over {setup.keyframe_spread} steps (each a slice of the rows plus "
-               "residuals of the rest)" if setup.keyframe_spread > 1 else "")
+    return (f"codecs also send a keyframe ({keyframes.codec}) every {keyframes.period} steps"
+            + (f", spread over {keyframes.spread} steps (each a slice of the rows plus "
+               "residuals of the rest)" if keyframes.spread > 1 else "")
             + ("; not modelled for pipefusion" if setup.parallelism == "pipefusion" else ""),)
 
 
@@ -200,9 +197,7 @@ def run_what_if(
     warmup: int = 1,
     *,
     async_combos: bool = False,
-    keyframe_codec: str = "identity",
-    keyframe_period: int = 0,
-    keyframe_spread: int = 1,
+    keyframes: Keyframes = Keyframes(),
 ) -> WhatIfReport:
     """Estimate one generation of ``model`` on ``world`` x ``gpu`` over ``link``.
 
@@ -213,9 +208,8 @@ def run_what_if(
     or for every codec with ``async_combos=True``; patch parallelism only). Unknown names
     raise ``ValueError`` listing the choices; ``ulysses`` needs ``world`` to divide the
     attention heads. ``gpu`` and ``link`` are preset names or :class:`GPU` / :class:`Link`
-    objects. ``keyframe_codec``, ``keyframe_period`` and ``keyframe_spread`` are the codecs'
-    keyframes as in :class:`~compressed_comm.CompressionConfig` (every step priced with the
-    payload a stream of that config sends; PipeFusion: warmup only).
+    objects. ``keyframes`` are the codecs' (:class:`~compressed_comm.Keyframes`; every step
+    priced with the payload a stream of that config sends; PipeFusion: warmup only).
     """
     spec = get_model(model)
     gpu_ = gpu if isinstance(gpu, GPU) else get_gpu(gpu)
@@ -224,11 +218,10 @@ def run_what_if(
     parallelism = parallelism.strip().lower()
     if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= spec.steps:
         raise ValueError(f"warmup must be an integer in [0, {spec.steps}], got {warmup!r}")
-    CompressionConfig(keyframe_codec=keyframe_codec, keyframe_period=keyframe_period,
-                      keyframe_spread=keyframe_spread)  # ValueError naming what is wrong
+    if not isinstance(keyframes, Keyframes):
+        raise ValueError(f"keyframes must be a Keyframes; got {keyframes!r}")
     methods = _what_if_methods(codecs, async_combos)
-    setup = _Setup(spec, gpu_, link_, world, parallelism, traffic, warmup, keyframe_codec,
-                   keyframe_period, keyframe_spread)
+    setup = _Setup(spec, gpu_, link_, world, parallelism, traffic, warmup, keyframes)
     compute = _compute_s(setup)
     raw_total = _generation(setup, RAW, compute).total_s
     return WhatIfReport(
@@ -244,8 +237,7 @@ def run_what_if(
 
 def best_methods(model: str, gpu: str | GPU, world: int, link: str | Link,
                  codecs: Sequence[str], warmup: int = 1,
-                 keyframe_codec: str = "identity", keyframe_period: int = 0,
-                 keyframe_spread: int = 1) -> list[tuple[str, str, float]]:
+                 keyframes: Keyframes = Keyframes()) -> list[tuple[str, str, float]]:
     """``(parallelism, method, total seconds)``: the fastest method of every parallelism
     that applies to ``model`` on ``world`` ranks (Ulysses only where ``world`` divides the
     heads), fastest first."""
@@ -253,9 +245,7 @@ def best_methods(model: str, gpu: str | GPU, world: int, link: str | Link,
     for parallelism in PARALLELISMS:
         try:
             report = run_what_if(model, gpu, world, parallelism, link, codecs, warmup,
-                                 keyframe_codec=keyframe_codec,
-                                 keyframe_period=keyframe_period,
-                                 keyframe_spread=keyframe_spread)
+                                 keyframes=keyframes)
         except ValueError:  # e.g. Ulysses with a world that does not divide the heads
             continue
         best = min((r for r in report.rows if r.applies), key=lambda r: r.total_s)
