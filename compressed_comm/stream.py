@@ -304,6 +304,17 @@ class StreamDecoder(_Stream):
 
     role = "decoder"
     _broken: str | None = None
+    _announced = 0
+
+    @property
+    def expected(self) -> int:
+        """The step of the next message no receive is posted for yet (:meth:`announce`):
+        messages in flight, not yet decoded, count."""
+        return max(self._step, self._announced)
+
+    def announce(self) -> None:
+        """A receive of message :attr:`expected` is posted (to be decoded later)."""
+        self._announced = self.expected + 1
 
     def decode(self, payload: torch.Tensor) -> torch.Tensor:
         """Apply the next payload; returns :attr:`reference` (updated in place)."""

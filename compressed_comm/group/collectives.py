@@ -29,6 +29,11 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 300.0
 
 
+def _posted(incoming: dict[int, Incoming]) -> None:
+    for i in incoming.values():
+        i.posted()
+
+
 def _like(shape: Sequence[int], x: torch.Tensor) -> torch.Tensor:
     """A zero-memory tensor with ``shape`` and ``x``'s dtype and device (a stream template)."""
     return template(shape, x.dtype, x.device)
@@ -216,13 +221,14 @@ class _GroupBase(Posting, Reductions):
 
         def start() -> Handle[torch.Tensor]:
             earlier = self._settled(name, {src: like}, self._earlier(name))
-            incoming = self.framing.receiver(name, src, like, len(earlier))
+            incoming = self.framing.receiver(name, src, like)
             # where the transport allows, room for any message of the stream: one of an
             # unexpected size (a peer out of step) is then reported from its header
             short = self.transport.accepts_short_messages
             buf = self._buffer(incoming.room if short else incoming.nbytes, like.device)
             what = f"recv of stream {stream!r} from rank {src}"
             work = self._irecv(buf, src, what)
+            incoming.posted()
 
             def finish(timeout: float) -> torch.Tensor:
                 self._wait(work, timeout, what)
@@ -253,7 +259,7 @@ class _GroupBase(Posting, Reductions):
         handshake = self._admit(entry)
         earlier = self._settled(name, {o: _like(s, x) for o, s in enumerate(shapes)},
                                 self._earlier(name))
-        incoming = self._receivers(name, x, shapes, len(earlier))
+        incoming = self._receivers(name, x, shapes)
         outgoing = self.framing.sender(name, x)
         sizes = [outgoing.nbytes if o == me else incoming[o].nbytes for o in range(world)]
         slot = max(sizes)
@@ -262,6 +268,7 @@ class _GroupBase(Posting, Reductions):
                             [slot if o != me else 0 for o in range(world)])
         what = f"all_gather of stream {stream!r}"
         work, outs = self._post_all_gather(what, outgoing.payload(), slot, x.device)
+        _posted(incoming)
         self._entry_posted()
 
         def finish(timeout: float) -> list[torch.Tensor]:
@@ -307,7 +314,7 @@ class _GroupBase(Posting, Reductions):
         def start() -> tuple[dict[int, Incoming], torch.Tensor]:
             entry = Entry("ring", stream, tuple(shapes), x.dtype, x.device)
             handshake = self._admit(entry)
-            incoming = self._receivers(name, x, shapes, 0)
+            incoming = self._receivers(name, x, shapes)
             outgoing = self.framing.sender(name, x)
             if handshake:
                 self._handshake(entry, outgoing.step, [outgoing.nbytes] * self.world_size,
@@ -346,7 +353,7 @@ class _GroupBase(Posting, Reductions):
         handshake = self._admit(entry)
         likes = {src: _like((out_sizes[src], *rest), x) for src in range(world) if src != me}
         earlier = self._settled(recv_name, likes, self._earlier(recv_name))
-        incoming = {src: self.framing.receiver(recv_name, src, like, len(earlier))
+        incoming = {src: self.framing.receiver(recv_name, src, like)
                     for src, like in likes.items()}
         outgoing = {dst: self.framing.sender(send_name[dst], chunks[dst])
                     for dst in range(world) if dst != me}
@@ -360,6 +367,7 @@ class _GroupBase(Posting, Reductions):
         work, received = self._post_all_to_all(
             what, [None if dst == me else outgoing[dst].payload() for dst in range(world)],
             recv_sizes, x.device)
+        _posted(incoming)
         self._entry_posted()
 
         def finish(timeout: float) -> torch.Tensor:
@@ -415,7 +423,7 @@ class _GroupBase(Posting, Reductions):
 
     # ------------------------------------------------------------------ helpers
 
-    def _receivers(self, name: StreamKey, x: torch.Tensor, shapes: list[tuple[int, ...]],
-                   ahead: int) -> dict[int, Incoming]:
-        return {o: self.framing.receiver(name, o, _like(shapes[o], x), ahead)
+    def _receivers(self, name: StreamKey, x: torch.Tensor, shapes: list[tuple[int, ...]]
+                   ) -> dict[int, Incoming]:
+        return {o: self.framing.receiver(name, o, _like(shapes[o], x))
                 for o in range(self.world_size) if o != self.rank}

@@ -66,6 +66,9 @@ class Incoming(ABC):
         """The tensor the received bytes ``buf`` hold: :attr:`nbytes` of them, or (not
         ``exact``) a message of at most :attr:`room` bytes at its start."""
 
+    def posted(self) -> None:
+        """The receive is posted: the stream's next transfer is the message after it."""
+
 
 class Framing(ABC):
     """How the tensors of a group's transfers become bytes (see the module docstring)."""
@@ -75,10 +78,9 @@ class Framing(ABC):
         """The transfer of ``x`` on stream ``name`` from this rank."""
 
     @abstractmethod
-    def receiver(self, name: StreamKey, origin: int, like: torch.Tensor,
-                 ahead: int = 0) -> Incoming:
-        """The transfer on stream ``name`` from ``origin`` of a tensor shaped like ``like``,
-        with ``ahead`` earlier messages of the stream still in flight."""
+    def receiver(self, name: StreamKey, origin: int, like: torch.Tensor) -> Incoming:
+        """The next transfer on stream ``name`` from ``origin`` of a tensor shaped like
+        ``like`` (earlier ones posted and still in flight count)."""
 
     def fits(self, name: StreamKey, origin: int, like: torch.Tensor) -> bool:
         """Whether stream ``(name, origin)`` can carry ``like`` without being renewed."""
@@ -126,8 +128,7 @@ class RawFraming(Framing):
     def sender(self, name: StreamKey, x: torch.Tensor) -> Outgoing:
         return _RawOut(x)
 
-    def receiver(self, name: StreamKey, origin: int, like: torch.Tensor,
-                 ahead: int = 0) -> Incoming:
+    def receiver(self, name: StreamKey, origin: int, like: torch.Tensor) -> Incoming:
         return _RawIn(like)
 
 
@@ -145,13 +146,16 @@ class _StreamOut(Outgoing):
 
 
 class _StreamIn(Incoming):
-    def __init__(self, dec: StreamDecoder, ahead: int) -> None:
+    def __init__(self, dec: StreamDecoder) -> None:
         self.dec = dec
-        self.nbytes = dec.payload_nbytes(dec.step + ahead)
+        self.nbytes = dec.payload_nbytes(dec.expected)
         self.room = max(self.nbytes, dec.max_payload_nbytes())
 
     def take(self, buf: torch.Tensor, exact: bool = True) -> torch.Tensor:
         return self.dec.decode(buf if exact else announced_payload(buf))
+
+    def posted(self) -> None:
+        self.dec.announce()
 
 
 class CompressedFraming(Framing):
@@ -165,9 +169,8 @@ class CompressedFraming(Framing):
     def sender(self, name: StreamKey, x: torch.Tensor) -> Outgoing:
         return _StreamOut(self.session.encoder(name, x, renew=self.renew), x)
 
-    def receiver(self, name: StreamKey, origin: int, like: torch.Tensor,
-                 ahead: int = 0) -> Incoming:
-        return _StreamIn(self.session.decoder(name, origin, like, renew=self.renew), ahead)
+    def receiver(self, name: StreamKey, origin: int, like: torch.Tensor) -> Incoming:
+        return _StreamIn(self.session.decoder(name, origin, like, renew=self.renew))
 
     def fits(self, name: StreamKey, origin: int, like: torch.Tensor) -> bool:
         return not self.renew or self.session.fits(name, origin, like)

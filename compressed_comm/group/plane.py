@@ -241,9 +241,8 @@ class ControlPlane:
             rest = entry.shapes[0]
             in_sizes, out_sizes = entry.splits
             recv_name = StreamKey("all_to_all", entry.stream, me)
-            ahead = len(self._earlier(recv_name))
-            incoming = {src: self.framing.receiver(recv_name, src, like((out_sizes[src], *rest)),
-                                                   ahead) for src in range(world) if src != me}
+            incoming = {src: self.framing.receiver(recv_name, src, like((out_sizes[src], *rest)))
+                        for src in range(world) if src != me}
             payloads = [None if dst == me else frame(self.framing.sender(
                 StreamKey("all_to_all", entry.stream, dst), like((in_sizes[dst], *rest))).nbytes)
                 for dst in range(world)]
@@ -252,8 +251,7 @@ class ControlPlane:
             bufs = {src: received[src] for src in incoming}
         else:
             name = StreamKey(entry.kind, entry.stream)
-            ahead = len(self._earlier(name)) if entry.kind == "all_gather" else 0
-            incoming = {o: self.framing.receiver(name, o, like(entry.shapes[o]), ahead)
+            incoming = {o: self.framing.receiver(name, o, like(entry.shapes[o]))
                         for o in range(world) if o != me}
             nbytes = self.framing.sender(name, like(entry.shapes[me])).nbytes
             if entry.kind == "ring":

@@ -148,6 +148,8 @@ class Posting:
                     pending = post(buf, later + 1)
 
         pending = post(packet, 1)
+        for i in incoming.values():
+            i.posted()
         self._entry_posted()
         yield self.rank, x
         for hop in range(1, world):
