@@ -24,3 +24,20 @@ def test_adapters_import_without_optional_dependencies():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_collectives_protocol_is_what_both_groups_offer():
+    import inspect
+
+    from compressed_comm import Collectives, CompressedGroup, RawGroup
+
+    def after_self(fn):
+        sig = inspect.signature(fn)
+        return list(sig.parameters.values())[1:], sig.return_annotation
+
+    members = [n for n, v in vars(Collectives).items()
+               if inspect.isfunction(v) and not n.startswith("_")]
+    assert {"all_gather_async", "ring_iter", "all_to_all", "all_reduce"} <= set(members)
+    for group in (CompressedGroup, RawGroup):
+        for name in members:
+            assert after_self(getattr(group, name)) == after_self(getattr(Collectives, name)), name
