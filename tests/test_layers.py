@@ -26,6 +26,22 @@ def test_adapters_import_without_optional_dependencies():
     assert done.stdout.strip() == "False"
 
 
+def test_no_module_outside_the_core_imports_its_private_names():
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    found = []
+    for folder in ("adapters", "simulator", "bench", "examples"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                        "compressed_comm")):
+                    found += [f"{path.relative_to(root)}: {alias.name}" for alias in node.names
+                              if alias.name.startswith("_")]
+    assert found == []
+
+
 def test_collectives_protocol_is_what_both_groups_offer():
     import inspect
 

@@ -25,7 +25,7 @@ The package, by job:
 * :mod:`.protocol` -- :class:`Collectives`, the type of either.
 """
 
-from .collectives import DEFAULT_TIMEOUT, _GroupBase
+from .collectives import DEFAULT_TIMEOUT
 from .control import handshake_nbytes
 from .groups import CompressedGroup, RawGroup
 from .handle import Handle
