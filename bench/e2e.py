@@ -125,7 +125,7 @@ def _run(parallelism: str, method: str, workload: Workload, args: argparse.Names
             par.remove()
     from diffusers import ContextParallelConfig
 
-    from adapters.xdit.cpu import lse_attention_on_cpu
+    from adapters.hooks.diffusers_cp import lse_attention_on_cpu
 
     world = dist.get_world_size()
     mode = parallelism.removeprefix("cp-")

@@ -57,3 +57,11 @@ def test_collectives_protocol_is_what_both_groups_offer():
     for group in (CompressedGroup, RawGroup):
         for name in members:
             assert after_self(getattr(group, name)) == after_self(getattr(Collectives, name)), name
+
+
+def test_hook_installers_import_no_handle():
+    code = ("import sys, adapters.hooks; "
+            "print(sorted(m for m in sys.modules if m.startswith('adapters.xdit')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -18,9 +18,9 @@ from compressed_comm.group import DEFAULT_TIMEOUT, Handle
 
 from ..calls import StepCalls
 from ..dit import ParallelConfig, parallelize
+from ..hooks import HOOK_POINTS, INSTALLERS
+from ..hooks.points import HookPointError, Patch, load_module
 from ..stale import StaleGather
-from .hooks import INSTALLERS
-from .points import HOOK_POINTS, HookPointError, Patch, load_module
 
 __all__ = ["XDiTCompression", "enable_compression"]
 
