@@ -129,7 +129,7 @@ def _run(parallelism: str, method: Method, workload: Workload, args: argparse.Na
             par.remove()
     from diffusers import ContextParallelConfig
 
-    from adapters.xdit.cpu import lse_attention_on_cpu
+    from adapters.hooks.diffusers_cp import lse_attention_on_cpu
 
     world = dist.get_world_size()
     mode = parallelism.removeprefix("cp-")

@@ -13,6 +13,7 @@ Core API:
 * :class:`CompressionConfig` -- every knob in one frozen dataclass;
 * :class:`CompressedGroup` -- compressed send/recv, all-gather, ring pass and all-to-all
   over a :class:`Transport` (:class:`TorchDistTransport` for torch.distributed);
+  :class:`RawGroup` the same uncompressed, :class:`Collectives` the type of either;
 * :func:`wrap_process_group` -- a drop-in process group for plain ``torch.distributed`` code;
 * :func:`warmup` -- compile the kernels ahead of the first request.
 """
@@ -34,7 +35,7 @@ from .errors import (
     UnsupportedDtypeError,
     WireFormatError,
 )
-from .group import CompressedGroup, Handle, RawGroup
+from .group import Collectives, CompressedGroup, Handle, RawGroup
 from .process_group import CompressedProcessGroup, wrap_process_group
 from .session import Session, SessionStats
 from .stream import StreamDecoder, StreamEncoder, StreamKey, StreamStats
@@ -65,6 +66,7 @@ __all__ = [
     "P2POp",
     "CompressedGroup",
     "RawGroup",
+    "Collectives",
     "Handle",
     "wrap_process_group",
     "CompressedProcessGroup",

@@ -21,7 +21,7 @@ Both print the bytes each rank sent per step through the compressed hook points 
 uncompressed run through the identity codec: the raw bytes plus headers), their ratio, and
 the PSNR of the compressed run's output against the uncompressed one. On CPU, ring
 attention needs the log-sum-exp, which none of diffusers' CP backends returns there; tiny
-mode substitutes a small math attention op for it (``adapters.xdit.cpu``).
+mode substitutes a small math attention op for it (``adapters.hooks.diffusers_cp``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from adapters.xdit import enable_compression
-from adapters.xdit.cpu import lse_attention_on_cpu
+from adapters.hooks.diffusers_cp import lse_attention_on_cpu
 from compressed_comm import CompressionConfig
 from simulator.metrics import range_psnr
 from simulator.workloads import make_workload

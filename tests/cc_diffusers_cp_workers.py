@@ -5,7 +5,7 @@ compression bound by ``adapters.xdit.enable_compression``.
 Two workarounds a CPU test needs (diffusers 0.42.1): ``torch.accelerator.device_count`` is
 patched to 1 around ``enable_parallelism`` (it divides the rank by it), and ring attention,
 which needs the log-sum-exp that none of diffusers' CP backends returns on CPU, runs with
-``adapters.xdit.cpu.lse_attention_on_cpu`` (a math op in place of the native one).
+``adapters.hooks.diffusers_cp.lse_attention_on_cpu`` (a math op in place of the native one).
 Every model runs in float32 with diffusers' native attention backend.
 """
 
@@ -122,7 +122,7 @@ def cp_worker(rank, world, init_file, out_dir, names, degrees, asynchronous=Fals
     from diffusers.models import attention_dispatch
 
     from adapters.xdit import enable_compression
-    from adapters.xdit.cpu import lse_attention_on_cpu
+    from adapters.hooks.diffusers_cp import lse_attention_on_cpu
     from compressed_comm import CompressionConfig
 
     _init(rank, world, init_file)

@@ -7,8 +7,9 @@ import torch
 import torch.multiprocessing as mp
 
 import cc_diffusers_cp_workers as workers
+from adapters.hooks.diffusers_cp import lse_attention_on_cpu, math_attention
+from adapters.hooks.points import installed_version
 from adapters.xdit import HOOK_POINTS, KNOWN_VERSIONS
-from adapters.xdit.points import installed_version
 
 pytest.importorskip("diffusers")
 
@@ -32,6 +33,20 @@ def spawn(tmp_path_factory, world, names, degrees, asynchronous=False):
 @pytest.fixture(scope="module", params=list(MODES))
 def results(request, tmp_path_factory):
     return request.param, spawn(tmp_path_factory, WORLD, MODELS, MODES[request.param])
+
+
+def test_lse_attention_on_cpu_swaps_the_native_op_while_entered_and_is_reusable():
+    from diffusers.models import attention_dispatch
+
+    native = attention_dispatch._native_attention_forward_op
+    context = lse_attention_on_cpu()
+    for _ in range(2):
+        with context:
+            assert attention_dispatch._native_attention_forward_op is math_attention
+            with context:
+                assert attention_dispatch._native_attention_forward_op is math_attention
+            assert attention_dispatch._native_attention_forward_op is math_attention
+        assert attention_dispatch._native_attention_forward_op is native
 
 
 def test_tested_diffusers_version_is_the_installed_one():

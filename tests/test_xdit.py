@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from adapters.hooks.points import installed_version, load_module
 from adapters.xdit import HOOK_POINTS, KNOWN_VERSIONS, HookPoint, HookPointError, enable_compression
-from adapters.xdit.points import installed_version, load_module
 from compressed_comm import CompressionConfig
 
 WORLD = 2

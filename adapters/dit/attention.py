@@ -15,10 +15,13 @@ that a codec's ``(N, C)`` view is tokens x channels, like the activations it was
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
-from compressed_comm.group import Handle, _GroupBase
+from compressed_comm import Collectives
+
+from ..stale import StaleGather
 
 __all__ = ["TokenSplit", "ParallelAttention", "token_split"]
 
@@ -88,14 +91,15 @@ class ParallelAttention:
     (all-to-all from token shards to head shards and back).
     """
 
-    exchange: _GroupBase
+    exchange: Collectives
     split: TokenSplit
     mode: str = "patch"
     asynchronous: bool = False
     warmup: int = 1
-    _pending: dict[str, Handle[list[torch.Tensor]]] = field(default_factory=dict)
-    _stale: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    _synchronous: dict[str, int] = field(default_factory=dict)
+    _stale: StaleGather = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._stale = StaleGather(self.warmup)
 
     @property
     def rank(self) -> int:
@@ -117,11 +121,7 @@ class ParallelAttention:
 
     def finish(self) -> None:
         """Complete transfers still in flight (asynchronous mode) at the end of a generation."""
-        for handle in self._pending.values():
-            handle.wait()
-        self._pending.clear()
-        self._stale.clear()
-        self._synchronous.clear()
+        self._stale.finish()
 
     # ------------------------------------------------------------------ strategies
 
@@ -132,20 +132,9 @@ class ParallelAttention:
     def _gather(self, stream: str, local: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's ``local`` (token-major), fresh or -- asynchronously -- one step stale."""
         shapes = self._shapes(local)
-        done = self._synchronous.get(stream, 0)
-        if not self.asynchronous or done < max(1, self.warmup):
-            gathered = self.exchange.all_gather(local, stream=stream, shapes=shapes)
-            if self.asynchronous:
-                self._stale[stream] = gathered
-                self._synchronous[stream] = done + 1
-            return gathered
-        pending = self._pending.pop(stream, None)
-        if pending is not None:
-            self._stale[stream] = pending.wait()
-        stale = self._stale[stream]
-        self._pending[stream] = self.exchange.all_gather_async(local, stream=stream,
-                                                               shapes=shapes)
-        return [local if o == self.rank else t for o, t in enumerate(stale)]
+        if self.asynchronous:
+            return self._stale(self.exchange, local, stream, shapes)
+        return self.exchange.all_gather(local, stream=stream, shapes=shapes)
 
     def _patch(self, layer, q, k, v, text):
         heads = q.shape[1]

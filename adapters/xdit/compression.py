@@ -18,8 +18,9 @@ from compressed_comm.group import DEFAULT_TIMEOUT, Handle
 
 from ..calls import StepCalls
 from ..dit import ParallelConfig, parallelize
-from .hooks import INSTALLERS
-from .points import HOOK_POINTS, HookPointError, Patch, load_module
+from ..hooks import HOOK_POINTS, INSTALLERS
+from ..hooks.points import HookPointError, Patch, load_module
+from ..stale import StaleGather
 
 __all__ = ["XDiTCompression", "enable_compression"]
 
@@ -50,7 +51,7 @@ class XDiTCompression:
         self.timeout = timeout
         #: DistriFusion-style: all-gathers return the other ranks' tensors of the last step
         self.asynchronous = asynchronous
-        self._stale: dict[str, Any] = {}
+        self._stale = StaleGather()
         self.points: tuple[str, ...] = ()
         self._prefix = prefix
         self._groups: dict[int, tuple[Any, CompressedGroup]] = {}
@@ -167,14 +168,7 @@ class XDiTCompression:
         """DistriFusion-style all-gather: ``x`` itself in this rank's slot and the other
         ranks' tensors of the previous step, while this step's all-gather is in flight
         (completed at the stream's next call). The first call of a session is synchronous."""
-        previous = self._stale.get(stream)
-        if previous is None:
-            gathered = group.all_gather(x, stream=stream)
-        else:
-            gathered = previous.wait() if isinstance(previous, Handle) else previous
-        self._stale[stream] = group.all_gather_async(x, stream=stream) if previous is not None \
-            else gathered
-        return [x if o == group.rank else t for o, t in enumerate(gathered)]
+        return self._stale(group, x, stream)
 
     def keep_until_session_end(self, send: Handle[None]) -> None:
         """Hold a fire-and-forget send (PipeFusion's ``pipeline_isend``) until the next

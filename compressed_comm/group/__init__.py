@@ -21,12 +21,15 @@ The package, by job:
 * :mod:`.framing` -- raw bytes or residual-stream payloads: the groups' one difference;
 * :mod:`.collectives` -- point-to-point, all-gather, ring pass and all-to-all, once;
 * :mod:`.reductions` -- reduce-scatter and all-reduce over those;
-* :mod:`.groups` -- :class:`CompressedGroup` and :class:`RawGroup`.
+* :mod:`.groups` -- :class:`CompressedGroup` and :class:`RawGroup`;
+* :mod:`.protocol` -- :class:`Collectives`, the type of either.
 """
 
-from .collectives import DEFAULT_TIMEOUT, _GroupBase
+from .collectives import DEFAULT_TIMEOUT
 from .control import handshake_nbytes
 from .groups import CompressedGroup, RawGroup
 from .handle import Handle
+from .protocol import Collectives
 
-__all__ = ["CompressedGroup", "RawGroup", "Handle", "handshake_nbytes", "DEFAULT_TIMEOUT"]
+__all__ = ["CompressedGroup", "RawGroup", "Collectives", "Handle", "handshake_nbytes",
+           "DEFAULT_TIMEOUT"]

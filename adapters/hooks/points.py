@@ -1,4 +1,4 @@
-"""The xDiT communication points this adapter rebinds, and the patching that rebinds them.
+"""Hook points and the patching that rebinds them.
 
 Each hook point is a named attribute in a third-party module (or on one of its classes).
 Enabling replaces it with a compressing version that carries a marker naming its handle;
@@ -17,8 +17,8 @@ from typing import Any
 
 from compressed_comm import CompressedCommError
 
-__all__ = ["HOOK_POINTS", "KNOWN_VERSIONS", "HookPoint", "HookPointError", "Patch",
-           "installed_version"]
+__all__ = ["KNOWN_VERSIONS", "HookPoint", "HookPointError", "Patch", "installed_version",
+           "load_module", "make_patch", "resolve_owner"]
 
 #: versions each hook point was tested with (tests/test_xdit.py)
 KNOWN_VERSIONS: dict[str, tuple[str, ...]] = {
@@ -38,7 +38,7 @@ class HookPointError(CompressedCommError, RuntimeError):
 
 @dataclass(frozen=True)
 class HookPoint:
-    """One place in xDiT's stack where activations cross ranks."""
+    """One place in a library where activations cross ranks."""
 
     name: str
     library: str          # the distribution whose version matters
@@ -51,42 +51,6 @@ class HookPoint:
         where = f"{self.module}.{self.owner}" if self.owner else self.module
         return f"{where}.{{{', '.join(self.attrs)}}}" if len(self.attrs) > 1 else \
             f"{where}.{self.attrs[0]}"
-
-
-_CP = "torch.distributed.tensor.experimental._context_parallel._attention"
-
-HOOK_POINTS: dict[str, HookPoint] = {p.name: p for p in (
-    HookPoint("ulysses", "xfuser", "xfuser.model_executor.layers.usp", "",
-              ("_sdpa_all_to_all_single",),
-              "xDiT's Ulysses all-to-all of Q/K/V and of the attention output"),
-    HookPoint("torch_ring", "torch", _CP, "", ("_create_rotater", "_templated_ring_attention"),
-              "torch's context-parallel ring attention (xDiT's ring on torch >= 2.5): "
-              "the K||V rotater"),
-    HookPoint("yunchang_ring", "yunchang", "yunchang.ring.utils", "RingComm",
-              ("send_recv", "commit", "wait"),
-              "yunchang's ring (xDiT's long-context attention): K/V hops"),
-    HookPoint("yunchang_ulysses", "yunchang", "yunchang.comm.all_to_all", "", ("dist",),
-              "yunchang's Ulysses all-to-all (SeqAllToAll4D/5D; xDiT's long-context "
-              "attention)"),
-    HookPoint("pipefusion", "xfuser", "xfuser.core.distributed.group_coordinator",
-              "PipelineGroupCoordinator",
-              ("pipeline_send", "pipeline_isend", "pipeline_recv", "recv_next",
-               "get_pipeline_recv_data"),
-              "PipeFusion's point-to-point patches between pipeline stages"),
-    HookPoint("diffusers_ulysses", "diffusers", "diffusers.models.attention_dispatch", "",
-              ("_all_to_all_single",),
-              "diffusers' own context parallelism (enable_parallelism, ulysses_degree): "
-              "the Ulysses all-to-all of Q/K/V and of the attention output"),
-    HookPoint("diffusers_ring", "diffusers", "diffusers.models.attention_dispatch", "",
-              ("funcol",),
-              "diffusers' own context parallelism (enable_parallelism, ring_degree): the "
-              "all-gather of every rank's K||V (TemplatedRingAttention)"),
-    HookPoint("dtensor_reduce", "torch", "torch.distributed.tensor.placement_types", "",
-              ("funcol",),
-              "tensor parallelism through DTensor (torch's parallelize_module, diffusers' "
-              "TensorParallelConfig): the all-reduce and reduce-scatter of partial sums, "
-              "with CompressionConfig(reduce=True)"),
-)}
 
 
 def installed_version(library: str) -> str:
@@ -170,7 +134,7 @@ def _raw(owner: Any, attr: str) -> Any:
     return getattr(owner, attr)
 
 
-def make_patch(owner: Any, attr: str, handle: Any,
+def make_patch(owner: Any, attr: str, handle: object,
                build: Callable[[Any], Callable[..., Any]]) -> Patch:
     """A patch replacing ``owner.attr`` by ``build(original)``, marked as ``handle``'s.
 
