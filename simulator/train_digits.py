@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .digits import TEXT_TOKENS, TRANSFORMER_CONFIG, WEIGHTS, DigitsModel, load_dataset
+from .digits import WEIGHTS, DigitsModel, load_dataset
 
 __all__ = ["TrainResult", "train", "save_weights", "main"]
 

@@ -1,7 +1,7 @@
 """Worker processes for tests/test_diffusers_tp.py: diffusers' own tensor parallelism
 (``enable_parallelism(TensorParallelConfig(tp_degree=N))``) over gloo, with and without
 DTensor's reductions compressed by ``adapters.xdit.enable_compression(...,
-CompressionConfig(codec=..., reduce=True))`` (the ``dtensor_reduce`` hook point).
+CompressionConfig(codec=...), reduce=True)`` (the ``dtensor_reduce`` hook point).
 
 Two workarounds a CPU test needs (diffusers 0.42.1), both only around ``enable_parallelism``:
 ``torch.accelerator.device_count`` is patched to 1 (``_resolve_parallel_config`` computes
@@ -119,9 +119,8 @@ def tp_worker(rank, world, init_file, out_dir, names, codecs=CODECS):
                 res["reductions"] = reductions[:len(reductions) // STEPS]  # one step's
                 res["raw_bytes"] = sum(n for *_, n in res["reductions"])
                 for codec in codecs:
-                    handle = enable_compression(model, CompressionConfig(codec=codec,
-                                                                         reduce=True),
-                                                timeout=60)
+                    handle = enable_compression(model, CompressionConfig(codec=codec),
+                                                reduce=True, timeout=60)
                     got, sizes = run_compressed(handle, model, forward, xs)
                     res[codec] = {
                         "points": handle.points,

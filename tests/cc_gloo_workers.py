@@ -360,7 +360,7 @@ def reduce_worker(rank, world, init_file, out_dir):
         for codec in ("raw", "identity", "int8"):
             model = parallelize_module(copy.deepcopy(mlp), mesh, plan)
             handle = None if codec == "raw" else enable_compression(
-                model, CompressionConfig(codec=codec, reduce=True))
+                model, CompressionConfig(codec=codec), reduce=True)
             with torch.no_grad():
                 results[codec] = [model(_drifting(0, step, (6, 16))) for step in range(STEPS)]
             if handle is not None:

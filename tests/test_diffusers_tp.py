@@ -1,6 +1,6 @@
 """diffusers' own tensor parallelism (``enable_parallelism(TensorParallelConfig(...))``) end
 to end, with DTensor's all-reduces compressed through the ``dtensor_reduce`` hook point
-(``CompressionConfig(codec=..., reduce=True)``): tiny random-weight Flux and Flux2 on 2 gloo
+(``enable_compression(..., reduce=True)``): tiny random-weight Flux and Flux2 on 2 gloo
 processes (one spawn for the module), 5 steps on slowly drifting inputs, identity, int8 and
 binary against uncompressed TP.
 

@@ -17,7 +17,7 @@ from collections import Counter
 import torch
 
 from compressed_comm import CompressedCommError, CompressedGroup, CompressionConfig
-from compressed_comm.testing import Fault, FaultPlan, faulty_world, run_ranks
+from compressed_comm.testing import FaultPlan, faulty_world, run_ranks
 
 SOAK_STEPS = int(os.environ.get("COMPRESSED_COMM_SOAK_STEPS", "10000"))
 STEPS_PER_REQUEST = 8

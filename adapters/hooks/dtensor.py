@@ -18,7 +18,7 @@ DTENSOR_REDUCE = HookPoint(
     "dtensor_reduce", "torch", "torch.distributed.tensor.placement_types", "", ("funcol",),
     "tensor parallelism through DTensor (torch's parallelize_module, diffusers' "
     "TensorParallelConfig): the all-reduce and reduce-scatter of partial sums, "
-    "with CompressionConfig(reduce=True)")
+    "with enable_compression(..., reduce=True)")
 
 
 def install_dtensor_reduce(handle: HookHandle, module: Any) -> list[Patch]:

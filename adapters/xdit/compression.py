@@ -46,9 +46,11 @@ class XDiTCompression:
     """
 
     def __init__(self, config: CompressionConfig, timeout: float, prefix: str,
-                 asynchronous: bool = False) -> None:
+                 asynchronous: bool = False, reduce: bool = False) -> None:
         self.config = config
         self.timeout = timeout
+        #: DTensor's reductions (tensor parallelism) are compressed too
+        self.reduce = reduce
         #: DistriFusion-style: all-gathers return the other ranks' tensors of the last step
         self.asynchronous = asynchronous
         self._stale = StaleGather()
@@ -192,7 +194,7 @@ class XDiTCompression:
         required = points != "auto"
         names = ([n for n, p in HOOK_POINTS.items()
                   if (p.library != "diffusers" or diffusers_cp)
-                  and (n != "dtensor_reduce" or self.config.reduce)]
+                  and (n != "dtensor_reduce" or self.reduce)]
                  if points == "auto" else list(points))
         unknown = [n for n in names if n not in HOOK_POINTS]
         if unknown:
@@ -314,7 +316,7 @@ def enable_compression(target: Any, config: CompressionConfig | None = None, *,
                        points: Sequence[str] | str = "auto",
                        patch: ParallelConfig | None = None,
                        patch_group: dist.ProcessGroup | None = None,
-                       asynchronous: bool = False,
+                       asynchronous: bool = False, reduce: bool = False,
                        timeout: float = DEFAULT_TIMEOUT) -> XDiTCompression:
     """Compress the activations an xDiT pipeline sends between ranks; returns the handle.
 
@@ -325,7 +327,7 @@ def enable_compression(target: Any, config: CompressionConfig | None = None, *,
     diffusers' context parallelism when the transformer has a parallel config (call
     ``transformer.enable_parallelism(...)`` first), and DTensor's reductions (tensor
     parallelism: ``parallelize_module``, diffusers' ``TensorParallelConfig``) when
-    ``config.reduce`` is set.
+    ``reduce`` is set (off by default: code often relies on an all-reduce being exact).
     A point whose attribute moved raises :class:`~adapters.xdit.HookPointError` naming it
     and the versions known to work.
 
@@ -368,7 +370,8 @@ def enable_compression(target: Any, config: CompressionConfig | None = None, *,
     if patch is not None and not isinstance(patch, ParallelConfig):
         raise TypeError(f"patch must be an adapters.dit.ParallelConfig, got "
                         f"{type(patch).__name__}")
-    handle = XDiTCompression(config, float(timeout), _cfg_prefix(), asynchronous)
+    handle = XDiTCompression(config, float(timeout), _cfg_prefix(), asynchronous,
+                             reduce or config.legacy_reduce)
     handle._install_points(points, optional=patch is not None,
                            diffusers_cp=getattr(transformer, "_parallel_config", None) is not None)
     try:
