@@ -143,14 +143,14 @@ def fit(figures: Sequence[Published] = FIT) -> Efficiency:
     """The efficiency terms that best match ``figures`` (least squares of log speedup),
     one term at a time on the figures it governs, on a grid of round values: the block
     overhead on PipeFusion's (its K/V never cross the link: compute alone), then ring's
-    exposed share on ring's, then the all-to-all efficiency on Ulysses'. The async hidden
-    share follows ring's (:class:`.Efficiency`)."""
+    exposed share on ring's, then the all-to-all efficiency on Ulysses' (its contention
+    assumed serial). The async hidden share follows ring's (:class:`.Efficiency`)."""
     def of(method: str) -> list[Published]:
         return [f for f in figures if f.method == method]
 
     overhead = _best([i * 1e-4 for i in range(0, 41)],
                      lambda v: replace(IDEAL, block_overhead_s=v), of("pipefusion"))
-    eff = replace(IDEAL, block_overhead_s=overhead)
+    eff = replace(IDEAL, block_overhead_s=overhead, all_to_all_contention=1.0)
     exposed = _best([i / 20 for i in range(0, 21)],
                     lambda v: replace(eff, ring_exposed=v), of("ring"))
     eff = replace(eff, ring_exposed=exposed)

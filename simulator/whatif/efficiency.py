@@ -31,6 +31,10 @@ class Efficiency:
     #: this share / (world - 1)): in the fit source Ulysses slows from 2 to 4 GPUs while
     #: ring, which moves more bytes, speeds up. Fitted on Ulysses' 2 and 4 L40 points.
     all_to_all_efficiency: float = 1.0
+    #: Exponent of that contention: an all-to-all's data takes ``(world - 1) **
+    #: contention / all_to_all_efficiency`` times its alpha-beta time (0: rounds in
+    #: parallel, the ideal; 1: rounds serialised on a shared switch, assumed).
+    all_to_all_contention: float = 0.0
     #: Share of a one-step-stale exchange (DistriFusion, ``+async``) that really hides
     #: behind the step's compute. Assumed equal to ring's hidden share: the PipeFusion
     #: paper's PixArt figure on L40 PCIe shows DistriFusion and ring attention, which move
@@ -46,6 +50,7 @@ CALIBRATED = Efficiency(
     block_overhead_s=1.6e-3,
     ring_exposed=0.45,
     all_to_all_efficiency=0.54,
+    all_to_all_contention=1.0,
     async_hidden=0.55,
 )
 

@@ -77,7 +77,8 @@ def _wire_s(setup: _Setup, codec: str | None, first: bool = False,
     control = traffic.control_seconds(link, codec, first)
     data = traffic.seconds(link, codec, first, nbytes) - control
     if traffic.collective == "all_to_all":
-        data *= (setup.world - 1) / setup.efficiency.all_to_all_efficiency
+        eff = setup.efficiency
+        data *= (setup.world - 1) ** eff.all_to_all_contention / eff.all_to_all_efficiency
     return data + control, control
 
 
