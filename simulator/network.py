@@ -309,19 +309,23 @@ class StepEstimate:
 
 
 def estimate_step(compute_s: float, comm_s: float, overlap: bool,
-                  blocking_s: float = 0.0) -> StepEstimate:
+                  blocking_s: float = 0.0, hides: float = 1.0) -> StepEstimate:
     """Step time from compute and communication seconds.
 
     Synchronous (``overlap=False``): the step waits for all of its communication,
     ``compute + comm``. Asynchronous (``overlap=True``, DistriFusion-style stale
     activations): communication runs during compute and only ``max(0, comm - compute)``
     is exposed, except ``blocking_s`` of it (control exchanges: they block),
-    which is always exposed.
+    which is always exposed. ``hides`` is the share of the overlapped communication that
+    can hide at all (1: all of it, up to the compute); the rest is exposed.
     """
     if compute_s < 0 or comm_s < 0:
         raise ValueError(f"compute_s and comm_s must be >= 0, got {compute_s}, {comm_s}")
     if not 0 <= blocking_s <= comm_s:
         raise ValueError(f"blocking_s must be in [0, comm_s={comm_s}], got {blocking_s}")
-    exposed = blocking_s + max(0.0, comm_s - blocking_s - compute_s) if overlap else comm_s
+    if not 0 <= hides <= 1:
+        raise ValueError(f"hides must be in [0, 1], got {hides}")
+    hidden = min(hides * (comm_s - blocking_s), compute_s) if overlap else 0.0
+    exposed = comm_s - hidden
     return StepEstimate(compute_s=compute_s, comm_s=comm_s, exposed_comm_s=exposed,
                         step_s=compute_s + exposed, overlap=overlap)

@@ -20,6 +20,7 @@ from .models import (
     local_image_tokens,
     step_flops,
 )
+from .efficiency import CALIBRATED, IDEAL, Efficiency
 from .pricing import best_methods, run_what_if
 from .report import MethodRow, WhatIfReport
 from .traffic import CODEC_PASSES, PARALLELISMS, Traffic, step_traffic
@@ -40,4 +41,7 @@ __all__ = [
     "WhatIfReport",
     "run_what_if",
     "best_methods",
+    "Efficiency",
+    "CALIBRATED",
+    "IDEAL",
 ]

@@ -12,7 +12,8 @@ from compressed_comm.messages import MessageLayout
 
 from ..methods import ASYNC, RAW, Method, method_list, parse_method, parse_methods
 from ..network import GPU, Link, StepEstimate, collective_seconds, estimate_step, get_gpu, get_link
-from .models import WIRE_DTYPE, ModelSpec, compute_seconds, get_model
+from .efficiency import CALIBRATED, Efficiency, split_step_s
+from .models import WIRE_DTYPE, ModelSpec, compute_seconds, get_model, step_flops
 from .report import MethodRow, WhatIfReport, general_assumptions, not_applicable
 from .traffic import PARALLELISMS, Traffic, step_traffic
 
@@ -31,6 +32,13 @@ class _Setup:
     traffic: Traffic
     warmup: int
     keyframes: Keyframes
+    efficiency: Efficiency
+
+    @property
+    def hides(self) -> float:
+        """Share of an overlapped exchange that can hide: ring's hops or stale K/V."""
+        eff = self.efficiency
+        return 1.0 - eff.ring_exposed if self.parallelism == "ring" else eff.async_hidden
 
 
 @dataclass(frozen=True)
@@ -44,10 +52,15 @@ class _Timing:
 
 
 def _compute_s(setup: _Setup) -> float:
-    """Seconds of model compute in one step on the busiest rank (PipeFusion: one stage)."""
+    """Seconds of model compute in one step on the busiest rank (PipeFusion: one stage,
+    its ``layers / world`` blocks called once per patch), block overhead included."""
+    model, world = setup.model, setup.world
+    single = compute_seconds(model, setup.gpu, 1)
     if setup.parallelism == "pipefusion":
-        return compute_seconds(setup.model, setup.gpu, 1) / setup.world
-    return compute_seconds(setup.model, setup.gpu, setup.world)
+        calls = model.layers * setup.traffic.count / world
+        return split_step_s(single, model.layers, 1 / world, calls, setup.efficiency)
+    share = step_flops(model, world) / step_flops(model, 1)
+    return split_step_s(single, model.layers, share, model.layers, setup.efficiency)
 
 
 def _codec_s(setup: _Setup, codec: str | None) -> float:
@@ -58,23 +71,36 @@ def _codec_s(setup: _Setup, codec: str | None) -> float:
 def _wire_s(setup: _Setup, codec: str | None, first: bool = False,
             nbytes: int | None = None) -> tuple[float, float]:
     """(communication, of it control exchanges) seconds of one step, each message
-    ``nbytes`` (default: the steady message of ``codec``)."""
+    ``nbytes`` (default: the steady message of ``codec``); an all-to-all's data slowed
+    by its rounds' contention (:attr:`Efficiency.all_to_all_efficiency`)."""
     traffic, link = setup.traffic, setup.link
-    return (traffic.seconds(link, codec, first, nbytes),
-            traffic.control_seconds(link, codec, first))
+    control = traffic.control_seconds(link, codec, first)
+    data = traffic.seconds(link, codec, first, nbytes) - control
+    if traffic.collective == "all_to_all":
+        eff = setup.efficiency
+        data *= (setup.world - 1) ** eff.all_to_all_contention / eff.all_to_all_efficiency
+    return data + control, control
+
+
+def _overlaps(setup: _Setup, method: Method, steady: bool = True) -> bool:
+    """Whether a step's exchange runs during its compute: ring attention's hops always,
+    stale K/V after the warmup."""
+    return setup.parallelism == "ring" or (method.stale and steady)
 
 
 def _steady_step(setup: _Setup, method: Method, compute_s: float) -> StepEstimate:
     """A step after the warmup: stale methods hide their transfers behind compute."""
     comm, control = _wire_s(setup, method.codec)
-    return estimate_step(compute_s + _codec_s(setup, method.codec), comm, method.stale, control)
+    return estimate_step(compute_s + _codec_s(setup, method.codec), comm,
+                         _overlaps(setup, method), control, setup.hides)
 
 
 def _raw_generation(setup: _Setup, method: Method, compute_s: float) -> _Timing:
     """Raw tensors: DistriFusion's warmup steps synchronous, every other step steady."""
     steady = _steady_step(setup, method, compute_s)
     n_warm = setup.warmup if method.stale else 0
-    warm = estimate_step(compute_s, _wire_s(setup, None)[0], False)
+    warm = estimate_step(compute_s, _wire_s(setup, None)[0], _overlaps(setup, method, False),
+                         hides=setup.hides)
     warm_s = n_warm * warm.step_s
     slowest = warm.step_s if n_warm else steady.step_s
     return _Timing(steady, warm_s + (setup.model.steps - n_warm) * steady.step_s, warm_s,
@@ -93,7 +119,8 @@ def _keyed_generation(setup: _Setup, method: Method, compute_s: float) -> _Timin
         comm, control = _wire_s(setup, method.codec, t == 0, layout.payload_nbytes(t))
         codec = setup.keyframes.codec if schedule.is_keyframe(t) else method.codec
         step = estimate_step(compute_s + _codec_s(setup, codec), comm,
-                             method.stale and t >= setup.warmup, control).step_s
+                             _overlaps(setup, method, t >= setup.warmup), control,
+                             setup.hides).step_s
         total_s += step
         slowest = max(slowest, step)
         if schedule.is_keyframe(t) or layout.slice_rows(t) is not None:
@@ -188,7 +215,7 @@ def _what_if_methods(codecs: Sequence[str], async_combos: bool) -> list[Method]:
 
 
 def run_what_if(
-    model: str,
+    model: str | ModelSpec,
     gpu: str | GPU,
     world: int,
     parallelism: str,
@@ -198,6 +225,7 @@ def run_what_if(
     *,
     async_combos: bool = False,
     keyframes: Keyframes = Keyframes(),
+    efficiency: Efficiency = CALIBRATED,
 ) -> WhatIfReport:
     """Estimate one generation of ``model`` on ``world`` x ``gpu`` over ``link``.
 
@@ -210,8 +238,10 @@ def run_what_if(
     attention heads. ``gpu`` and ``link`` are preset names or :class:`GPU` / :class:`Link`
     objects. ``keyframes`` are the codecs' (:class:`~compressed_comm.Keyframes`; every step
     priced with the payload a stream of that config sends; PipeFusion: warmup only).
+    ``model`` is a preset name or a :class:`ModelSpec`; ``efficiency`` the methods'
+    efficiency terms (:data:`~simulator.whatif.efficiency.CALIBRATED`).
     """
-    spec = get_model(model)
+    spec = model if isinstance(model, ModelSpec) else get_model(model)
     gpu_ = gpu if isinstance(gpu, GPU) else get_gpu(gpu)
     link_ = link if isinstance(link, Link) else get_link(link)
     traffic = step_traffic(spec, world, parallelism)
@@ -221,7 +251,8 @@ def run_what_if(
     if not isinstance(keyframes, Keyframes):
         raise ValueError(f"keyframes must be a Keyframes; got {keyframes!r}")
     methods = _what_if_methods(codecs, async_combos)
-    setup = _Setup(spec, gpu_, link_, world, parallelism, traffic, warmup, keyframes)
+    setup = _Setup(spec, gpu_, link_, world, parallelism, traffic, warmup, keyframes,
+                   efficiency)
     compute = _compute_s(setup)
     raw_total = _generation(setup, RAW, compute).total_s
     return WhatIfReport(
@@ -230,14 +261,16 @@ def run_what_if(
         compute_s=compute, single_gpu_total_s=spec.steps * compute_seconds(spec, gpu_, 1),
         rows=tuple(_row(setup, m, compute, raw_total) for m in methods),
         assumptions=(spec.assumptions
-                     + general_assumptions(spec, gpu_, link_, world, parallelism, warmup)
+                     + general_assumptions(spec, gpu_, link_, world, parallelism, warmup,
+                                           efficiency)
                      + _keyframe_assumptions(setup)),
     )
 
 
-def best_methods(model: str, gpu: str | GPU, world: int, link: str | Link,
+def best_methods(model: str | ModelSpec, gpu: str | GPU, world: int, link: str | Link,
                  codecs: Sequence[str], warmup: int = 1,
-                 keyframes: Keyframes = Keyframes()) -> list[tuple[str, str, float]]:
+                 keyframes: Keyframes = Keyframes(),
+                 efficiency: Efficiency = CALIBRATED) -> list[tuple[str, str, float]]:
     """``(parallelism, method, total seconds)``: the fastest method of every parallelism
     that applies to ``model`` on ``world`` ranks (Ulysses only where ``world`` divides the
     heads), fastest first."""
@@ -245,7 +278,7 @@ def best_methods(model: str, gpu: str | GPU, world: int, link: str | Link,
     for parallelism in PARALLELISMS:
         try:
             report = run_what_if(model, gpu, world, parallelism, link, codecs, warmup,
-                                 keyframes=keyframes)
+                                 keyframes=keyframes, efficiency=efficiency)
         except ValueError:  # e.g. Ulysses with a world that does not divide the heads
             continue
         best = min((r for r in report.rows if r.applies), key=lambda r: r.total_s)

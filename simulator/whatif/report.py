@@ -8,6 +8,7 @@ from typing import Any
 from compressed_comm.group import handshake_nbytes
 
 from ..network import GPU, Link
+from .efficiency import Efficiency
 from .models import WIRE_DTYPE, ModelSpec
 from .traffic import Traffic
 
@@ -143,7 +144,8 @@ def not_applicable(name: str, parallelism: str) -> MethodRow:
 
 
 def general_assumptions(model: ModelSpec, gpu: GPU, link: Link, world: int,
-                         parallelism: str, warmup: int) -> tuple[str, ...]:
+                         parallelism: str, warmup: int,
+                         efficiency: Efficiency) -> tuple[str, ...]:
     weights = model.params * WIRE_DTYPE.itemsize
     fits = "fits" if weights <= gpu.memory_bytes else "does NOT fit"
     out = [
@@ -153,13 +155,10 @@ def general_assumptions(model: ModelSpec, gpu: GPU, link: Link, world: int,
         "embeddings, text encoder and VAE not counted",
         f"image tokens split {world} ways (the busiest rank, ceil({model.image_tokens}/"
         f"{world}), sets the pace); text tokens replicated on every rank and never sent",
-        "the split is ideal: a rank's kernels on 1/world of the tokens are assumed as "
-        "efficient as one GPU's, and launch overheads are not counted. Published parallel "
-        "runs are slower: FLUX.1-dev on 4 H100 over NVLink takes 4.24 s with Ulysses-4 and "
-        "5.11 s with Ring-4 in PyTorch (1.63 s and 1.98 s compiled; xdit-project/xDiT "
-        "docs/performance/flux.md) where this model gives 2.40 s and 2.46 s. Parallel times "
-        "are lower bounds, and the speedups of compression (which only cuts communication) "
-        "upper bounds",
+        f"the split is not ideal (calibrated, simulator.whatif.efficiency): every block "
+        f"call costs {efficiency.block_overhead_s * 1e3:g} ms of overhead whatever its "
+        "tokens, taken out of the one-GPU step's kernel time; a rank's kernel time is the "
+        "one-GPU kernel time x its share of the FLOPs",
         "messages are bf16; a codec's message is exactly "
         "get_codec(spec).payload_nbytes((rows, cols), bfloat16), header included; the ratio "
         "column is raw bytes / that payload",
@@ -168,8 +167,9 @@ def general_assumptions(model: ModelSpec, gpu: GPU, link: Link, world: int,
         f"collectives of a step run one after another",
         "synchronous methods (raw, codecs): the step waits for its communication "
         "(compute + comm); async (distrifusion, +async): step t's exchange runs during "
-        "step t's compute and only max(0, comm - compute) is exposed; the overlapped "
-        "exchange is assumed to take no compute or memory bandwidth from the step",
+        f"step t's compute and {efficiency.async_hidden:.0%} of it can hide (calibrated), "
+        "no more than the compute; the overlapped exchange is assumed to take no compute or "
+        "memory bandwidth from the step",
         f"the control plane (CompressionConfig(handshake=True), the default) exchanges one "
         f"block of {handshake_nbytes(world)} bytes per rank (an all-gather) at the end of every "
         "step, and on a generation's first step one before every compressed collective too; "
@@ -184,19 +184,31 @@ def general_assumptions(model: ModelSpec, gpu: GPU, link: Link, world: int,
         f"{gpu.memory_bytes / 1024**3:g} GiB",
     ]
     if parallelism == "ring":
-        out.append("ring: hops are not overlapped with the attention of the block in hand "
-                   "(real ring attention hides up to one block's attention per hop), so "
-                   "exposed communication is an upper bound")
+        out.append(f"ring: {efficiency.ring_exposed:.0%} of the hops' time is exposed, the "
+                   "rest hides behind the attention of the block in hand (calibrated)")
+    if parallelism == "ulysses":
+        out.append(f"ulysses: one all-to-all round achieves "
+                   f"{efficiency.all_to_all_efficiency:.0%} of the link, its world-1 rounds "
+                   "contending (calibrated)")
     if parallelism == "pipefusion":
         out.append(
             f"pipefusion (xDiT): {world} stages of the layers, M = {world} image patches; a "
             "stage's step is one GPU's step / world (each token through its layers once, the "
             "text tokens included), sends overlap the next patch's compute (step = max(stage, "
             f"M messages)); warmup steps run the full image through the stages in sequence; "
-            "the pipeline fills once per generation ((world-1)/M stage steps); smaller "
-            "per-patch kernels are assumed as efficient as whole-image ones, so this is a "
-            "lower bound of its time; weights are split, not replicated, in reality (the "
-            "weights line above overstates its memory)")
+            "the pipeline fills once per generation ((world-1)/M stage steps); each of a "
+            "stage's blocks is called once per patch, each call with the block overhead "
+            "(calibrated); weights are split, not replicated, in reality (the weights line "
+            "above overstates its memory)")
+    out.append("measured (published): the one-GPU times behind the GPU presets' achieved "
+               "fractions, and the figures in simulator.whatif.calibration; calibrated on "
+               "the PipeFusion paper's FLUX.1-dev L40 PCIe figure (fit) and checked on "
+               "xDiT's FLUX.1-dev H100 and A100 figures: block overhead "
+               f"{efficiency.block_overhead_s * 1e3:g} ms, ring exposed "
+               f"{efficiency.ring_exposed:.0%}, all-to-all {efficiency.all_to_all_efficiency:.0%}"
+               "; assumed: the async hidden share (= ring's), link rates and latencies, codec "
+               "kernel times (CODEC_PASSES at the GPU's memory bandwidth, until a GPU run "
+               "measures them), the FLOP count")
     out.append(f"GPU {gpu.name}: {gpu.description}")
     out.append(f"link {link.name}: {link.description}")
     return tuple(out)
