@@ -438,11 +438,8 @@ class Layout:
 
     def views(self, body: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed 1-D views of each section of ``body`` (a uint8 tensor of :attr:`nbytes`)."""
-        out = {}
-        for s, off in zip(self.sections, self.offsets):
-            raw = body[off: off + s.numel * s.dtype.itemsize]
-            out[s.name] = raw.view(s.dtype) if s.dtype != torch.uint8 else raw
-        return out
+        return {s.name: body[off: off + s.numel * s.dtype.itemsize].view(s.dtype)
+                for s, off in zip(self.sections, self.offsets)}
 
 
 def numel_of(shape: tuple[int, ...]) -> int:
