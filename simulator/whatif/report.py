@@ -162,9 +162,9 @@ def general_assumptions(model: ModelSpec, gpu: GPU, link: Link, world: int,
         "messages are bf16; a codec's message is exactly "
         "get_codec(spec).payload_nbytes((rows, cols), bfloat16), header included; the ratio "
         "column is raw bytes / that payload",
-        f"collectives: (world-1) hops of latency + bytes/bandwidth each, bandwidth per "
-        f"direction per GPU, all ranks sending at once with no further contention; "
-        f"collectives of a step run one after another",
+        "collectives: (world-1) hops of latency + bytes/bandwidth each, bandwidth per "
+        "direction per GPU, all ranks sending at once with no further contention; "
+        "collectives of a step run one after another",
         "synchronous methods (raw, codecs): the step waits for its communication "
         "(compute + comm); async (distrifusion, +async): step t's exchange runs during "
         f"step t's compute and {efficiency.async_hidden:.0%} of it can hide (calibrated), "
