@@ -130,13 +130,18 @@ def _print_table(rows: list[Row], args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world", type=int, default=4)
-    p.add_argument("--shape", type=int, nargs=2, default=(4096, 3072))
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
-    p.add_argument("--codecs", default="binary,int2,int4,lowrank:8")
+    p.add_argument("--world", type=int, default=4, help="gloo processes (default: 4)")
+    p.add_argument("--shape", type=int, nargs=2, default=(4096, 3072), metavar=("N", "C"),
+                   help="each rank's tensor (default: 4096 3072)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                   help="tensor dtype (default: float16)")
+    p.add_argument("--codecs", default="binary,int2,int4,lowrank:8",
+                   help="codec specs beside raw (default: %(default)s)")
     p.add_argument("--ops", type=lambda t: t.split(","), default=["all_gather", "ring",
-                                                                   "all_reduce"])
-    p.add_argument("--repeat", type=int, default=5)
+                                                                   "all_reduce"],
+                   help="collectives to time (default: all_gather,ring,all_reduce)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="calls after the keyframe; the median is shown (default: 5)")
     p.add_argument("--rate", help="shape loopback to this tc rate (1gbit, 100mbit, 10gbit)")
     p.add_argument("--timeout", type=float, default=1800.0, help="kill the run after (s)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)  # run the ranks here

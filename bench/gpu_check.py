@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=".")
+    p.add_argument("--out", default=".", help="folder for the report files (default: .)")
     args = p.parse_args()
     steps = [
         [sys.executable, "-m", "pytest", "-q", "tests/test_kernel_impls.py",

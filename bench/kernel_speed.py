@@ -58,12 +58,17 @@ def sections(codec: str, n: int, c: int, dtype: torch.dtype,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", type=int, nargs=2, default=(4096, 3072))
-    p.add_argument("--dtypes", default="float32,float16")
-    p.add_argument("--impls", default="torch,numba")
-    p.add_argument("--codecs", default=",".join(CODECS))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--shape", type=int, nargs=2, default=(4096, 3072), metavar=("N", "C"),
+                   help="tensor shape (default: 4096 3072)")
+    p.add_argument("--dtypes", default="float32,float16",
+                   help="tensor dtypes, comma-separated (default: %(default)s)")
+    p.add_argument("--impls", default="torch,numba",
+                   help="kernel implementations to time (torch, numba, cupy; default: %(default)s)")
+    p.add_argument("--codecs", default=",".join(CODECS),
+                   help="codec specs, comma-separated (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device of the tensors")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="calls per kernel; the median is shown (default: 5)")
     args = p.parse_args()
     device = torch.device(args.device)
     n, c = args.shape

@@ -76,12 +76,17 @@ def measure(codec: str, xs: list[torch.Tensor], repeat: int, checksum: bool = Fa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", type=int, nargs=2, default=(4096, 3072))
-    p.add_argument("--codecs", default="binary,int2,int4,int8,lowrank:8")
-    p.add_argument("--dtypes", default="float16,bfloat16,float32")
-    p.add_argument("--threads", default="1,2")
-    p.add_argument("--repeat", type=int, default=7)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--shape", type=int, nargs=2, default=(4096, 3072), metavar=("N", "C"),
+                   help="the stream's tensor shape (default: 4096 3072)")
+    p.add_argument("--codecs", default="binary,int2,int4,int8,lowrank:8",
+                   help="codec specs, comma-separated (default: %(default)s)")
+    p.add_argument("--dtypes", default="float16,bfloat16,float32",
+                   help="tensor dtypes, comma-separated (default: %(default)s)")
+    p.add_argument("--threads", default="1,2",
+                   help="torch thread counts to measure with (default: %(default)s)")
+    p.add_argument("--repeat", type=int, default=7,
+                   help="messages after the keyframe; the median is shown (default: 7)")
+    p.add_argument("--device", default="cpu", help="torch device of the tensors")
     p.add_argument("--checksum", action="store_true", help="also measure with checksum=True")
     args = p.parse_args()
     shape = tuple(args.shape)

@@ -172,6 +172,7 @@ def dead_peer_worker(rank, world, init_file, out_dir):
     """Rank 1 never sends on one stream, then dies; rank 0 must get errors, not hang."""
     _init(rank, world, init_file)
     group = CompressedGroup(None, CompressionConfig(), timeout=2.0)
+    dist.barrier()  # rank 1 dies 4 s after rank 0 is ready, however loaded the machine
     if rank == 1:
         time.sleep(4.0)
         os._exit(0)  # die without a word

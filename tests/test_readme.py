@@ -10,7 +10,10 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 import torch.multiprocessing as mp
+
+from compressed_comm.codecs import get_codec
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"<!-- runnable(?:: (\d+) ranks)? -->\s*```python\n(.*?)```", re.S)
@@ -47,3 +50,18 @@ def test_readme_block_runs_as_written(index, tmp_path):
     printed = [(tmp_path / f"rank{r}.txt").read_text() for r in range(ranks)]
     for line in re.findall(r"print\((.*)\)", code):  # whatever a block prints, it printed
         assert all(p.strip() for p in printed), line
+
+
+CODEC_ROW = re.compile(r"^\| `(\w+)(?::[RF])?` \|.*\| (?:[RF]=([\d.]+): )?([\d,]+) B \(", re.M)
+DEMO_ROW = re.compile(r"^(\w+(?::[\d.]+)?) +([\d,]+) +[\d.]+x +[\d.]+x +[\d.e+-]+ +[\d.e+-]+$", re.M)
+
+
+def test_the_readme_payload_sizes_are_the_codes():
+    text = README.read_text()
+    table = [(name + (f":{param}" if param else ""), size)
+             for name, param, size in CODEC_ROW.findall(text)]
+    demo = DEMO_ROW.findall(text)
+    assert len(table) >= 9 and len(demo) >= 9
+    for spec, size in table + demo:
+        assert int(size.replace(",", "")) == get_codec(spec).payload_nbytes(
+            (4096, 3072), torch.float16), spec
