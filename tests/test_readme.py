@@ -1,4 +1,5 @@
-"""The README's Python blocks marked runnable run as written (in process, or on 2 gloo ranks)."""
+"""The Python blocks of the README and docs/ marked runnable run as written (in process, or on
+2 gloo ranks), and the figures they quote from the code are the code's."""
 
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ import torch.multiprocessing as mp
 
 from compressed_comm.codecs import get_codec
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+DOCS = [README, *sorted((REPO / "docs").glob("*.md"))]
 BLOCK = re.compile(r"<!-- runnable(?:: (\d+) ranks)? -->\s*```python\n(.*?)```", re.S)
 
 
-def blocks() -> list[tuple[int, str]]:
-    return [(int(ranks or 1), code) for ranks, code in BLOCK.findall(README.read_text())]
+def blocks(pages: list[Path] = DOCS) -> list[tuple[int, str]]:
+    return [(int(ranks or 1), code) for page in pages
+            for ranks, code in BLOCK.findall(page.read_text())]
 
 
 def _free_port() -> int:
@@ -38,9 +42,10 @@ def _run_rank(rank: int, world: int, port: int, code: str, out_dir: str) -> None
     Path(out_dir, f"rank{rank}.txt").write_text(printed.getvalue())
 
 
-def test_the_readme_has_runnable_blocks_of_both_kinds():
+def test_the_docs_have_runnable_blocks_of_both_kinds():
     kinds = [ranks for ranks, _ in blocks()]
     assert kinds.count(1) >= 2 and kinds.count(2) >= 2
+    assert blocks([README]), "the README's drop-in example runs"
 
 
 @pytest.mark.parametrize("index", range(len(blocks())))
@@ -56,8 +61,8 @@ CODEC_ROW = re.compile(r"^\| `(\w+)(?::[RF])?` \|.*\| (?:[RF]=([\d.]+): )?([\d,]
 DEMO_ROW = re.compile(r"^(\w+(?::[\d.]+)?) +([\d,]+) +[\d.]+x +[\d.]+x +[\d.e+-]+ +[\d.e+-]+$", re.M)
 
 
-def test_the_readme_payload_sizes_are_the_codes():
-    text = README.read_text()
+def test_the_quoted_payload_sizes_are_the_codes():
+    text = "\n".join(page.read_text() for page in DOCS)
     table = [(name + (f":{param}" if param else ""), size)
              for name, param, size in CODEC_ROW.findall(text)]
     demo = DEMO_ROW.findall(text)
