@@ -1,0 +1,116 @@
+"""Worker processes for tests/test_compile.py: diffusers' context parallelism with its blocks
+compiled (``fullgraph=True``), with and without compression bound by
+``adapters.xdit.enable_compression``, against the same runs eager."""
+
+import os
+import time
+from unittest import mock
+
+import torch
+from cc_diffusers_cp_workers import MODELS, _init, run_compressed, seeded
+from cc_gloo_workers import exit_after_teardown
+
+
+def compile_blocks(model, how, backend):
+    """Compile ``model``'s repeated blocks with ``fullgraph=True``: through diffusers'
+    ``compile_repeated_blocks`` (``how="regional"``) or ``block.compile`` per block."""
+    if how == "regional":
+        model.compile_repeated_blocks(fullgraph=True, backend=backend)
+        return
+    for module in model.modules():
+        if type(module).__name__ in model._repeated_blocks:
+            module.compile(fullgraph=True, backend=backend)
+
+
+def first_block_inputs(model, forward, x):
+    """The arguments the first repeated block is called with in ``forward(model, x)``."""
+    block = next(m for m in model.modules() if type(m).__name__ in model._repeated_blocks)
+    seen = []
+    hook = block.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)),
+                                           with_kwargs=True)
+    try:
+        forward(model, x)
+    finally:
+        hook.remove()
+    return block, seen[0]
+
+
+def _rel(got, want):
+    return max(float((a - b).norm() / b.norm()) for a, b in zip(got, want))
+
+
+def _graphs():
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def compile_worker(rank, world, init_file, out_dir, cases, backend):
+    """For each case ``(name, model, ulysses, ring, asynchronous, how)``: eager CP outputs raw
+    and with identity and binary compression; then the blocks compiled (``how``), run raw, with identity
+    and with binary compression (enabled after compiling), with a second session, the graph
+    breaks ``torch._dynamo.explain`` finds in a block, and after ``disable()``."""
+    from diffusers import ContextParallelConfig
+
+    from adapters.hooks.diffusers_cp import lse_attention_on_cpu
+    from adapters.xdit import enable_compression
+    from compressed_comm import CompressionConfig
+
+    _init(rank, world, init_file)
+    out = {}
+    try:
+        for name, model_name, ulysses, ring, asynchronous, how in cases:
+            torch._dynamo.reset()
+            model, forward, xs = seeded(MODELS[model_name])
+            res = out[name] = {}
+
+            def compressed(codec):
+                handle = enable_compression(model, CompressionConfig(codec=codec),
+                                            asynchronous=asynchronous, timeout=60)
+                got, sizes = run_compressed(handle, model, forward, xs)
+                return handle, got, sizes
+
+            with torch.no_grad(), lse_attention_on_cpu():
+                with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+                    model.enable_parallelism(config=ContextParallelConfig(
+                        ulysses_degree=ulysses, ring_degree=ring))
+                cp = [forward(model, x) for x in xs]
+                handle, eager_identity, _ = compressed("identity")
+                handle.disable()
+                handle, eager_binary, eager_sizes = compressed("binary")
+                handle.disable()
+                clock = time.perf_counter()
+
+                compile_blocks(model, how, backend)
+                start = time.perf_counter()
+                raw = [forward(model, x) for x in xs]
+                res["compile_s"] = time.perf_counter() - start
+                res["raw_vs_eager"] = _rel(raw, cp)
+
+                handle, got, sizes = compressed("identity")
+                res["identity_exact"] = all(torch.equal(a, b) for a, b in zip(got, raw))
+                res["identity_as_eager"] = all(torch.equal(a, b)
+                                               for a, b in zip(got, eager_identity))
+                res["identity_bytes"] = sizes
+                handle.disable()
+
+                handle, got, sizes = compressed("binary")
+                res["binary_vs_eager_binary"] = _rel(got, eager_binary)
+                res["binary_sizes"], res["eager_binary_sizes"] = sizes, eager_sizes
+                res["binary_vs_raw"] = _rel(got, raw)
+                graphs = _graphs()
+                again, _ = run_compressed(handle, model, forward, xs)
+                res["second_session_compiles"] = _graphs() - graphs
+                res["second_session_equal"] = all(torch.equal(a, b) for a, b in zip(again, got))
+                res["streams"] = sorted({str(s.key) for s in handle.stats().streams})
+                block, (args, kwargs) = first_block_inputs(model, forward, xs[0])
+                explained = torch._dynamo.explain(block.forward)(*args, **kwargs)
+                res["explain_breaks"] = explained.graph_break_count
+                res["explain_ops"] = sorted({str(n.target) for g in explained.graphs
+                                             for n in g.graph.nodes
+                                             if "compressed_comm" in str(n.target)})
+                handle.disable()
+                res["after_disable_exact"] = all(
+                    torch.equal(forward(model, x), r) for x, r in zip(xs, raw))
+                res["compiled_phase_s"] = time.perf_counter() - clock
+    finally:
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    exit_after_teardown()
