@@ -4,7 +4,9 @@ opaque nodes of its graphs: compressing inside a compiled region breaks no graph
 * ``compressed_comm::all_to_all(x, binding, group, kind)``: all-to-all along dim 0;
 * ``compressed_comm::all_gather(x, binding, group, kind, stale)``: every rank's ``x``
   concatenated along dim 0 in rank order (``stale``: the other ranks' of the previous call,
-  DistriFusion-style).
+  DistriFusion-style);
+* ``compressed_comm::ring_pass(x, binding, group, kind)``: the same result, by passing
+  every block around the ring (packets forwarded unchanged, decoded once).
 
 A graph holds only strings: the key of a :class:`Binding` (:func:`bind`) and the process
 group's name (``ProcessGroup.group_name``; ``""`` is the default group). Both are resolved
@@ -27,7 +29,7 @@ from torch._library.effects import EffectType
 
 from .group import CompressedGroup
 
-__all__ = ["Binding", "all_gather", "all_to_all", "bind", "bound"]
+__all__ = ["Binding", "all_gather", "all_to_all", "bind", "bound", "ring_pass"]
 
 
 class Binding(Protocol):
@@ -111,9 +113,29 @@ def all_gather(x: torch.Tensor, binding: str, group: str, kind: str,
 @all_gather.register_fake
 def _(x: torch.Tensor, binding: str, group: str, kind: str,
       stale: bool = False) -> torch.Tensor:
+    return _gathered_like(x, group)
+
+
+@torch.library.custom_op("compressed_comm::ring_pass", mutates_args=())
+def ring_pass(x: torch.Tensor, binding: str, group: str, kind: str) -> torch.Tensor:
+    """Every rank's ``x`` on the group named ``group`` by passing each around the ring,
+    concatenated along dim 0 in rank order (own slot exact), compressed on the next stream
+    of ``kind`` of ``binding`` (one reference per origin: hops add no error)."""
+    b = bound(binding)
+    compressed = b.group_for(_process_group(group))
+    return torch.cat(compressed.ring_pass(x.contiguous(), stream=b.stream_name(kind)))
+
+
+@ring_pass.register_fake
+def _(x: torch.Tensor, binding: str, group: str, kind: str) -> torch.Tensor:
+    return _gathered_like(x, group)
+
+
+def _gathered_like(x: torch.Tensor, group: str) -> torch.Tensor:
     size = dist.get_world_size(_process_group(group))
     return x.new_empty((size * x.shape[0], *x.shape[1:]))
 
 
 torch.library._register_effectful_op("compressed_comm::all_to_all", EffectType.ORDERED)
 torch.library._register_effectful_op("compressed_comm::all_gather", EffectType.ORDERED)
+torch.library._register_effectful_op("compressed_comm::ring_pass", EffectType.ORDERED)

@@ -62,7 +62,8 @@ def compile_worker(rank, world, init_file, out_dir, cases, backend):
             model, forward, xs = seeded(MODELS[model_name])
             res = out[name] = {}
 
-            def compressed(codec):
+            def compressed(codec, model=model, forward=forward, xs=xs,
+                           asynchronous=asynchronous):
                 handle = enable_compression(model, CompressionConfig(codec=codec),
                                             asynchronous=asynchronous, timeout=60)
                 got, sizes = run_compressed(handle, model, forward, xs)
@@ -113,4 +114,73 @@ def compile_worker(rank, world, init_file, out_dir, cases, backend):
                 res["compiled_phase_s"] = time.perf_counter() - clock
     finally:
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    exit_after_teardown()
+
+
+def _op_calls(key, x):
+    """Every ``compressed_comm::`` op and yunchang's Ulysses all-to-all (its hook point
+    bound to ``key``'s handle) on ``x`` ``(1, tokens, heads, head dim)``, flat."""
+    import yunchang.comm.all_to_all as ya
+
+    from compressed_comm import ops
+
+    y = (x * 2 + 1).flatten(0, 1)
+    parts = (ops.all_to_all(y, key, "", "a2a"), ops.all_gather(y, key, "", "kv"),
+             ops.all_gather(y, key, "", "kv", True), ops.ring_pass(y, key, "", "ring"),
+             ya.all_to_all_4D(x, 2, 1, None))
+    return [p.flatten() for p in parts]
+
+
+def ops_worker(rank, world, init_file, out_dir, backend):
+    """:func:`_op_calls` eager and compiled (``fullgraph=True``, ``backend``), with the
+    ``identity`` and ``binary`` codecs over drifting inputs (a step each), against the
+    same collectives uncompressed; and the graph breaks ``torch._dynamo.explain`` finds."""
+    import functools
+
+    import torch.distributed as dist
+
+    from adapters.xdit import enable_compression
+    from compressed_comm import CompressionConfig
+
+    _init(rank, world, init_file)
+    g = torch.Generator().manual_seed(7 + rank)
+    base, drift = torch.randn(1, 16, 4, 32, generator=g), torch.randn(1, 16, 4, 32, generator=g)
+    xs = [base + 0.02 * i * drift for i in range(4)]
+    out = {}
+    try:
+        raw = []
+        for x in xs:
+            y = (x * 2 + 1).flatten(0, 1)
+            a2a, gathered = torch.empty_like(y), [torch.empty_like(y) for _ in range(world)]
+            dist.all_to_all_single(a2a, y)
+            dist.all_gather(gathered, y)
+            raw.append([a2a.flatten(), torch.cat(gathered).flatten()])
+        for codec in ("identity", "binary"):
+            for how in ("eager", "compiled"):
+                torch._dynamo.reset()
+                handle = enable_compression(torch.nn.Linear(1, 1),
+                                            CompressionConfig(codec=codec),
+                                            points=["yunchang_ulysses"], timeout=60)
+                fn = functools.partial(_op_calls, handle.key)
+                if how == "compiled":
+                    fn = torch.compile(fn, fullgraph=True, backend=backend)
+                got, sizes = [], []
+                with torch.no_grad():
+                    for x in xs:
+                        before = handle.bytes_sent
+                        got.append(fn(x))
+                        sizes.append(handle.bytes_sent - before)
+                        handle.step()
+                    if how == "compiled":
+                        explained = torch._dynamo.explain(
+                            functools.partial(_op_calls, handle.key))(xs[0])
+                        out[f"{codec}:breaks"] = explained.graph_break_count
+                        out[f"{codec}:ops"] = sorted(
+                            {str(n.target) for gm in explained.graphs for n in gm.graph.nodes
+                             if "compressed_comm" in str(n.target)})
+                out[f"{codec}:{how}"], out[f"{codec}:{how}:bytes"] = got, sizes
+                handle.disable()
+        out["raw"] = raw
+    finally:
+        torch.save(out, os.path.join(out_dir, f"ops{rank}.pt"))
     exit_after_teardown()

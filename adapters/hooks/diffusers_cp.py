@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
 import torch.distributed as dist
 
 from compressed_comm import ops
