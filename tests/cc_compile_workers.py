@@ -117,9 +117,23 @@ def compile_worker(rank, world, init_file, out_dir, cases, backend):
     exit_after_teardown()
 
 
+def _math_op(q, k, v, is_causal=False, **kwargs):
+    s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return torch.softmax(s, dim=-1) @ v, torch.logsumexp(s, dim=-1)
+
+
+def _ring_attention(x):
+    """torch's context-parallel ring attention of ``x`` ``(1, heads, tokens, head dim)``."""
+    import torch.distributed as dist
+    from torch.distributed.tensor.experimental import _attention as cp
+
+    return cp._templated_ring_attention(dist.group.WORLD, 2, _math_op, x, x * 0.5, x + 1)[0]
+
+
 def _op_calls(key, x):
-    """Every ``compressed_comm::`` op and yunchang's Ulysses all-to-all (its hook point
-    bound to ``key``'s handle) on ``x`` ``(1, tokens, heads, head dim)``, flat."""
+    """Every ``compressed_comm::`` op, yunchang's Ulysses all-to-all and torch's ring
+    attention (their hook points bound to ``key``'s handle) on ``x``
+    ``(1, tokens, heads, head dim)``, flat."""
     import yunchang.comm.all_to_all as ya
 
     from compressed_comm import ops
@@ -127,22 +141,25 @@ def _op_calls(key, x):
     y = (x * 2 + 1).flatten(0, 1)
     parts = (ops.all_to_all(y, key, "", "a2a"), ops.all_gather(y, key, "", "kv"),
              ops.all_gather(y, key, "", "kv", True), ops.ring_pass(y, key, "", "ring"),
-             ya.all_to_all_4D(x, 2, 1, None))
+             ya.all_to_all_4D(x, 2, 1, None), _ring_attention(x))
     return [p.flatten() for p in parts]
 
 
 def ops_worker(rank, world, init_file, out_dir, backend):
     """:func:`_op_calls` eager and compiled (``fullgraph=True``, ``backend``), with the
-    ``identity`` and ``binary`` codecs over drifting inputs (a step each), against the
-    same collectives uncompressed; and the graph breaks ``torch._dynamo.explain`` finds."""
+    ``identity`` and ``binary`` codecs over drifting inputs (a step each), for both of
+    torch's ring rotate methods, against the same collectives uncompressed (torch's ring:
+    compiled); and the graph breaks ``torch._dynamo.explain`` finds."""
     import functools
 
     import torch.distributed as dist
+    from torch.distributed.tensor.experimental import _attention as cp
 
     from adapters.xdit import enable_compression
     from compressed_comm import CompressionConfig
 
     _init(rank, world, init_file)
+    cp._cp_options.enable_load_balance = False
     g = torch.Generator().manual_seed(7 + rank)
     base, drift = torch.randn(1, 16, 4, 32, generator=g), torch.randn(1, 16, 4, 32, generator=g)
     xs = [base + 0.02 * i * drift for i in range(4)]
@@ -155,32 +172,40 @@ def ops_worker(rank, world, init_file, out_dir, backend):
             dist.all_to_all_single(a2a, y)
             dist.all_gather(gathered, y)
             raw.append([a2a.flatten(), torch.cat(gathered).flatten()])
-        for codec in ("identity", "binary"):
-            for how in ("eager", "compiled"):
-                torch._dynamo.reset()
-                handle = enable_compression(torch.nn.Linear(1, 1),
-                                            CompressionConfig(codec=codec),
-                                            points=["yunchang_ulysses"], timeout=60)
-                fn = functools.partial(_op_calls, handle.key)
-                if how == "compiled":
-                    fn = torch.compile(fn, fullgraph=True, backend=backend)
-                got, sizes = [], []
-                with torch.no_grad():
-                    for x in xs:
-                        before = handle.bytes_sent
-                        got.append(fn(x))
-                        sizes.append(handle.bytes_sent - before)
-                        handle.step()
-                    if how == "compiled":
-                        explained = torch._dynamo.explain(
-                            functools.partial(_op_calls, handle.key))(xs[0])
-                        out[f"{codec}:breaks"] = explained.graph_break_count
-                        out[f"{codec}:ops"] = sorted(
-                            {str(n.target) for gm in explained.graphs for n in gm.graph.nodes
-                             if "compressed_comm" in str(n.target)})
-                out[f"{codec}:{how}"], out[f"{codec}:{how}:bytes"] = got, sizes
-                handle.disable()
         out["raw"] = raw
+        for method in ("allgather", "alltoall"):
+            cp.set_rotate_method(method)
+            torch._dynamo.reset()
+            ring = torch.compile(_ring_attention, fullgraph=True, backend=backend)
+            with torch.no_grad():
+                out[f"{method}:raw"] = [ring(x).flatten() for x in xs]
+            for codec in ("identity", "binary"):
+                for how in ("eager", "compiled"):
+                    torch._dynamo.reset()
+                    handle = enable_compression(torch.nn.Linear(1, 1),
+                                                CompressionConfig(codec=codec),
+                                                points=["yunchang_ulysses", "torch_ring"],
+                                                timeout=60)
+                    fn = functools.partial(_op_calls, handle.key)
+                    if how == "compiled":
+                        fn = torch.compile(fn, fullgraph=True, backend=backend)
+                    got, sizes = [], []
+                    with torch.no_grad():
+                        for x in xs:
+                            before = handle.bytes_sent
+                            got.append(fn(x))
+                            sizes.append(handle.bytes_sent - before)
+                            handle.step()
+                        if how == "compiled":
+                            explained = torch._dynamo.explain(
+                                functools.partial(_op_calls, handle.key))(xs[0])
+                            out[f"{method}:{codec}:breaks"] = explained.graph_break_count
+                            out[f"{method}:{codec}:ops"] = sorted(
+                                {str(n.target) for gm in explained.graphs
+                                 for n in gm.graph.nodes if "compressed_comm" in str(n.target)})
+                    out[f"{method}:{codec}:{how}"] = got
+                    out[f"{method}:{codec}:{how}:bytes"] = sizes
+                    handle.disable()
     finally:
         torch.save(out, os.path.join(out_dir, f"ops{rank}.pt"))
     exit_after_teardown()

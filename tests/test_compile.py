@@ -63,6 +63,10 @@ def test_a_model_compiled_as_a_whole_is_refused_with_what_to_do():
             enable_compression(compiled)
 
 
+#: torch's ring attention's rotate methods (an all-gather, or a ring pass)
+METHODS = ("allgather", "alltoall")
+
+
 @pytest.fixture(scope="module")
 def op_results(tmp_path_factory):
     pytest.importorskip("yunchang")
@@ -73,38 +77,43 @@ def op_results(tmp_path_factory):
 
 
 def test_every_op_compiles_fullgraph_and_equals_eager(op_results):
-    """all_to_all, all_gather (fresh and stale), ring_pass and yunchang's Ulysses
-    all-to-all: compiled equals eager bit for bit, with ``identity`` also the uncompressed
-    collectives (the stale gather: on its first, synchronous step)."""
+    """all_to_all, all_gather (fresh and stale), ring_pass, yunchang's Ulysses all-to-all
+    and torch's ring attention (both rotate methods): compiled equals eager bit for bit;
+    with ``identity`` also the uncompressed collectives and compiled raw ring attention."""
     for rank, r in enumerate(op_results):
-        for codec in ("identity", "binary"):
-            for eager, compiled in zip(r[f"{codec}:eager"], r[f"{codec}:compiled"]):
-                assert all(torch.equal(a, b) for a, b in zip(eager, compiled)), codec
-            assert r[f"{codec}:eager:bytes"] == r[f"{codec}:compiled:bytes"]
-        previous = None
-        for got, (a2a, gathered) in zip(r["identity:compiled"], r["raw"]):
-            fresh_a2a, fresh, stale, ring, _ = got
-            assert torch.equal(fresh_a2a, a2a) and torch.equal(fresh, gathered)
-            assert torch.equal(ring, gathered)
-            # own slot fresh, the others' of the previous step (the first step: fresh)
-            slots = list(gathered.chunk(WORLD))
-            stale_source = gathered if previous is None else previous
-            for origin, old in enumerate(stale_source.chunk(WORLD)):
-                slots[origin] = slots[origin] if origin == rank else old
-            assert torch.equal(stale, torch.cat(slots))
-            previous = gathered
-        # binary compresses after its warm-up step: smaller and not exact
-        ident, binary = r["identity:compiled:bytes"], r["binary:compiled:bytes"]
-        assert all(b * 4 < i for b, i in zip(binary[1:], ident[1:]))
-        assert not torch.equal(r["binary:compiled"][-1][0], r["identity:compiled"][-1][0])
-        assert max(float((b - a).norm() / a.norm()) for a, b in
-                   zip(r["identity:compiled"][-1], r["binary:compiled"][-1])) < 0.05
+        for method in METHODS:
+            for codec in ("identity", "binary"):
+                name = f"{method}:{codec}"
+                for eager, compiled in zip(r[f"{name}:eager"], r[f"{name}:compiled"]):
+                    assert all(torch.equal(a, b) for a, b in zip(eager, compiled)), name
+                assert r[f"{name}:eager:bytes"] == r[f"{name}:compiled:bytes"], name
+            previous = None
+            ident = r[f"{method}:identity:compiled"]
+            for got, (a2a, gathered), ring_raw in zip(ident, r["raw"], r[f"{method}:raw"]):
+                fresh_a2a, fresh, stale, ring, _, ring_attention = got
+                assert torch.equal(fresh_a2a, a2a) and torch.equal(fresh, gathered)
+                assert torch.equal(ring, gathered) and torch.equal(ring_attention, ring_raw)
+                # own slot fresh, the others' of the previous step (the first step: fresh)
+                slots = list(gathered.chunk(WORLD))
+                stale_source = gathered if previous is None else previous
+                for origin, old in enumerate(stale_source.chunk(WORLD)):
+                    slots[origin] = slots[origin] if origin == rank else old
+                assert torch.equal(stale, torch.cat(slots))
+                previous = gathered
+            # binary compresses after its warm-up step: smaller and not exact
+            binary = r[f"{method}:binary:compiled"]
+            sizes = r[f"{method}:identity:compiled:bytes"], r[f"{method}:binary:compiled:bytes"]
+            assert all(b * 4 < i for i, b in zip(*(s[1:] for s in sizes)))
+            assert not any(torch.equal(a, b) for a, b in zip(ident[-1], binary[-1]))
+            assert max(float((b - a).norm() / a.norm())
+                       for a, b in zip(ident[-1], binary[-1])) < 0.05
 
 
 def test_explain_finds_no_graph_break_and_every_op(op_results):
     for r in op_results:
-        for codec in ("identity", "binary"):
-            assert r[f"{codec}:breaks"] == 0
-            assert r[f"{codec}:ops"] == ["compressed_comm.all_gather.default",
-                                         "compressed_comm.all_to_all.default",
-                                         "compressed_comm.ring_pass.default"]
+        for method in METHODS:
+            for codec in ("identity", "binary"):
+                assert r[f"{method}:{codec}:breaks"] == 0
+                assert r[f"{method}:{codec}:ops"] == ["compressed_comm.all_gather.default",
+                                                      "compressed_comm.all_to_all.default",
+                                                      "compressed_comm.ring_pass.default"]
