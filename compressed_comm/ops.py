@@ -54,9 +54,10 @@ class Binding(Protocol):
 _BINDINGS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 
-def bind(binding: Binding) -> str:
-    """Register ``binding`` for the ops; returns the key a graph refers to it by (unique in
-    the process, never reused)."""
+def bind(binding: object) -> str:
+    """Register ``binding`` (a :class:`Binding` for the ops here; any object for ops defined
+    elsewhere, which check its type) for the ops; returns the key a graph refers to it by
+    (unique in the process, never reused)."""
     key = f"{type(binding).__name__}-{uuid.uuid4().hex[:12]}"
     _BINDINGS[key] = binding
     return key
