@@ -77,8 +77,8 @@ def bound(key: str) -> Binding:
 def _process_group(name: str) -> Any:
     if not name:
         return dist.group.WORLD
-    from torch.distributed.distributed_c10d import _resolve_process_group
-    return _resolve_process_group(name)
+    from torch.distributed.distributed_c10d import GroupName, _resolve_process_group
+    return _resolve_process_group(GroupName(name))
 
 
 @torch.library.custom_op("compressed_comm::all_to_all", mutates_args=())
