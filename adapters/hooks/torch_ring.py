@@ -81,7 +81,8 @@ def install_torch_ring(handle: HookHandle, module: Any) -> list[Patch]:
     replacements trace into compiled graphs (no graph break)."""
     owner = resolve_owner(TORCH_RING, module)
     # the K shapes of the ring attentions running (innermost last), pushed by the wrapped
-    # entry point and taken by its rotater (a list: torch.compile traces its mutations)
+    # entry point and taken by its rotater (a list: torch.compile traces its mutations, not
+    # a ContextVar's; so ring attention runs on one thread of a process, as in xDiT)
     kv_shapes: list[tuple[int, ...] | None] = []
     method_enum = owner._RotateMethod
 
