@@ -13,7 +13,7 @@ Ulysses context parallelism, and runs ``--steps`` forwards (drifting inputs) of 
 
 It prints the graph breaks ``torch._dynamo.explain`` finds in one forward raw and with
 compression (of the transformer as a whole, and summed over its blocks), the compile time
-(the first compiled step less an eager one) and the median seconds per step after the
+(the first compiled step less an eager one; cold, with a fresh inductor cache per run) and the median seconds per step after the
 first of the slowest rank. With
 ``--rate`` the ranks share one link of that rate (``bench/shaped_link.py``: a network
 namespace whose loopback is shaped by tc; needs root). Run it against another checkout
@@ -157,6 +157,8 @@ def main() -> None:
     args = p.parse_args()
     if args.inner:
         with tempfile.TemporaryDirectory() as d:
+            # compile times are cold: a fresh inductor cache for every run
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(d, "inductor")
             mp.spawn(_worker, args=(args, os.path.join(d, "store")), nprocs=args.world)
         return
     run_behind(TOOL, sys.argv[1:], __file__, args.rate, None, args.timeout)
