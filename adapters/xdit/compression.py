@@ -13,8 +13,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from compressed_comm import CompressedGroup, CompressionConfig, SessionStats, TorchDistTransport
-from compressed_comm import ops
+from compressed_comm import (
+    CompressedGroup,
+    CompressionConfig,
+    SessionStats,
+    TorchDistTransport,
+    ops,
+)
 from compressed_comm.group import DEFAULT_TIMEOUT, Handle
 
 from ..calls import StepCalls
