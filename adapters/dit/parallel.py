@@ -21,8 +21,16 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 import torch
+from torch._library.effects import EffectType
 
-from compressed_comm import CompressedGroup, CompressionConfig, RawGroup, SessionStats, Transport
+from compressed_comm import (
+    CompressedGroup,
+    CompressionConfig,
+    RawGroup,
+    SessionStats,
+    Transport,
+    ops,
+)
 from compressed_comm.group import DEFAULT_TIMEOUT
 
 from ..calls import StepCalls
@@ -99,9 +107,12 @@ class DiTParallel:
         self.calls = StepCalls() if calls is None else calls
         self.calls.on_step_end(self._step_ended)
         self._text_len = 0
+        self._compiled_layers = 0  # attention layers run by dit_attend in this call
         self._attention: ParallelAttention | None = None
         self._hooks: list[Any] = []
         self._processors: dict[str, Any] = {}
+        #: how compiled graphs reach this object (:func:`dit_attend`)
+        self.key = ops.bind(self)
         self._install(name)
 
     def __repr__(self) -> str:
@@ -173,7 +184,8 @@ class DiTParallel:
             raise ValueError(f"{model_name}: found no attention layers to parallelise")
         for name, module, proc in targets:
             self._processors[name] = proc
-            module.set_processor(processor_cls(name, self._attend, lambda: self._text_len))
+            # one callable for every processor: compiled blocks then share one graph
+            module.set_processor(processor_cls(name, self._attend, self._text_length))
         self._hooks.append(self.model.register_forward_pre_hook(self._begin_step, with_kwargs=True))
         self._hooks.append(modules[embed_name].register_forward_hook(self._split_tokens))
         self._hooks.append(modules["proj_out"].register_forward_hook(self._gather_tokens))
@@ -189,9 +201,13 @@ class DiTParallel:
 
     # ------------------------------------------------------------------ hooks
 
+    def _text_length(self) -> int:
+        return self._text_len
+
     def _begin_step(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self._owns_calls:
             self.calls.begin_call()
+        self._compiled_layers = 0
         ehs = kwargs.get("encoder_hidden_states")
         self._text_len = ehs.shape[1] if ehs is not None else 0
         img_ids = kwargs.get("img_ids")
@@ -228,7 +244,8 @@ class DiTParallel:
         local = self._ensure_split(output.shape[1] - text).slice(self.rank)
         if text:
             return torch.cat([output[:, :text], output[:, text:][:, local]], dim=1)
-        return output[:, local]
+        # contiguous: compiled blocks see one layout in every block (one graph)
+        return output[:, local].contiguous()
 
     def _gather_tokens(self, module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
         split = self._attention.split
@@ -237,11 +254,59 @@ class DiTParallel:
                                         shapes=[(b, n, c) for n in split.counts])
         return torch.cat(parts, dim=1)
 
-    def _attend(self, layer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def _attend(self, proc: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 text: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention of processor ``proc``: :meth:`attend_now` of its layer, or inside a
+        compiled graph the custom op :func:`dit_attend` (one opaque node, no graph break)
+        that runs it. The layer's name stays out of the graph (one graph serves every
+        block): streams there are named in call order, ``compiled.attn<n>``."""
+        if torch.compiler.is_compiling():
+            tq, tk, tv = (None, None, None) if text is None else text
+            outs = dit_attend(q, k, v, tq, tk, tv, self.key)
+            return outs[0], (outs[1] if len(outs) > 1 else None)
+        return self.attend_now(proc.layer, q, k, v, text)
+
+    def attend_next(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    text: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`attend_now` as the next attention layer of this call run in a compiled
+        graph (``compiled.attn<n>``)."""
+        n, self._compiled_layers = self._compiled_layers, self._compiled_layers + 1
+        return self.attend_now(f"compiled.attn{n}", q, k, v, text)
+
+    def attend_now(self, layer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   text: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's parallel attention of layer ``layer`` in the current call."""
         if self._attention is None:
             raise RuntimeError(f"{layer}: attention ran before the image tokens were split")
         return self._attention(self.calls.prefix + layer, q, k, v, text)
+
+
+@torch.library.custom_op("compressed_comm::dit_attend", mutates_args=())
+def dit_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_q: torch.Tensor | None,
+               text_k: torch.Tensor | None, text_v: torch.Tensor | None,
+               binding: str) -> list[torch.Tensor]:
+    """:meth:`DiTParallel.attend_next` of the :class:`DiTParallel` bound as ``binding``
+    (:func:`compressed_comm.ops.bind`): the image output ``(B, H, n, D)`` and, with text
+    q/k/v, the text output ``(B, H, T, D)``, as new contiguous tensors."""
+    owner = ops.bound(binding)
+    if not isinstance(owner, DiTParallel):
+        raise TypeError(f"binding {binding!r} is a {type(owner).__name__}, not a DiTParallel")
+    text = None if text_q is None or text_k is None or text_v is None else (text_q, text_k,
+                                                                            text_v)
+    image, text_out = owner.attend_next(q, k, v, text)
+    outs = [image] if text_out is None else [image, text_out]
+    return [t.clone(memory_format=torch.contiguous_format) for t in outs]
+
+
+@dit_attend.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_q: torch.Tensor | None,
+      text_k: torch.Tensor | None, text_v: torch.Tensor | None,
+      binding: str) -> list[torch.Tensor]:
+    return [torch.empty(t.shape, dtype=q.dtype) for t in (q, text_q) if t is not None]
+
+
+# the exchange's streams and references are state outside any graph: keep every call, in order
+torch.library._register_effectful_op("compressed_comm::dit_attend", EffectType.ORDERED)
 
 
 def parallelize(model: torch.nn.Module, transport: Transport,

@@ -22,9 +22,10 @@ def _rotary(x: torch.Tensor, freqs: Any, sequence_dim: int) -> torch.Tensor:
     return apply_rotary_emb(x, freqs, sequence_dim=sequence_dim)
 
 
-def _no_mask(layer: str, mask: Any) -> None:
+def _no_mask(proc: Any, mask: Any) -> None:
     if mask is not None:
-        raise ValueError(f"{layer}: parallel self-attention does not support an attention mask")
+        raise ValueError(f"{proc.layer}: parallel self-attention does not support an "
+                         "attention mask")
 
 
 def _heads(x: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
@@ -58,7 +59,9 @@ def _qkv(attn: Any, states: torch.Tensor, *, added: bool = False
 
 
 class _Processor:
-    """Common state: the layer's name (its stream prefix) and the rank's attention."""
+    """Common state: the layer's name (its stream prefix) and the rank's attention, called
+    with the processor (whose ``layer`` it reads only when it needs it: a compiled graph
+    that does not read it serves every layer)."""
 
     def __init__(self, layer: str, attend: Attend, text_len: Callable[[], int]) -> None:
         self.layer = layer
@@ -74,7 +77,7 @@ class FluxProcessor(_Processor):
                  encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: Any = None) -> Any:
-        _no_mask(self.layer, attention_mask)
+        _no_mask(self, attention_mask)
         if getattr(attn, "fused_projections", False):
             raise ValueError(f"{self.layer}: fused QKV projections are not supported; call "
                              "transformer.unfuse_qkv_projections() before parallelising")
@@ -88,7 +91,7 @@ class FluxProcessor(_Processor):
             k = _rotary(k, image_rotary_emb, 2)
         t = encoder_hidden_states.shape[1] if joint else self.text_len()
         text = (q[:, :, :t], k[:, :, :t], v[:, :, :t]) if t else None
-        image, text_out = self.attend(self.layer, q[:, :, t:], k[:, :, t:], v[:, :, t:], text)
+        image, text_out = self.attend(self, q[:, :, t:], k[:, :, t:], v[:, :, t:], text)
         out = _flat(torch.cat([text_out, image], dim=2) if t else image).to(q.dtype)
         if not joint:
             return out
@@ -103,12 +106,12 @@ class JointProcessor(_Processor):
     def __call__(self, attn: Any, hidden_states: torch.Tensor,
                  encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
-        _no_mask(self.layer, attention_mask)
+        _no_mask(self, attention_mask)
         q, k, v = _qkv(attn, hidden_states)
         text = None
         if encoder_hidden_states is not None:
             text = _qkv(attn, encoder_hidden_states, added=True)
-        image, text_out = self.attend(self.layer, q, k, v, text)
+        image, text_out = self.attend(self, q, k, v, text)
         image = attn.to_out[1](attn.to_out[0](_flat(image).to(q.dtype)))
         if text_out is None:
             return image
@@ -125,7 +128,7 @@ class SelfProcessor(_Processor):
                  encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: Any = None,
                  *args: Any, **kwargs: Any) -> torch.Tensor:
-        _no_mask(self.layer, attention_mask)
+        _no_mask(self, attention_mask)
         if encoder_hidden_states is not None:
             raise ValueError(f"{self.layer}: got encoder states; only self-attention runs "
                              "across ranks (cross-attention to text stays local)")
@@ -134,7 +137,7 @@ class SelfProcessor(_Processor):
                              "supported by the parallel processor")
         residual = hidden_states
         q, k, v = _qkv(attn, hidden_states)
-        image, _ = self.attend(self.layer, q, k, v, None)
+        image, _ = self.attend(self, q, k, v, None)
         out = attn.to_out[1](attn.to_out[0](_flat(image).to(q.dtype)))
         if attn.residual_connection:
             out = out + residual
@@ -148,14 +151,14 @@ class CogVideoXProcessor(_Processor):
                  encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-        _no_mask(self.layer, attention_mask)
+        _no_mask(self, attention_mask)
         t = encoder_hidden_states.size(1)
         q, k, v = _qkv(attn, torch.cat([encoder_hidden_states, hidden_states], dim=1))
         if image_rotary_emb is not None:
             q[:, :, t:] = _rotary(q[:, :, t:], image_rotary_emb, 2)
             if not attn.is_cross_attention:
                 k[:, :, t:] = _rotary(k[:, :, t:], image_rotary_emb, 2)
-        image, text_out = self.attend(self.layer, q[:, :, t:], k[:, :, t:], v[:, :, t:],
+        image, text_out = self.attend(self, q[:, :, t:], k[:, :, t:], v[:, :, t:],
                                       (q[:, :, :t], k[:, :, :t], v[:, :, :t]))
         out = attn.to_out[1](attn.to_out[0](_flat(torch.cat([text_out, image], dim=2))))
         text_out, image = out.split([t, out.size(1) - t], dim=1)

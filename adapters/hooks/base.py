@@ -15,7 +15,7 @@ import torch
 from compressed_comm import CompressedGroup, Handle
 from compressed_comm.wire import SUPPORTED_DTYPES
 
-__all__ = ["HookHandle", "ModuleWith", "compressible", "eager", "replace_method"]
+__all__ = ["HookHandle", "ModuleWith", "compressible", "eager", "group_name", "replace_method"]
 
 
 class HookHandle(Protocol):
@@ -23,6 +23,8 @@ class HookHandle(Protocol):
 
     #: DistriFusion-style: all-gathers return the other ranks' tensors of the last step
     asynchronous: bool
+    #: the handle's key for :mod:`compressed_comm.ops` (:func:`compressed_comm.ops.bind`)
+    key: str
 
     def group_for(self, pg: Any) -> CompressedGroup:
         """The compressed group over process group ``pg`` (None: the default group)."""
@@ -45,6 +47,12 @@ class HookHandle(Protocol):
 def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run ``fn`` eagerly under torch.compile (a graph break), never traced into a graph."""
     return torch.compiler.disable(fn, recursive=True)
+
+
+def group_name(pg: Any) -> str:
+    """How :mod:`compressed_comm.ops` name process group ``pg`` (``""``: the default group);
+    traceable by torch.compile."""
+    return "" if pg is None else pg.group_name
 
 
 def compressible(x: torch.Tensor) -> bool:

@@ -15,8 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from .base import HookHandle, ModuleWith, compressible, eager
+from compressed_comm import ops
+
+from .base import HookHandle, ModuleWith, compressible, group_name
 from .points import HookPoint, Patch, make_patch, resolve_owner
 
 __all__ = ["DIFFUSERS_RING", "DIFFUSERS_ULYSSES", "RING_ROW", "install_diffusers_ring",
@@ -43,13 +46,13 @@ def install_diffusers_ulysses(handle: HookHandle, module: Any) -> list[Patch]:
     small and the ring's merge weights its blocks by its exponential."""
     owner = resolve_owner(DIFFUSERS_ULYSSES, module)
 
+    key = handle.key
+
     def build(original: Callable[..., torch.Tensor]) -> Callable[..., Any]:
-        @eager
         def _all_to_all_single(x: torch.Tensor, group: Any) -> torch.Tensor:
-            compressed = handle.group_for(group)
-            if x.dim() != 5 or not compressible(x) or x.shape[0] != compressed.world_size:
+            if x.dim() != 5 or not compressible(x) or x.shape[0] != dist.get_world_size(group):
                 return original(x, group)
-            return compressed.all_to_all(x.contiguous(), stream=handle.stream_name("a2a"))
+            return ops.all_to_all(x, key, group_name(group), "a2a")
         return _all_to_all_single
 
     return [make_patch(owner, "_all_to_all_single", handle, build)]
@@ -79,18 +82,16 @@ def install_diffusers_ring(handle: HookHandle, module: Any) -> list[Patch]:
     backward pass (tensors that need gradients) goes through unchanged."""
     owner = resolve_owner(DIFFUSERS_RING, module)
 
+    key, stale = handle.key, handle.asynchronous
+
     def build(real: Any) -> Any:
-        @eager
         def all_gather_tensor(tensor: torch.Tensor, gather_dim: int, group: Any,
                               *args: Any, **kwargs: Any) -> Any:
             row = ring_row(tensor.numel())
             if gather_dim != 0 or tensor.dim() != 1 or not compressible(tensor) or not row:
                 return real.all_gather_tensor(tensor, gather_dim, group, *args, **kwargs)
-            compressed = handle.group_for(group)
-            x, stream = tensor.contiguous().view(-1, row), handle.stream_name("kv")
-            parts = (handle.stale_all_gather(compressed, x, stream) if handle.asynchronous
-                     else compressed.all_gather(x, stream=stream))
-            return torch.cat([p.reshape(-1) for p in parts])
+            x = tensor.contiguous().view(-1, row)
+            return ops.all_gather(x, key, group_name(group), "kv", stale).reshape(-1)
         return ModuleWith(real, all_gather_tensor=all_gather_tensor)
 
     return [make_patch(owner, "funcol", handle, build)]

@@ -7,11 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from compressed_comm import CompressedGroup, Handle
+from compressed_comm import CompressedGroup, Handle, ops
 from compressed_comm.wire import SUPPORTED_DTYPES
 
-from .base import HookHandle, compressible, eager, replace_method
+from .base import HookHandle, compressible, group_name, replace_method
 from .points import HookPoint, Patch, make_patch, resolve_owner
 
 __all__ = ["PIPEFUSION", "ULYSSES", "PipeFusionHooks", "install_pipefusion", "install_ulysses"]
@@ -30,18 +31,18 @@ PIPEFUSION = HookPoint(
 def install_ulysses(handle: HookHandle, module: Any) -> list[Patch]:
     """``usp._sdpa_all_to_all_single(x)``: an equal all-to-all of ``x``'s flat bytes over
     the Ulysses group; compressed as an all-to-all along dim 0 (one stream per chunk, rows
-    of ``x``'s last dim, the head dim)."""
+    of ``x``'s last dim, the head dim) by ``compressed_comm::all_to_all``."""
     owner = resolve_owner(ULYSSES, module)
+    key = handle.key
 
     def build(original: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
-        @eager
         def _sdpa_all_to_all_single(x: torch.Tensor) -> torch.Tensor:
             pg = owner.PROCESS_GROUP.ULYSSES_PG
-            group = handle.group_for(pg)
             # 2-D inputs are xDiT's packed GQA exchange: rows are whole chunks, no channels
-            if x.dim() < 3 or not compressible(x) or x.shape[0] % group.world_size:
+            if x.dim() < 3 or not compressible(x) or x.shape[0] % dist.get_world_size(pg):
                 return original(x)
-            return group.all_to_all(x.contiguous(), stream=handle.stream_name("a2a"))
+            # a compressed_comm:: op: traced into compiled graphs, no graph break
+            return ops.all_to_all(x, key, group_name(pg), "a2a")
         return _sdpa_all_to_all_single
 
     return [make_patch(owner, "_sdpa_all_to_all_single", handle, build)]

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from compressed_comm import CompressedGroup
+from compressed_comm import CompressedGroup, ops
 
-from .base import HookHandle, ModuleWith, compressible, eager, replace_method
+from .base import HookHandle, ModuleWith, compressible, group_name, replace_method
 from .points import HookPoint, Patch, make_patch, resolve_owner
 
 __all__ = ["YUNCHANG_RING", "YUNCHANG_ULYSSES", "RingCommState", "install_yunchang_ring",
@@ -123,22 +123,23 @@ def install_yunchang_ring(handle: HookHandle, module: Any) -> list[Patch]:
 def install_yunchang_ulysses(handle: HookHandle, module: Any) -> list[Patch]:
     """``yunchang.comm.all_to_all`` calls ``dist.all_to_all_single(output, input, group=)``
     on ``(P, ..., head dim)`` tensors; its ``dist`` becomes one whose equal-split,
-    synchronous all-to-all is compressed along dim 0 (one stream per chunk)."""
+    synchronous all-to-all is compressed along dim 0 (one stream per chunk) by
+    ``compressed_comm::all_to_all`` (:mod:`compressed_comm.ops`)."""
     owner = resolve_owner(YUNCHANG_ULYSSES, module)
+    key = handle.key
 
     def build(real: Any) -> Any:
-        @eager
         def all_to_all_single(output: torch.Tensor, input: torch.Tensor,
                               output_split_sizes: Any = None, input_split_sizes: Any = None,
                               group: Any = None, async_op: bool = False) -> Any:
-            compressed = handle.group_for(group)
             if (output_split_sizes is not None or input_split_sizes is not None or async_op
                     or input.dim() < 3 or not compressible(input)
-                    or input.shape[0] % compressed.world_size or output.shape != input.shape):
+                    or input.shape[0] % real.get_world_size(group)
+                    or output.shape != input.shape):
                 return real.all_to_all_single(output, input, output_split_sizes,
                                               input_split_sizes, group, async_op)
-            output.copy_(compressed.all_to_all(input.contiguous(),
-                                               stream=handle.stream_name("a2a")))
+            # a compressed_comm:: op: traced into compiled graphs, no graph break
+            output.copy_(ops.all_to_all(input, key, group_name(group), "a2a"))
             return None
         return ModuleWith(real, all_to_all_single=all_to_all_single)
 

@@ -13,7 +13,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from compressed_comm import CompressedGroup, CompressionConfig, SessionStats, TorchDistTransport
+from compressed_comm import (
+    CompressedGroup,
+    CompressionConfig,
+    SessionStats,
+    TorchDistTransport,
+    ops,
+)
 from compressed_comm.group import DEFAULT_TIMEOUT, Handle
 
 from ..calls import StepCalls
@@ -70,6 +76,8 @@ class XDiTCompression:
         self._patch: Any = None
         self._sends: list[Handle[None]] = []
         self.enabled = False
+        #: how compiled graphs reach this handle (:func:`compressed_comm.ops.bind`)
+        self.key = ops.bind(self)
 
     def __repr__(self) -> str:
         state = "enabled" if self.enabled else "disabled"
@@ -261,16 +269,21 @@ class XDiTCompression:
         object.__setattr__(owner, "step", step)
         self.calls.marked = True
 
+    @torch.compiler.disable
     def _begin_call(self, module: Any, args: Any) -> None:
         self.calls.begin_call()
         self._counts.clear()
 
     def _enter_layer(self, name: str) -> Any:
         def hook(module: Any, args: Any) -> None:
+            if torch.compiler.is_compiling():  # see stream_name
+                return
             self._layer_tokens.setdefault(id(module), []).append(self._layer.set(name))
         return hook
 
     def _leave_layer(self, module: Any, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
         tokens = self._layer_tokens.get(id(module))
         if tokens:
             self._layer.reset(tokens.pop())
@@ -352,9 +365,12 @@ def enable_compression(target: Any, config: CompressionConfig | None = None, *,
     warm-up included) starts a new session.
 
     * Enabling twice without :meth:`~XDiTCompression.disable` raises ``HookPointError``.
-    * A transformer already compiled (``torch.compile``) is refused, since compiled graphs
-      may have traced the original collectives; compile *after* enabling instead: the
-      hook points then run eagerly (graph breaks around them).
+    * Compiled blocks (``transformer.compile_repeated_blocks(fullgraph=True)``, or
+      ``block.compile(fullgraph=True)``), before or after enabling: diffusers' context
+      parallelism compresses inside their graphs with no graph break
+      (:mod:`compressed_comm.ops`; streams there are named in call order, ``model.<kind><n>``).
+      A transformer compiled as a whole is refused; compile it *after* enabling (the call's
+      start is then a graph break).
     """
     config = config or CompressionConfig()
     if not isinstance(config, CompressionConfig):
@@ -364,9 +380,11 @@ def enable_compression(target: Any, config: CompressionConfig | None = None, *,
     transformer, scheduler = _parts(target)
     if _compiled(transformer):
         raise RuntimeError(
-            f"{type(transformer).__name__} is already compiled with torch.compile, whose "
-            "graphs may have traced the uncompressed collectives; enable compression first, "
-            "then compile")
+            f"{type(transformer).__name__} is compiled as a whole (torch.compile or "
+            ".compile()): hooks added to it now would not run in its graphs. Call "
+            "enable_compression(...) on the uncompiled transformer, then compile it; or "
+            "compile only its blocks (transformer.compile_repeated_blocks(fullgraph=True), "
+            "or block.compile(fullgraph=True) per block), before or after enabling")
     if patch is not None and not isinstance(patch, ParallelConfig):
         raise TypeError(f"patch must be an adapters.dit.ParallelConfig, got "
                         f"{type(patch).__name__}")
