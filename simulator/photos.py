@@ -2,7 +2,7 @@
 
 :class:`PhotosModel` wraps a diffusers :class:`~diffusers.FluxTransformer2DModel` (joint
 attention over image and text tokens, RoPE over the image grid, double-stream then
-single-stream blocks) sized to train in about 40 minutes on two CPU cores. It works in
+single-stream blocks) sized to train in under half an hour on two CPU cores. It works in
 pixel space (no VAE): 64x64 RGB crops in [-1, 1], packed like Flux packs its latents, 2x2
 pixels of 3 channels per token, so one image is :data:`TOKENS` = 1024 tokens of 12
 channels. The data are crops of the photos that ship inside scikit-image and scikit-learn
