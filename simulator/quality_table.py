@@ -119,7 +119,8 @@ def label(spec: RowSpec) -> str:
 
 def markdown(rows: list[TableRow]) -> str:
     """The rows as a Markdown table."""
-    lines = ["| parallelism | method | keyframes | wire KB/step | vs raw | PSNR dB | SSIM | rel. L2 |",
+    lines = ["| parallelism | method | keyframes | wire KB/step | vs raw | PSNR dB | SSIM "
+             "| rel. L2 |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         psnr = "inf" if math.isinf(r.quality.psnr_db) else f"{r.quality.psnr_db:.1f}"

@@ -31,7 +31,8 @@ from .metrics import quality
 from .run import make_methods, run_method
 from .workloads import WORKLOADS, Workload, make_workload
 
-__all__ = ["THRESHOLD_DB", "VISIBLE_DB", "TestbedCheck", "OwnPatchOnly", "StaleBy", "check_testbed", "main"]
+__all__ = ["THRESHOLD_DB", "VISIBLE_DB", "TestbedCheck", "OwnPatchOnly", "StaleBy",
+           "check_testbed", "main"]
 
 #: the least loss (dB of PSNR against the exact parallel run) each ablation must cause
 THRESHOLD_DB = 10.0

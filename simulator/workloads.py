@@ -2,10 +2,11 @@
 
 ``digits`` is the embedded default: the trained class-conditional SD3 of
 :mod:`simulator.digits` (no download). ``photos`` is the embedded trained Flux of
-:mod:`simulator.photos` (64x64 RGB, 1024 image tokens). ``sd3``, ``flux``, ``pixart`` and ``cogvideox`` are
-small random-weight configurations of the four supported diffusers classes: their outputs
-are not pictures of anything, but they exercise every model's parallel code path, and
-compression error is measured against their exact parallel output just the same.
+:mod:`simulator.photos` (64x64 RGB, 1024 image tokens). ``sd3``, ``flux``, ``pixart`` and
+``cogvideox`` are small random-weight configurations of the four supported diffusers
+classes: their outputs are not pictures of anything, but they exercise every model's
+parallel code path, and compression error is measured against their exact parallel output
+just the same.
 """
 
 from __future__ import annotations

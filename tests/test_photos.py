@@ -7,8 +7,19 @@ import json
 import pytest
 import torch
 
-from simulator.photos import (CHANNELS, NUM_CLASSES, PHOTOS, TOKENS, TRANSFORMER_CONFIG, WEIGHTS,
-                              load_photos, load_photos_model, pack, random_crops, unpack)
+from simulator.photos import (
+    CHANNELS,
+    NUM_CLASSES,
+    PHOTOS,
+    TOKENS,
+    TRANSFORMER_CONFIG,
+    WEIGHTS,
+    load_photos,
+    load_photos_model,
+    pack,
+    random_crops,
+    unpack,
+)
 from simulator.testbed import THRESHOLD_DB, VISIBLE_DB, check_testbed
 from simulator.workloads import make_workload
 
@@ -34,9 +45,9 @@ def test_missing_weights_raise_file_not_found(tmp_path):
 
 
 def test_velocity_has_1024_tokens(model):
-    x = torch.randn(2, TOKENS, CHANNELS)
+    x = torch.randn(1, TOKENS, CHANNELS)
     with torch.no_grad():
-        v = model.velocity(x, torch.tensor([1.0, 0.5]), torch.tensor([0, NUM_CLASSES - 1]))
+        v = model.velocity(x, torch.tensor([0.5]), torch.tensor([NUM_CLASSES - 1]))
     assert TOKENS == 1024 and v.shape == x.shape and torch.isfinite(v).all()
     with pytest.raises(ValueError, match="labels must lie"):
         model.condition(torch.tensor([NUM_CLASSES]))
@@ -63,7 +74,8 @@ def test_cli_runs_the_photos_model(tmp_path, capsys):
     from simulator.cli import main
 
     assert main(["--model", "photos", "--ranks", "2", "--steps", "2", "--batch", "1",
-                 "--codecs", "binary", "--out", str(tmp_path), "--json"]) == 0
+                 "--codecs", "binary", "--compute-ms", "1", "--out", str(tmp_path),
+                 "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["setup"]["model"] == "photos"
     assert [r["method"] for r in out["results"]] == ["raw", "distrifusion", "binary"]
