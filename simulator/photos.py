@@ -24,7 +24,10 @@ model's :func:`~simulator.digits.flow_sample`.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +55,7 @@ WEIGHTS = Path(__file__).resolve().parent / "weights" / "photos_flux.safetensors
 # FluxTransformer2DModel kwargs: 2 double-stream and 2 single-stream blocks, 4 heads of 16
 # (width 64; Ulysses over 2 or 4 ranks), RoPE axes (time, row, column) of 4, 6 and 6
 # channels. Attention over 1028 tokens is most of the cost, and it grows with the width.
-TRANSFORMER_CONFIG: dict = dict(
+TRANSFORMER_CONFIG: Mapping[str, Any] = MappingProxyType(dict(
     patch_size=1,
     in_channels=CHANNELS,
     num_layers=2,
@@ -63,7 +66,7 @@ TRANSFORMER_CONFIG: dict = dict(
     pooled_projection_dim=64,
     guidance_embeds=False,
     axes_dims_rope=(4, 6, 6),
-)
+))
 
 
 def image_ids(device: torch.device | str = "cpu") -> torch.Tensor:
@@ -100,7 +103,8 @@ class PhotosModel(nn.Module):
         label_pooled: ``(NUM_CLASSES, pooled_projection_dim)``, the ``pooled_projections``.
     """
 
-    def __init__(self, config: dict | None = None, text_tokens: int = TEXT_TOKENS) -> None:
+    def __init__(self, config: Mapping[str, Any] | None = None,
+                 text_tokens: int = TEXT_TOKENS) -> None:
         super().__init__()
         from diffusers import FluxTransformer2DModel
 
@@ -154,7 +158,7 @@ def load_photos_model(path: Path | str = WEIGHTS) -> PhotosModel:
         config["axes_dims_rope"] = tuple(config["axes_dims_rope"])
         if config != TRANSFORMER_CONFIG:
             raise ValueError(f"{path} holds a model with config {config}, expected "
-                             f"TRANSFORMER_CONFIG {TRANSFORMER_CONFIG}")
+                             f"TRANSFORMER_CONFIG {dict(TRANSFORMER_CONFIG)}")
     model = PhotosModel(config, text_tokens=int(meta.get("text_tokens", TEXT_TOKENS)))
     model.load_state_dict(state, strict=True)
     return model.float().eval()

@@ -186,8 +186,8 @@ def write_grid(runs: dict[str, RunResult], columns: list[str], path: Path | str,
     return Path(path)
 
 
-GRID_COLUMNS = ["distrifusion", "binary", "int2", "lowrank:8", "binary+async", "ring binary",
-                "ulysses binary", *ABLATIONS]
+GRID_COLUMNS = ("distrifusion", "binary", "int2", "lowrank:8", "binary+async", "ring binary",
+                "ulysses binary", *ABLATIONS)
 
 
 def main(argv: list[str] | None = None) -> int:

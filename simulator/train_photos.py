@@ -20,8 +20,8 @@ with the defaults below (batch 4, AdamW lr 1e-3 with 50 warmup steps and cosine 
 2 CPU cores (AMD EPYC) shared with other jobs (load average 5 to 14): training loop 1469 s
 (24.5 min); loss (mean of steps 200-299) 0.3083, of steps 100-199 0.3342 -- the curve
 (``docs/photos_loss.png``) flattens but still falls slowly; the EMA weights in float16 are
-955,888 bytes. 300 steps of 4 crops are little: samples show each photo's colours and
-coarse layout, not recognisable photos (``docs/photos_grid.png``).
+955,888 bytes. 300 steps of 4 crops are little: samples show each photo's colours as fine
+texture, not recognisable photos (``docs/photos_grid.png``).
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ import contextlib
 import copy
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,8 +62,9 @@ class TrainResult:
 
 
 def train(steps: int = STEPS, seed: int = SEED, *, batch_size: int = BATCH_SIZE, lr: float = LR,
-          warmup: int = WARMUP, ema_decay: float = EMA_DECAY, config: dict | None = None,
-          log: Path | None = None, checkpoint: Path | None = None, checkpoint_every: int = 0,
+          warmup: int = WARMUP, ema_decay: float = EMA_DECAY,
+          config: Mapping[str, Any] | None = None, log: Path | None = None,
+          checkpoint: Path | None = None, checkpoint_every: int = 0,
           progress: bool = True) -> TrainResult:
     """Rectified-flow training of a :class:`PhotosModel` on :func:`random_crops`.
 
