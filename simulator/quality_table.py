@@ -181,7 +181,7 @@ def write_grid(runs: dict[str, RunResult], columns: list[str], path: Path | str,
         axes[2 * s + 1][0].set_ylabel(f"|diff| x{gain:g}", fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
     return Path(path)
 
