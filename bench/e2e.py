@@ -1,6 +1,7 @@
 """End-to-end generation on N processes, raw vs compressed, optionally over a capped link.
 
-    python bench/e2e.py [--world 4] [--steps 6] [--tokens 1024] [--heads 8] [--head-dim 48]
+    python bench/e2e.py [--world 4] [--model flux|photos] [--steps 6] [--tokens 1024]
+        [--heads 8] [--head-dim 48]
         [--parallelisms patch,ring,ulysses,cp-ulysses,cp-ring] [--codecs binary,binary+async]
         [--keyframe-codec int8] [--keyframe-period 10] [--keyframe-spread 4]
         [--control on|off] [--rate 1gbit] [--delay 1ms] [--json e2e.json] [--timeout 3600]
@@ -8,7 +9,9 @@
 Each of ``--world`` processes (gloo on CPU, NCCL when CUDA is available) holds the same
 random-weight diffusers ``FluxTransformer2DModel`` (``simulator.workloads.flux_workload``: 2
 double and 2 single blocks, width ``heads x head-dim``, ``--tokens`` image tokens and 8 text
-tokens; float32 on CPU, bfloat16 on GPUs) and denoises the same noise for ``--steps``
+tokens; float32 on CPU, bfloat16 on GPUs; ``--model photos``: the trained Flux of
+:mod:`simulator.photos` instead, so PSNR is measured on a model whose outputs are pictures)
+and denoises the same noise for ``--steps``
 flow-matching steps:
 
 * ``single``: rank 0 alone, the whole model (the others wait);
@@ -52,7 +55,7 @@ from shaped_link import end_rank, run_behind
 
 from simulator.methods import RAW, Method, method_list, parse_methods
 from simulator.metrics import range_psnr
-from simulator.workloads import Workload, flux_workload
+from simulator.workloads import Workload, flux_workload, photos_workload
 
 TOOL = "e2e.py"
 ADAPTER = ("patch", "ring", "ulysses")
@@ -60,6 +63,8 @@ DIFFUSERS_CP = ("cp-ulysses", "cp-ring")
 
 
 def _workload(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Workload:
+    if args.model == "photos":
+        return photos_workload(1, 0, device=device, dtype=dtype)
     return flux_workload(1, 0, tokens=args.tokens, heads=args.heads, head_dim=args.head_dim,
                          device=device, dtype=dtype)
 
@@ -226,6 +231,9 @@ def _csv(text: str) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", type=int, default=4)
+    p.add_argument("--model", choices=("flux", "photos"), default="flux",
+                   help="flux: random weights of --tokens/--heads/--head-dim; photos: the "
+                        "trained Flux of simulator.photos (1024 tokens, width 64; ignores them)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--tokens", type=int, default=1024, help="image tokens (a square number)")
     p.add_argument("--heads", type=int, default=8)
@@ -261,8 +269,9 @@ def main() -> None:
     if unknown:
         p.error(f"unknown parallelisms {sorted(unknown)}; expected {ADAPTER + DIFFUSERS_CP}")
     if args.inner:
-        print(f"{args.world} ranks, {args.tokens} image tokens, width "
-              f"{args.heads * args.head_dim}, {args.steps} steps, link "
+        shape = ("trained photos model, 1024 image tokens, width 64" if args.model == "photos"
+                 else f"{args.tokens} image tokens, width {args.heads * args.head_dim}")
+        print(f"{args.world} ranks, {shape}, {args.steps} steps, link "
               f"{args.rate or 'loopback (uncapped)'}; median s/step of the slowest rank after "
               "step 1; bytes sent per rank and step after step 1")
         print(f"{'parallelism':<11} {'method':<14} {'s/step':>8} {'vs raw':>8} {'vs single':>10} "

@@ -19,8 +19,8 @@ from typing import Callable, Iterable
 import torch
 
 from adapters.dit import ParallelConfig, parallelize
-from compressed_comm import (CompressionConfig, Keyframes, SessionStats, StreamDecoder,
-                             StreamEncoder)
+from compressed_comm import (Collectives, CompressionConfig, Keyframes, SessionStats,
+                             StreamDecoder, StreamEncoder)
 from compressed_comm.testing import run_ranks
 
 from .methods import DISTRIFUSION, Method, method_list, parse_methods
@@ -121,14 +121,18 @@ def run_reference(workload: Workload, steps: int) -> Reference:
 
 
 def run_method(workload: Workload, method: ParallelMethod, world: int, steps: int, *,
-               on_step: Callable[[], None] | None = None, timeout: float = 600.0) -> RunResult:
+               on_step: Callable[[], None] | None = None, timeout: float = 600.0,
+               wrap_exchange: Callable[[Collectives], Collectives] | None = None) -> RunResult:
     """Sample with ``method`` on ``world`` virtual ranks; rank 0's latents are returned
-    (every rank ends with the same full latents)."""
+    (every rank ends with the same full latents). ``wrap_exchange`` replaces each rank's K/V
+    exchange by what it returns for it (:mod:`simulator.testbed`'s ablations)."""
 
     def body(transport):
         torch.set_num_threads(1)
         model = copy.deepcopy(workload.model)
         par = parallelize(model, transport, method.config)
+        if wrap_exchange is not None:
+            par.exchange = wrap_exchange(par.exchange)
         sent_bytes, sent_msgs, sent_handshakes = [], [], []
 
         def forward(m, x, t):

@@ -1,10 +1,12 @@
 """Workloads: a diffusers transformer, its fixed conditioning, and how to sample and view it.
 
 ``digits`` is the embedded default: the trained class-conditional SD3 of
-:mod:`simulator.digits` (no download). ``sd3``, ``flux``, ``pixart`` and ``cogvideox`` are
-small random-weight configurations of the four supported diffusers classes: their outputs
-are not pictures of anything, but they exercise every model's parallel code path, and
-compression error is measured against their exact parallel output just the same.
+:mod:`simulator.digits` (no download). ``photos`` is the embedded trained Flux of
+:mod:`simulator.photos` (64x64 RGB, 1024 image tokens). ``sd3``, ``flux``, ``pixart`` and
+``cogvideox`` are small random-weight configurations of the four supported diffusers
+classes: their outputs are not pictures of anything, but they exercise every model's
+parallel code path, and compression error is measured against their exact parallel output
+just the same.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from types import MappingProxyType
 import torch
 
 from .digits import IMAGE_SIZE, NUM_CLASSES, flow_sample, load_digits_model
+from .photos import NUM_CLASSES as PHOTO_CLASSES
 
-__all__ = ["WORKLOADS", "Workload", "flux_workload", "make_workload", "sample"]
+__all__ = ["WORKLOADS", "Workload", "flux_workload", "photos_workload", "make_workload",
+           "sample"]
 
 #: (model, latents, t in [0, 1]) -> velocity
 Forward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -88,6 +92,30 @@ def _digits(batch: int, seed: int) -> Workload:
         return m(hidden_states=x, timestep=t * 1000, **cond, return_dict=False)[0]
     return Workload("digits", "embedded SD3 digits model (trained, 32x32, 256 tokens)",
                     model.transformer, noise, forward, _grey)
+
+
+def photos_workload(batch: int, seed: int, *, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> Workload:
+    """The trained Flux of :mod:`simulator.photos` (the ``photos`` workload) on ``device`` in
+    ``dtype``: ``batch`` samples, labels ``0, 1, ...`` (one photo each), seeded noise."""
+    from .photos import CHANNELS, TOKENS, load_photos_model, unpack
+
+    model = load_photos_model().to(device, dtype)
+    cond = {k: v.to(device, dtype) for k, v in
+            model.condition(torch.arange(batch) % PHOTO_CLASSES).items()}
+    noise = torch.randn(batch, TOKENS, CHANNELS, generator=_generator(seed)).to(device, dtype)
+
+    def forward(m: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return m(hidden_states=x, timestep=t.to(x), **cond, return_dict=False)[0]
+
+    def to_images(x: torch.Tensor) -> torch.Tensor:
+        return ((unpack(x.float().cpu()) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+    return Workload("photos", "embedded Flux photos model (trained, 64x64 RGB, 1024 tokens)",
+                    model.transformer, noise, forward, to_images)
+
+
+def _photos(batch: int, seed: int) -> Workload:
+    return photos_workload(batch, seed)
 
 
 def _sd3(batch: int, seed: int) -> Workload:
@@ -196,6 +224,7 @@ def _cogvideox(batch: int, seed: int) -> Workload:
 
 WORKLOADS: Mapping[str, Callable[[int, int], Workload]] = MappingProxyType({
     "digits": _digits, "sd3": _sd3, "flux": _flux, "pixart": _pixart, "cogvideox": _cogvideox,
+    "photos": _photos,
 })
 
 
