@@ -1,19 +1,33 @@
-"""``codec="auto"``: the spec and the decision."""
+"""``codec="auto"``: the spec, the decision (driven both ways by a fake clock), the agreement
+of every rank, sizes known in advance, and references that stay bit-identical across
+switches."""
 
 import pytest
+import torch
 
-from compressed_comm import CompressionConfig
+from compressed_comm import CompressedGroup, CompressionConfig, Keyframes, Session, StreamKey
 from compressed_comm.auto import (
     ACCURACY_ORDER,
     DEFAULT_CANDIDATES,
     Candidate,
     Cost,
     Link,
+    Report,
     admissible,
     decide,
     fit_link,
     parse_auto,
 )
+from compressed_comm.autopolicy import AutoPolicy
+from compressed_comm.group.control import STEP, ControlBlock, control_nbytes
+from compressed_comm.testing import run_ranks
+
+WORLD = 3
+SPECS = ("identity", "int4", "binary", "lowrank:4")
+#: fake codec costs, picoseconds per byte, in the order of SPECS
+ENCODE_PS = (100, 3_000, 2_000, 8_000)
+DECODE_PS = (100, 1_000, 1_000, 4_000)
+
 
 # ---------------------------------------------------------------------- the spec
 
@@ -46,6 +60,13 @@ def test_candidate_lists_are_shared_config():
     a = CompressionConfig(codec="auto:int4,binary")
     b = CompressionConfig(codec="auto:int4,lowrank:8")
     assert a.differences(b.fingerprint()) == ["codec"]
+
+
+def test_auto_needs_the_control_plane():
+    def body(t):
+        with pytest.raises(ValueError, match="handshake=True"):
+            CompressedGroup(t, CompressionConfig(codec="auto", handshake=False))
+    run_ranks(2, body)
 
 
 # ---------------------------------------------------------------------- the decision
@@ -101,3 +122,132 @@ def test_fit_link_recovers_latency_and_bandwidth():
     assert one == Link(1e6) and fit_link([]) is None and fit_link([(1, 0, 1.0)]) is None
 
 
+# ---------------------------------------------------------------------- agreement
+
+
+def _report(ns: int, nbytes: int = 1_000_000) -> Report:
+    return Report(1, nbytes, ns, ENCODE_PS, DECODE_PS)
+
+
+def test_policy_follows_a_fake_clock_both_ways():
+    """Slow steps make the stream compress, fast steps bring raw back within the window;
+    ranks that arrived late (larger times) do not count."""
+    policy = AutoPolicy(SPECS, world_size=WORLD, probe_every=0)
+    enc = Session(CompressionConfig(codec="auto:" + ",".join(SPECS))).encoder(
+        StreamKey("all_gather", "kv"), torch.zeros(64, 256))
+    choices = []
+    for step in range(1, 13):
+        slow = step <= 6
+        ns = 1_000_000_000 if slow else 100_000
+        policy.agree([_report(ns * (1 + r)) for r in range(WORLD)])  # lateness by rank
+        policy.advance(step)
+        choices.append(policy.choose(enc, 5).spec)
+    assert len(set(choices[:6])) == 1 and choices[0] != "identity"
+    assert choices[-3:] == ["identity"] * 3
+    assert choices.index("identity") <= 6 + 3  # follows within the window of 3 steps
+
+
+def test_control_block_carries_the_report():
+    report = Report(3, 123_456_789, 987_654_321, ENCODE_PS + (0,) * 4, DECODE_PS + (0,) * 4)
+    block = ControlBlock(kind=STEP, session=7, step=4, report=report)
+    raw = block.pack(WORLD)
+    assert len(raw) == control_nbytes(WORLD)
+    assert ControlBlock.unpack(raw, WORLD).report == report
+
+
+def _value(rank, step, rows=16, cols=64):
+    gen = torch.Generator().manual_seed(100 * step + rank)
+    base = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rank))
+    return base + 0.05 * step * torch.randn(rows, cols, generator=gen)
+
+
+def _collective(g, op, x):
+    if op == "all_gather":
+        return g.all_gather(x, stream="kv")
+    if op == "ring":
+        return g.ring_pass(x, stream="kv")
+    return list(g.all_to_all(torch.cat([x] * WORLD), stream="kv").split(x.shape[0]))
+
+
+@pytest.mark.parametrize("op", ["all_gather", "ring", "all_to_all"])
+@pytest.mark.parametrize("order, keyframes", [(1, Keyframes()),
+                                              (2, Keyframes(period=4, spread=2))])
+def test_ranks_agree_sizes_are_known_and_references_stay_identical(op, order, keyframes):
+    """A fake clock turns the link slow and fast every three steps: every rank picks the
+    same codec for every stream at every step, knows every payload's size before the
+    collective, and the references of every stream are bit-identical on every rank across
+    the switches (raw probes included)."""
+    steps = 14
+    config = CompressionConfig(codec="auto:" + ",".join(SPECS), residual_order=order,
+                               warmup_steps=order, keyframes=keyframes)
+
+    def body(t):
+        g = CompressedGroup(t, config, timeout=60.0)
+        auto = g.session.auto
+        auto.probe_every = 5
+
+        def fake_report() -> Report:
+            auto.meter._ops = auto.meter._bytes = 0  # the real clock does not count
+            slow = (g.step_index // 3) % 2 == 1
+            return _report((1_000_000_000 if slow else 100_000) * (1 + g.rank))
+        auto.meter.report = fake_report
+        log = []
+        for step in range(steps):
+            x = _value(g.rank, step)
+            if step:  # sizes and codecs in advance, before anything moves
+                streams = [s for s in g.session if s.key.name == "kv"]
+                for s in streams:
+                    g.session.prepare(s)
+                sizes = {(s.role, str(s.key), s.origin): s.payload_nbytes(
+                    s.step if s.role == "encoder" else s.expected) for s in streams}
+                chosen = {(s.role, str(s.key), s.origin): s.chosen(
+                    s.step if s.role == "encoder" else s.expected) for s in streams}
+                before = {k: s.stats().wire_bytes for k, s in zip(sizes, streams)}
+            _collective(g, op, x)
+            refs = {(str(s.key), s.origin): s.reference.clone() for s in g.session
+                    if s.key.name == "kv"}
+            if step:
+                after = {k: s.stats().wire_bytes for k, s in zip(sizes, streams)}
+                assert {k: after[k] - before[k] for k in sizes} == sizes
+                log.append((chosen, refs))
+            g.step()
+        return log, g.stats()
+
+    results = run_ranks(WORLD, body)
+    picks = set()
+    for step in range(steps - 1):
+        by_stream: dict = {}
+        refs: dict = {}
+        for log, _ in results:
+            chosen, ref = log[step][0], log[step][1]
+            for (role, key, origin), spec in chosen.items():
+                by_stream.setdefault((key, origin), set()).add(spec)
+            for k, v in ref.items():
+                refs.setdefault(k, []).append(v)
+        assert all(len(v) == 1 for v in by_stream.values()), (step, by_stream)
+        picks |= {next(iter(v)) for v in by_stream.values()}
+        for k, vs in refs.items():
+            assert len(vs) >= 2 and all(torch.equal(vs[0], v) for v in vs[1:]), (step, k)
+    assert "identity" in picks and picks - {"identity"}, picks  # switched both ways
+    stats = results[0][1]
+    assert all(s.codec.startswith("auto:") and s.choice for s in stats.streams)
+
+
+def test_lowrank_warm_start_survives_a_switch_and_raw_is_exact():
+    config = CompressionConfig(codec="auto:binary,lowrank:4")
+    enc = Session(config).encoder("s", torch.zeros(32, 16))
+    dec = Session(config).decoder("s", 0, torch.zeros(32, 16))
+    plan = ["identity", "lowrank:4", "binary", "identity", "lowrank:4"]
+    for step, spec in enumerate(plan):
+        x = _value(0, step, 32, 16)
+        enc.choose(spec, step)
+        dec.choose(spec, step)
+        assert enc.payload_nbytes() == dec.payload_nbytes()
+        out = dec.decode(enc.encode(x))
+        assert torch.equal(out, enc.reference)
+        if spec == "identity":
+            assert torch.equal(out, x)
+        if step == 2:  # lowrank's basis is kept while binary is in use
+            assert enc._states["lowrank:4"].basis is not None
+    with pytest.raises(ValueError, match="not one of its candidates"):
+        enc.choose("int4", enc.step)

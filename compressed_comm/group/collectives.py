@@ -76,6 +76,9 @@ class _GroupBase(Posting, Reductions):
         self._closed: str | None = None
         self._ledger = Ledger(self.world_size)
         self._plan = Plan()
+        #: ``codec="auto"``: where the time of transfers waited on at once is reported
+        self._link_meter: Any = None
+        self._posted_at: dict[int, tuple[float, int]] = {}
 
     # ------------------------------------------------------------------ steps and sessions
 

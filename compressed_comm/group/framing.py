@@ -167,10 +167,14 @@ class CompressedFraming(Framing):
         self.renew = renew
 
     def sender(self, name: StreamKey, x: torch.Tensor) -> Outgoing:
-        return _StreamOut(self.session.encoder(name, x, renew=self.renew), x)
+        enc = self.session.encoder(name, x, renew=self.renew)
+        self.session.prepare(enc)  # codec="auto": the message's codec, hence its size
+        return _StreamOut(enc, x)
 
     def receiver(self, name: StreamKey, origin: int, like: torch.Tensor) -> Incoming:
-        return _StreamIn(self.session.decoder(name, origin, like, renew=self.renew))
+        dec = self.session.decoder(name, origin, like, renew=self.renew)
+        self.session.prepare(dec)
+        return _StreamIn(dec)
 
     def fits(self, name: StreamKey, origin: int, like: torch.Tensor) -> bool:
         return not self.renew or self.session.fits(name, origin, like)

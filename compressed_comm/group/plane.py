@@ -144,11 +144,16 @@ class ControlPlane:
             if not plan.entries and not plan.expected:
                 plan.end_step()
                 return  # nothing this step, nothing expected: every rank agrees already
+            auto = self.session.auto
             blocks = self._exchange(control.ControlBlock(
                 kind=STEP, session=self.session.id, step=self.step_index,
                 position=len(plan.entries), name=digest(plan.entries),
-                fingerprint=self._fingerprint), "step()")
+                fingerprint=self._fingerprint,
+                report=auto.meter.report() if auto is not None else control.Report()),
+                "step()")
             self._verdict(blocks, "step()")
+            if auto is not None:  # the same blocks on every rank: the same decisions
+                auto.agree([b.report for b in blocks])
         except BaseException as e:
             self._fail(e)
             raise

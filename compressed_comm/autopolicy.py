@@ -1,0 +1,188 @@
+"""``codec="auto"``: measuring on one rank and deciding alike on every rank.
+
+* :class:`Meter` -- what this rank measured from its own traffic since the last step: the
+  transfers it waited on at once (bytes and seconds, from post to completion), and the
+  codec calls its streams already make (seconds per input byte). An encoder's first
+  message also times every candidate not measured yet on a scratch copy (the warm-up
+  probe, timing the second of two calls: the first may compile kernels), so a codec is
+  priced before it is first chosen; a codec not chosen keeps its last measured cost.
+  :meth:`Meter.report` packs it for the per-step control block.
+* :class:`AutoPolicy` -- what the ranks agreed: :meth:`AutoPolicy.agree` folds every
+  rank's report (the same blocks on every rank, so the same state everywhere) and
+  :meth:`AutoPolicy.choose` decides a stream's next message with
+  :func:`compressed_comm.auto.decide`.
+
+**Agreement rules.** A collective's time includes how late its peers arrived; the rank
+that arrived last waited least, so the link sample of a step is the *shortest* time any
+rank measured (with the most bytes and operations any rank sent). A codec is as slow as its
+slowest rank: the agreed cost is the largest any rank reported. Decode costs not measured
+yet are taken equal to the encode cost. The link is fitted (:func:`~compressed_comm.auto.
+fit_link`) over the last ``window`` samples, so it follows a link that changes.
+
+**Raw probes.** Once a stream sends a small codec, raw's cost is only extrapolated from
+small transfers, so every ``probe_every`` steps (staggered by stream) a stream whose raw
+estimate is within ``probe_ratio`` of its choice sends raw once: a link that got faster is
+then measured with large transfers. Streams that raw would cost more than that never pay
+for a probe.
+
+**Not measured yet** (first slice): a transfer that completed before its wait (an
+asynchronous all-gather or a ring hop hidden behind compute) is not sampled, and nothing is
+credited as hidden behind compute (:func:`~compressed_comm.auto.decide`'s ``hidden`` is 0),
+so overlapped exchanges are priced as if on the critical path. On CUDA, codec timings are
+of the host calls (no synchronisation is added): only meaningful on CPU so far.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from .auto import MAX_CANDIDATES, Candidate, Cost, Decision, Link, Report, decide, fit_link
+from .codecs.base import as_2d
+
+if TYPE_CHECKING:
+    from .stream import StreamDecoder, StreamEncoder
+
+__all__ = ["Meter", "AutoPolicy"]
+
+_GATHERS = ("all_gather", "ring")
+
+
+class Meter:
+    """This rank's measurements since its last report (see the module docstring)."""
+
+    def __init__(self, candidates: Sequence[str]) -> None:
+        self.candidates = tuple(candidates)
+        # this step's transfers: operations, bytes, seconds
+        self._ops, self._bytes, self._seconds = 0, 0, 0.0
+        # this step's codec calls: (spec, role) -> [seconds, bytes]
+        self._codec: dict[tuple[str, str], list[float]] = {}
+        # the last cost measured, picoseconds per byte: (spec, role) -> ps
+        self._known: dict[tuple[str, str], int] = {}
+
+    def transfer(self, nbytes: int, seconds: float) -> None:
+        """A transfer of ``nbytes`` (sent by this rank) took ``seconds`` from post to
+        completion, waited on at once."""
+        self._ops += 1
+        self._bytes += int(nbytes)
+        self._seconds += float(seconds)
+
+    def codec_time(self, spec: str, role: str, seconds: float, nbytes: int) -> None:
+        """Codec ``spec`` took ``seconds`` to ``role`` (encode/decode) ``nbytes``."""
+        if spec in self.candidates and nbytes > 0:
+            acc = self._codec.setdefault((spec, role), [0.0, 0.0])
+            acc[0] += seconds
+            acc[1] += nbytes
+
+    def probe(self, stream: StreamEncoder, x: torch.Tensor) -> None:
+        """Time one encode of ``x`` (a residual against zero, on scratch buffers: the stream
+        is untouched) through every candidate this rank has no cost for yet."""
+        for spec, layout in stream.layouts.items():
+            if (spec, "encode") in self._known or (spec, "encode") in self._codec:
+                continue
+            codec = layout.codec
+            scratch = torch.empty_like(as_2d(x))
+            header = codec.header(stream.shape, stream.dtype)
+            for _ in range(2):  # the first call may compile kernels: time the second
+                start = time.perf_counter()
+                codec.emit(as_2d(x), stream.shape, None, scratch, header, codec.new_state())
+            self.codec_time(spec, "encode", time.perf_counter() - start, x.nbytes)
+
+    def report(self) -> Report:
+        """This step's measurements for the control block; starts the next step's."""
+        for key, (seconds, nbytes) in self._codec.items():
+            self._known[key] = max(1, round(seconds / nbytes * 1e12))
+        self._codec = {}
+        slots = self.candidates + ("",) * (MAX_CANDIDATES - len(self.candidates))
+        report = Report(self._ops, self._bytes, round(self._seconds * 1e9),
+                        tuple(self._known.get((s, "encode"), 0) for s in slots),
+                        tuple(self._known.get((s, "decode"), 0) for s in slots))
+        self._ops, self._bytes, self._seconds = 0, 0, 0.0
+        return report
+
+
+class AutoPolicy:
+    """The agreed measurements of a group and the decisions they give (see the module
+    docstring). One per session table; it outlives ``reset()``: the link and the device do
+    not change with the request.
+
+    ``candidates`` -- the codec specs, raw (``identity``) first; ``world_size`` -- ranks of
+    the group; ``floor`` -- the quality budget (:func:`~compressed_comm.auto.admissible`).
+    """
+
+    def __init__(self, candidates: Sequence[str], *, world_size: int = 1,
+                 floor: str = "binary", window: int = 3, probe_every: int = 8,
+                 probe_ratio: float = 4.0) -> None:
+        self.candidates = tuple(candidates)
+        self.world_size = int(world_size)
+        self.floor = floor
+        self.probe_every = int(probe_every)
+        self.probe_ratio = float(probe_ratio)
+        #: this rank's measurements, reported at the next control exchange
+        self.meter = Meter(self.candidates)
+        #: agreed link samples (operations, bytes, seconds), newest last
+        self.samples: deque[tuple[int, int, float]] = deque(maxlen=int(window))
+        #: agreed codec costs, by spec
+        self.costs: dict[str, Cost] = {}
+        #: the group step the decisions are for
+        self.step = 0
+        self._cache: dict[tuple[str, int, int, int], Decision] = {}
+
+    def agree(self, reports: Sequence[Report]) -> None:
+        """Fold every rank's report of the step that ended (the same on every rank)."""
+        moved = [r for r in reports if r.link_bytes > 0 and r.link_ns > 0]
+        if moved:
+            self.samples.append((max(r.link_ops for r in moved),
+                                 max(r.link_bytes for r in moved),
+                                 min(r.link_ns for r in moved) / 1e9))
+        for i, spec in enumerate(self.candidates):
+            enc = max((r.encode_ps[i] for r in reports if len(r.encode_ps) > i), default=0)
+            dec = max((r.decode_ps[i] for r in reports if len(r.decode_ps) > i), default=0)
+            if enc or dec:
+                self.costs[spec] = Cost((enc or dec) * 1e-12, (dec or enc) * 1e-12)
+        self._cache = {}
+
+    def advance(self, step: int) -> None:
+        """Decisions from now on are for the group's step ``step``."""
+        self.step = int(step)
+        self._cache = {}
+
+    def link(self) -> Link | None:
+        """The link fitted over the agreed samples (None before any)."""
+        return fit_link(list(self.samples))
+
+    def choose(self, stream: StreamEncoder | StreamDecoder, message: int) -> Decision:
+        """The candidate for message ``message`` of ``stream`` at the current step: the
+        same on every rank holding the stream (a function of agreed state and of the
+        stream's shape, dtype and message number alone)."""
+        key = (stream.name, stream.origin, message, self.step)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = self._decide(stream, message)
+        return found
+
+    def _decide(self, stream: StreamEncoder | StreamDecoder, message: int) -> Decision:
+        cands = [Candidate(spec, la.payload_nbytes(message), la.codec_at(message).spec)
+                 for spec, la in stream.layouts.items()]
+        link = self.link()
+        if link is None:
+            return Decision(cands[0].spec, "no link measured yet: raw")
+        fan = self.world_size - 1 if stream.key.op in _GATHERS else 1
+        raw_bytes = math.prod(stream.shape) * torch.empty((), dtype=stream.dtype).element_size()
+        decision = decide(cands, link, self.costs, raw_bytes=raw_bytes, fan=max(fan, 1),
+                          floor=self.floor)
+        raw, best = decision.estimates[0], next(e for e in decision.estimates
+                                               if e.spec == decision.spec)
+        stagger = zlib.crc32(str(stream.key).encode()) % max(self.probe_every, 1)
+        if (self.probe_every > 0 and best is not raw and self.step > 0
+                and self.step % self.probe_every == stagger
+                and raw.total <= self.probe_ratio * best.total):
+            return Decision(raw.spec, f"raw probe (every {self.probe_every} steps; "
+                                      f"{decision.spec} chosen otherwise)", decision.estimates)
+        return decision
