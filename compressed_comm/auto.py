@@ -184,6 +184,10 @@ class Decision:
     def __str__(self) -> str:
         return f"{self.spec} ({self.reason})"
 
+    def explain(self) -> str:
+        """The decision with every candidate's estimate."""
+        return "; ".join([str(self), *map(str, self.estimates)])
+
 
 def decide(candidates: Sequence[Candidate], link: Link, costs: Mapping[str, Cost], *,
            raw_bytes: int, fan: int = 1, hidden: float = 0.0,

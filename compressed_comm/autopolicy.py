@@ -180,7 +180,7 @@ class AutoPolicy:
         raw, best = decision.estimates[0], next(e for e in decision.estimates
                                                if e.spec == decision.spec)
         stagger = zlib.crc32(str(stream.key).encode()) % max(self.probe_every, 1)
-        if (self.probe_every > 0 and best is not raw and self.step > 0
+        if (self.probe_every > 0 and best is not raw and self.step >= self.probe_every
                 and self.step % self.probe_every == stagger
                 and raw.total <= self.probe_ratio * best.total):
             return Decision(raw.spec, f"raw probe (every {self.probe_every} steps; "

@@ -94,7 +94,7 @@ class StreamStats:
 
     #: operation, caller's name and destination
     key: StreamKey | None = None
-    #: with ``codec="auto"``: the last decision, with its estimates (why it was taken)
+    #: with ``codec="auto"``: the last decision and every candidate's estimate (why)
     choice: str | None = None
 
     @property
@@ -277,7 +277,7 @@ class _Stream:
                            steps=self._step, raw_bytes=self._raw_bytes,
                            wire_bytes=self._wire_bytes, reference_bytes=self.reference_bytes,
                            last_rel_error=self._last_error(),
-                           choice=None if self.decision is None else str(self.decision))
+                           choice=None if self.decision is None else self.decision.explain())
 
     def _last_error(self) -> float | None:
         return None
