@@ -230,7 +230,7 @@ def test_ranks_agree_sizes_are_known_and_references_stay_identical(op, order, ke
             assert len(vs) >= 2 and all(torch.equal(vs[0], v) for v in vs[1:]), (step, k)
     assert "identity" in picks and picks - {"identity"}, picks  # switched both ways
     stats = results[0][1]
-    assert all(s.codec.startswith("auto:") and s.choice for s in stats.streams)
+    assert all(s.codec.startswith("auto:") and "ms = enc" in s.choice for s in stats.streams)
 
 
 def test_lowrank_warm_start_survives_a_switch_and_raw_is_exact():
@@ -251,3 +251,22 @@ def test_lowrank_warm_start_survives_a_switch_and_raw_is_exact():
             assert enc._states["lowrank:4"].basis is not None
     with pytest.raises(ValueError, match="not one of its candidates"):
         enc.choose("int4", enc.step)
+
+
+# ---------------------------------------------------------------------- visible
+
+
+def test_the_what_if_prices_auto_and_says_why():
+    from simulator.methods import parse_method
+    from simulator.network import Link as NetLink
+    from simulator.whatif.pricing import run_what_if
+
+    assert parse_method("auto").codec == "auto" and parse_method("auto+async").stale
+    with pytest.raises(ValueError, match="default candidates"):
+        parse_method("auto:int4")
+    slow = run_what_if("flux.1-dev", "h100", 4, "patch", "1gbe", ["auto"])
+    fast = run_what_if("flux.1-dev", "h100", 4, "patch",
+                       NetLink("ideal", "test", 1e15, 0.0), ["auto"])
+    assert [r.method for r in slow.rows][-1] not in ("auto=raw", "auto")
+    assert [r.method for r in fast.rows][-1] == "auto=raw"
+    assert "assumed" in slow.assumptions[-1] and "faster than raw" in slow.assumptions[-1]
