@@ -39,7 +39,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -49,9 +49,20 @@ from .codecs.base import as_2d
 if TYPE_CHECKING:
     from .stream import StreamDecoder, StreamEncoder
 
-__all__ = ["Meter", "AutoPolicy"]
+__all__ = ["CodecMeter", "Meter", "AutoPolicy"]
 
 _GATHERS = ("all_gather", "ring")
+
+
+class CodecMeter(Protocol):
+    """Where a stream with candidates reports the time its codec calls take."""
+
+    def codec_time(self, spec: str, role: str, seconds: float, nbytes: int) -> None:
+        """``role`` (``"encode"``/``"decode"``) of ``nbytes`` input bytes through codec
+        ``spec`` took ``seconds``."""
+
+    def probe(self, stream: StreamEncoder, x: torch.Tensor) -> None:
+        """The encoder's first message is ``x``: time the candidates not measured yet."""
 
 
 class Meter:

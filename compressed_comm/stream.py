@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,19 +33,12 @@ from .config import SHARED_FIELDS, CompressionConfig
 from .errors import StreamMismatchError, WireFormatError
 from .kernels.torch_ref import FP32_MAX
 from .messages import MessageLayout
-from .wire import (
-    FLAG_CONFIG,
-    Header,
-    check_dtype,
-    contiguous_payload,
-    expect,
-    expect_position,
-    pack_fingerprint,
-    read_header,
-    stream_tag,
-    unpack_fingerprint,
-    verify_checksum,
-)
+from .wire import (FLAG_CONFIG, Header, check_dtype, contiguous_payload, expect, expect_position,
+                   pack_fingerprint, read_header, stream_tag, unpack_fingerprint,
+                   verify_checksum)
+
+if TYPE_CHECKING:
+    from .autopolicy import CodecMeter
 
 __all__ = ["StreamEncoder", "StreamDecoder", "StreamStats", "StreamKey"]
 
@@ -101,17 +94,6 @@ class StreamStats:
     def ratio(self) -> float:
         """raw bytes / wire bytes (inf before the first message)."""
         return self.raw_bytes / self.wire_bytes if self.wire_bytes else float("inf")
-
-
-class CodecMeter(Protocol):
-    """Where a stream with candidates reports the time its codec calls take."""
-
-    def codec_time(self, spec: str, role: str, seconds: float, nbytes: int) -> None:
-        """``role`` (``"encode"``/``"decode"``) of ``nbytes`` input bytes through codec
-        ``spec`` took ``seconds``."""
-
-    def probe(self, stream: StreamEncoder, x: torch.Tensor) -> None:
-        """The encoder's first message is ``x``: time the candidates not measured yet."""
 
 
 class _Stream:
