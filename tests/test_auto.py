@@ -270,3 +270,68 @@ def test_the_what_if_prices_auto_and_says_why():
     assert [r.method for r in slow.rows][-1] not in ("auto=raw", "auto")
     assert [r.method for r in fast.rows][-1] == "auto=raw"
     assert "assumed" in slow.assumptions[-1] and "faster than raw" in slow.assumptions[-1]
+
+
+@pytest.mark.parametrize("op", ["all_gather", "ring", "all_to_all"])
+@pytest.mark.parametrize("fault", ["user", "nan"])
+def test_a_failure_under_auto_is_seen_by_every_rank_and_recovered(op, fault):
+    """On a slow (fake) link the streams compress; a rank that fails makes every peer raise
+    at once (its status frames have the sizes the peers' decisions expect), and after
+    new_session() the ranks agree again and stay bit-identical."""
+    import time
+
+    from compressed_comm import CompressedCommError, PeerFailedError
+
+    def body(t):
+        g = CompressedGroup(t, CompressionConfig(codec="auto:" + ",".join(SPECS)), timeout=30.0)
+        auto = g.session.auto
+
+        def slow() -> Report:
+            auto.meter._ops = auto.meter._bytes = 0
+            return _report(1_000_000_000)
+        auto.meter.report = slow
+        for step in range(3):
+            _collective(g, op, _value(g.rank, step))
+            g.step()
+        x = _value(g.rank, 3)
+        if g.rank == 1 and fault == "nan":
+            x[0, 0] = float("nan")
+        t0, outcome = time.monotonic(), None
+        try:
+            if g.rank == 1 and fault == "user":
+                try:
+                    raise RuntimeError("boom")
+                except RuntimeError as e:
+                    g.fail(e)
+                    raise
+            _collective(g, op, x)
+        except (CompressedCommError, RuntimeError) as e:
+            outcome = e
+        seconds = time.monotonic() - t0
+        g.new_session()
+        chosen = []
+        for step in range(3):
+            _collective(g, op, _value(g.rank, step))
+            chosen.append({(str(s.key), s.origin): s.stats().codec for s in g.session})
+            g.step()
+        refs = {(str(s.key), s.origin): s.reference.clone() for s in g.session}
+        return outcome, seconds, chosen, refs
+
+    results = run_ranks(WORLD, body)
+    for rank, (outcome, seconds, _, _) in enumerate(results):
+        assert outcome is not None and seconds < 5.0, (rank, outcome, seconds)
+        if rank != 1:
+            assert isinstance(outcome, PeerFailedError) and outcome.rank == 1, outcome
+    merged: dict = {}
+    for _, _, chosen, refs in results:
+        for step, picks in enumerate(chosen):
+            for k, v in picks.items():
+                merged.setdefault((step, k), set()).add(v)
+        for k, v in refs.items():
+            merged.setdefault(("ref", k), []).append(v)
+    for k, v in merged.items():
+        if k[0] == "ref":
+            assert all(torch.equal(v[0], r) for r in v[1:]), k
+        else:
+            assert len(v) == 1, (k, v)
+    assert any(v != {"auto:identity"} for k, v in merged.items() if k[0] != "ref")
