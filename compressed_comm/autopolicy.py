@@ -19,6 +19,11 @@ slowest rank: the agreed cost is the largest any rank reported. Decode costs not
 yet are taken equal to the encode cost. The link is fitted (:func:`~compressed_comm.auto.
 fit_link`) over the last ``window`` samples, so it follows a link that changes.
 
+**One codec across origins.** An all-gather or a ring pass needs one codec from every
+origin (its slots are sized alike), so a group announces the shapes of such a collective
+(:meth:`AutoPolicy.expect`) and the decision for each of its streams is made once, from the
+largest origin's shape; other streams decide from their own.
+
 **Raw probes.** Once a stream sends a small codec, raw's cost is only extrapolated from
 small transfers, so every ``probe_every`` steps (staggered by stream) a stream whose raw
 estimate is within ``probe_ratio`` of its choice sends raw once: a link that got faster is
@@ -45,6 +50,8 @@ import torch
 
 from .auto import MAX_CANDIDATES, Candidate, Cost, Decision, Link, Report, decide, fit_link
 from .codecs.base import as_2d
+from .config import CompressionConfig
+from .messages import MessageLayout
 
 if TYPE_CHECKING:
     from .stream import StreamDecoder, StreamEncoder
@@ -127,10 +134,11 @@ class AutoPolicy:
     the group; ``floor`` -- the quality budget (:func:`~compressed_comm.auto.admissible`).
     """
 
-    def __init__(self, candidates: Sequence[str], *, world_size: int = 1,
-                 floor: str = "binary", window: int = 3, probe_every: int = 8,
-                 probe_ratio: float = 4.0) -> None:
+    def __init__(self, candidates: Sequence[str], *, config: CompressionConfig | None = None,
+                 world_size: int = 1, floor: str = "binary", window: int = 3,
+                 probe_every: int = 8, probe_ratio: float = 4.0) -> None:
         self.candidates = tuple(candidates)
+        self.config = config or CompressionConfig(codec="auto:" + ",".join(self.candidates))
         self.world_size = int(world_size)
         self.floor = floor
         self.probe_every = int(probe_every)
@@ -143,7 +151,15 @@ class AutoPolicy:
         self.costs: dict[str, Cost] = {}
         #: the group step the decisions are for
         self.step = 0
-        self._cache: dict[tuple[str, int, int, int], Decision] = {}
+        self._cache: dict[tuple[object, ...], Decision] = {}
+        # gather collectives: every origin's shape, by stream name; layouts by shape
+        self._shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+        self._layouts: dict[tuple[tuple[int, ...], torch.dtype], dict[str, MessageLayout]] = {}
+
+    def expect(self, key: object, shapes: Sequence[Sequence[int]]) -> None:
+        """The all-gather or ring pass on stream ``key`` carries ``shapes`` by origin (the
+        same on every rank): its streams decide together, from the largest."""
+        self._shapes[str(key)] = tuple(tuple(int(d) for d in s) for s in shapes)
 
     def agree(self, reports: Sequence[Report]) -> None:
         """Fold every rank's report of the step that ended (the same on every rank)."""
@@ -172,20 +188,35 @@ class AutoPolicy:
         """The candidate for message ``message`` of ``stream`` at the current step: the
         same on every rank holding the stream (a function of agreed state and of the
         stream's shape, dtype and message number alone)."""
-        key = (stream.name, stream.origin, message, self.step)
+        shapes = self._shapes.get(str(stream.key)) if stream.key.op in _GATHERS else None
+        shape = stream.shape if not shapes else max(shapes, key=math.prod)
+        key = (stream.name, -1 if shapes else stream.origin, shape, message, self.step)
         found = self._cache.get(key)
         if found is None:
-            found = self._cache[key] = self._decide(stream, message)
+            found = self._cache[key] = self._decide(stream, shape, message)
         return found
 
-    def _decide(self, stream: StreamEncoder | StreamDecoder, message: int) -> Decision:
+    def _candidate_layouts(self, stream: StreamEncoder | StreamDecoder,
+                           shape: tuple[int, ...]) -> dict[str, MessageLayout]:
+        """The candidates' layouts for ``shape`` (the stream's own where it is its shape)."""
+        if shape == stream.shape:
+            return stream.layouts
+        found = self._layouts.get((shape, stream.dtype))
+        if found is None:
+            found = self._layouts[(shape, stream.dtype)] = {
+                spec: MessageLayout.of(self.config, shape, stream.dtype, codec=la.codec)
+                for spec, la in stream.layouts.items()}
+        return found
+
+    def _decide(self, stream: StreamEncoder | StreamDecoder, shape: tuple[int, ...],
+                message: int) -> Decision:
         cands = [Candidate(spec, la.payload_nbytes(message), la.codec_at(message).spec)
-                 for spec, la in stream.layouts.items()]
+                 for spec, la in self._candidate_layouts(stream, shape).items()]
         link = self.link()
         if link is None:
             return Decision(cands[0].spec, "no link measured yet: raw")
         fan = self.world_size - 1 if stream.key.op in _GATHERS else 1
-        raw_bytes = math.prod(stream.shape) * torch.empty((), dtype=stream.dtype).element_size()
+        raw_bytes = math.prod(shape) * torch.empty((), dtype=stream.dtype).element_size()
         decision = decide(cands, link, self.costs, raw_bytes=raw_bytes, fan=max(fan, 1),
                           floor=self.floor)
         raw, best = decision.estimates[0], next(e for e in decision.estimates

@@ -80,7 +80,8 @@ class Session:
         self._candidates = tuple(get_codec(s, kernels=kernels) for s in self.config.candidates)
         self._codec = None if self.config.auto else self._candidates[0]
         #: with ``codec="auto"``: the measurements and decisions (kept across :meth:`reset`)
-        self.auto = AutoPolicy(self.config.candidates) if self.config.auto else None
+        self.auto = AutoPolicy(self.config.candidates, config=self.config) \
+            if self.config.auto else None
         self._raw = IdentityCodec("identity")
         self._streams: dict[tuple[StreamKey, int], _Stream] = {}
 

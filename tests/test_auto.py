@@ -335,3 +335,48 @@ def test_a_failure_under_auto_is_seen_by_every_rank_and_recovered(op, fault):
         else:
             assert len(v) == 1, (k, v)
     assert any(v != {"auto:identity"} for k, v in merged.items() if k[0] != "ref")
+
+
+@pytest.mark.parametrize("op", ["all_gather", "ring"])
+def test_uneven_origins_of_a_gather_share_one_codec(op):
+    """A one-row origin alone would go raw (its codec costs more than its bytes); in an
+    all-gather beside two large origins it follows their choice: one codec per stream and
+    step across all origins."""
+    rows = (256, 256, 1)
+    shapes = [(r, 64) for r in rows]
+    config = CompressionConfig(codec="auto:" + ",".join(SPECS))
+
+    def reports(policy):
+        policy.agree([Report(1, 1_000_000, 100_000_000, (0, 50_000, 40_000, 400_000),
+                             (0, 50_000, 40_000, 400_000))])
+
+    alone = AutoPolicy(SPECS, world_size=WORLD, probe_every=0)
+    reports(alone)
+    small = Session(config).encoder(StreamKey(op, "kv"), torch.zeros(1, 64))
+    big = Session(config).encoder(StreamKey(op, "kv"), torch.zeros(256, 64))
+    assert alone.choose(small, 3).spec == "identity"
+    assert alone.choose(big, 3).spec != "identity"
+
+    def body(t):
+        g = CompressedGroup(t, config, timeout=60.0)
+        reports(g.session.auto)
+        g.session.auto.probe_every = 0
+        g.session.auto.meter.report = lambda: Report()  # keep the agreed fake link
+        picks = []
+        for step in range(4):
+            x = torch.randn(rows[g.rank], 64, generator=torch.Generator().manual_seed(step))
+            out = (g.all_gather(x, stream="kv", shapes=shapes) if op == "all_gather"
+                   else g.ring_pass(x, stream="kv", shapes=shapes))
+            picks.append({s.origin: s.stats().codec for s in g.session})
+            g.step()
+        return picks, [o.clone() for o in out], g.session.encoder(StreamKey(op, "kv"), x
+                                                                   ).reference.clone()
+
+    results = run_ranks(WORLD, body)
+    for picks, _, _ in results:
+        for step in picks[1:]:
+            assert len(set(step.values())) == 1 and "identity" not in next(
+                iter(step.values())), step
+    for origin in range(WORLD):
+        views = [out[origin] for r, (_, out, _) in enumerate(results) if r != origin]
+        assert all(torch.equal(results[origin][2], v) for v in views), origin

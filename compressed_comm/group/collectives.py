@@ -428,5 +428,6 @@ class _GroupBase(Posting, Reductions):
 
     def _receivers(self, name: StreamKey, x: torch.Tensor, shapes: list[tuple[int, ...]]
                    ) -> dict[int, Incoming]:
+        self.framing.expect(name, shapes)  # every origin's shape, before any is sized
         return {o: self.framing.receiver(name, o, _like(shapes[o], x))
                 for o in range(self.world_size) if o != self.rank}

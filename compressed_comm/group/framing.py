@@ -86,6 +86,9 @@ class Framing(ABC):
         """Whether stream ``(name, origin)`` can carry ``like`` without being renewed."""
         return True
 
+    def expect(self, name: StreamKey, shapes: Sequence[Sequence[int]]) -> None:
+        """An all-gather or ring pass on ``name`` carries ``shapes`` (by origin)."""
+
     def reconstruction(self, name: StreamKey, x: torch.Tensor) -> torch.Tensor:
         """What the receivers of this rank's last message ``x`` on ``name`` hold."""
         return x
@@ -178,6 +181,10 @@ class CompressedFraming(Framing):
 
     def fits(self, name: StreamKey, origin: int, like: torch.Tensor) -> bool:
         return not self.renew or self.session.fits(name, origin, like)
+
+    def expect(self, name: StreamKey, shapes: Sequence[Sequence[int]]) -> None:
+        if self.session.auto is not None:  # one codec for every origin of the collective
+            self.session.auto.expect(name, shapes)
 
     def reconstruction(self, name: StreamKey, x: torch.Tensor) -> torch.Tensor:
         return self.session.encoder(name, x).reference.clone()

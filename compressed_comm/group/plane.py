@@ -256,6 +256,7 @@ class ControlPlane:
             bufs = {src: received[src] for src in incoming}
         else:
             name = StreamKey(entry.kind, entry.stream)
+            self.framing.expect(name, entry.shapes)
             incoming = {o: self.framing.receiver(name, o, like(entry.shapes[o]))
                         for o in range(world) if o != me}
             nbytes = self.framing.sender(name, like(entry.shapes[me])).nbytes
