@@ -133,13 +133,17 @@ class Report:
 
     ``link_*``: the transfers it waited on at once (operations, bytes sent, nanoseconds
     from post to completion); ``encode_ps``/``decode_ps``: per candidate slot (the spec's
-    order), its codec's cost in picoseconds per input byte, 0 where not measured yet."""
+    order), its codec's cost in picoseconds per input byte, 0 where not measured yet;
+    ``control_*``: the bytes it sent in the previous control exchange and its nanoseconds
+    (a tiny transfer: what the link's latency is fitted from)."""
 
     link_ops: int = 0
     link_bytes: int = 0
     link_ns: int = 0
     encode_ps: tuple[int, ...] = ()
     decode_ps: tuple[int, ...] = ()
+    control_bytes: int = 0
+    control_ns: int = 0
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,10 @@ that arrived last waited least, so the link sample of a step is the *shortest* t
 rank measured (with the most bytes and operations any rank sent). A codec is as slow as its
 slowest rank: the agreed cost is the largest any rank reported. Decode costs not measured
 yet are taken equal to the encode cost. The link is fitted (:func:`~compressed_comm.auto.
-fit_link`) over the last ``window`` samples, so it follows a link that changes.
+fit_link`) over the last ``window`` samples of the data transfers and of the control
+exchanges (tiny: they pin the latency down, which the data transfers of one codec alone
+cannot tell from bandwidth), so it follows a link that changes. A step's control exchange
+is reported in the next step's block (the block is packed before it runs).
 
 **One codec across origins.** An all-gather or a ring pass needs one codec from every
 origin (its slots are sized alike), so a group announces the shapes of such a collective
@@ -83,6 +86,12 @@ class Meter:
         self._codec: dict[tuple[str, str], list[float]] = {}
         # the last cost measured, picoseconds per byte: (spec, role) -> ps
         self._known: dict[tuple[str, str], int] = {}
+        # the last control exchange: bytes sent, seconds
+        self._control: tuple[int, float] = (0, 0.0)
+
+    def control(self, nbytes: int, seconds: float) -> None:
+        """The step's control exchange sent ``nbytes`` and took ``seconds``."""
+        self._control = (int(nbytes), float(seconds))
 
     def transfer(self, nbytes: int, seconds: float) -> None:
         """A transfer of ``nbytes`` (sent by this rank) took ``seconds`` from post to
@@ -100,7 +109,8 @@ class Meter:
 
     def probe(self, stream: StreamEncoder, x: torch.Tensor) -> None:
         """Time one encode of ``x`` (a residual against zero, on scratch buffers: the stream
-        is untouched) through every candidate this rank has no cost for yet."""
+        is untouched) and one decode of its payload through every candidate this rank has
+        no cost for yet."""
         for spec, layout in stream.layouts.items():
             if (spec, "encode") in self._known or (spec, "encode") in self._codec:
                 continue
@@ -109,8 +119,13 @@ class Meter:
             header = codec.header(stream.shape, stream.dtype)
             for _ in range(2):  # the first call may compile kernels: time the second
                 start = time.perf_counter()
-                codec.emit(as_2d(x), stream.shape, None, scratch, header, codec.new_state())
-            self.codec_time(spec, "encode", time.perf_counter() - start, x.nbytes)
+                payload = codec.emit(as_2d(x), stream.shape, None, scratch, header,
+                                     codec.new_state())
+                encoded = time.perf_counter()
+                codec.absorb(payload, header, None, scratch)
+                decoded = time.perf_counter()
+            self.codec_time(spec, "encode", encoded - start, x.nbytes)
+            self.codec_time(spec, "decode", decoded - encoded, x.nbytes)
 
     def report(self) -> Report:
         """This step's measurements for the control block; starts the next step's."""
@@ -120,8 +135,10 @@ class Meter:
         slots = self.candidates + ("",) * (MAX_CANDIDATES - len(self.candidates))
         report = Report(self._ops, self._bytes, round(self._seconds * 1e9),
                         tuple(self._known.get((s, "encode"), 0) for s in slots),
-                        tuple(self._known.get((s, "decode"), 0) for s in slots))
+                        tuple(self._known.get((s, "decode"), 0) for s in slots),
+                        self._control[0], round(self._control[1] * 1e9))
         self._ops, self._bytes, self._seconds = 0, 0, 0.0
+        self._control = (0, 0.0)
         return report
 
 
@@ -145,8 +162,10 @@ class AutoPolicy:
         self.probe_ratio = float(probe_ratio)
         #: this rank's measurements, reported at the next control exchange
         self.meter = Meter(self.candidates)
-        #: agreed link samples (operations, bytes, seconds), newest last
+        #: agreed link samples (operations, bytes, seconds), newest last: data transfers,
+        #: and control exchanges
         self.samples: deque[tuple[int, int, float]] = deque(maxlen=int(window))
+        self.control_samples: deque[tuple[int, int, float]] = deque(maxlen=int(window))
         #: agreed codec costs, by spec
         self.costs: dict[str, Cost] = {}
         #: the group step the decisions are for
@@ -168,6 +187,10 @@ class AutoPolicy:
             self.samples.append((max(r.link_ops for r in moved),
                                  max(r.link_bytes for r in moved),
                                  min(r.link_ns for r in moved) / 1e9))
+        controls = [r for r in reports if r.control_bytes > 0 and r.control_ns > 0]
+        if controls:
+            self.control_samples.append((1, max(r.control_bytes for r in controls),
+                                         min(r.control_ns for r in controls) / 1e9))
         for i, spec in enumerate(self.candidates):
             enc = max((r.encode_ps[i] for r in reports if len(r.encode_ps) > i), default=0)
             dec = max((r.decode_ps[i] for r in reports if len(r.decode_ps) > i), default=0)
@@ -182,7 +205,9 @@ class AutoPolicy:
 
     def link(self) -> Link | None:
         """The link fitted over the agreed samples (None before any)."""
-        return fit_link(list(self.samples))
+        if not self.samples:  # control exchanges alone say nothing about bandwidth
+            return None
+        return fit_link([*self.samples, *self.control_samples])
 
     def choose(self, stream: StreamEncoder | StreamDecoder, message: int) -> Decision:
         """The candidate for message ``message`` of ``stream`` at the current step: the

@@ -147,8 +147,25 @@ def test_policy_follows_a_fake_clock_both_ways():
     assert choices.index("identity") <= 6 + 3  # follows within the window of 3 steps
 
 
+def test_control_exchanges_pin_the_latency_down():
+    """Data transfers of one small codec alone cannot tell latency from bandwidth (and a
+    latency-heavy fit makes raw look far too slow); the tiny control exchanges can."""
+    lat, bw = 2e-3, 1e8
+    policy = AutoPolicy(SPECS, world_size=WORLD, probe_every=0)
+    for _ in range(3):
+        policy.agree([Report(8, 120_000, round((8 * lat + 120_000 / bw) * 1e9), ENCODE_PS,
+                             DECODE_PS, 600, round((lat + 600 / bw) * 1e9))])
+    link = policy.link()
+    assert link.latency == pytest.approx(lat, rel=1e-3)
+    assert link.bandwidth == pytest.approx(bw, rel=1e-3)
+    alone = AutoPolicy(SPECS, world_size=WORLD, probe_every=0)
+    alone.agree([Report(8, 120_000, round((8 * lat + 120_000 / bw) * 1e9))])
+    assert alone.link().bandwidth < bw / 10  # latency taken for bandwidth
+
+
 def test_control_block_carries_the_report():
-    report = Report(3, 123_456_789, 987_654_321, ENCODE_PS + (0,) * 4, DECODE_PS + (0,) * 4)
+    report = Report(3, 123_456_789, 987_654_321, ENCODE_PS + (0,) * 4, DECODE_PS + (0,) * 4,
+                    816, 2_500_000)
     block = ControlBlock(kind=STEP, session=7, step=4, report=report)
     raw = block.pack(WORLD)
     assert len(raw) == control_nbytes(WORLD)

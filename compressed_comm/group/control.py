@@ -48,6 +48,8 @@ Block layout (little-endian), :func:`control_nbytes` bytes per rank of a group o
     ...     8       step (auto): nanoseconds they took, post to completion
     ...     4 x 8   step (auto): encode cost per candidate, picoseconds per byte (0: unknown)
     ...     4 x 8   step (auto): decode cost per candidate, likewise
+    ...     8       step (auto): bytes sent in the previous step's control exchange
+    ...     8       step (auto): its nanoseconds
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ _NONE = 0xFFFFFFFF
 _CAUSE = 64
 _FIXED = struct.Struct(f"<4sBBxxIIIIII{len(SHARED_FIELDS)}I{-4 * len(SHARED_FIELDS) % 8}x"
                        f"{_CAUSE}s")
-_REPORT = struct.Struct(f"<I4xQQ{MAX_CANDIDATES}I{MAX_CANDIDATES}I")
+_REPORT = struct.Struct(f"<I4xQQ{MAX_CANDIDATES}I{MAX_CANDIDATES}IQQ")
 
 
 def control_nbytes(world_size: int) -> int:
@@ -129,7 +131,8 @@ class ControlBlock:
         pad = (0,) * MAX_CANDIDATES
         costs = (*(r.encode_ps + pad)[:MAX_CANDIDATES], *(r.decode_ps + pad)[:MAX_CANDIDATES])
         return (raw + struct.pack(f"<{2 * world + 1}Q", *sent, *expected, self.collectives)
-                + _REPORT.pack(r.link_ops & _NONE, r.link_bytes, r.link_ns, *costs))
+                + _REPORT.pack(r.link_ops & _NONE, r.link_bytes, r.link_ns, *costs,
+                               r.control_bytes, r.control_ns))
 
     @classmethod
     def unpack(cls, raw: bytes, world: int) -> ControlBlock:
@@ -139,9 +142,9 @@ class ControlBlock:
         cause = fields[-1].rstrip(b"\x00").decode(errors="replace")
         end = _FIXED.size + 8 * (2 * world + 1)
         counts = struct.unpack(f"<{2 * world + 1}Q", raw[_FIXED.size:end])
-        ops, nbytes, ns, *costs = _REPORT.unpack(raw[end:end + _REPORT.size])
+        ops, nbytes, ns, *costs, ctl_bytes, ctl_ns = _REPORT.unpack(raw[end:end + _REPORT.size])
         report = Report(ops, nbytes, ns, tuple(costs[:MAX_CANDIDATES]),
-                        tuple(costs[MAX_CANDIDATES:]))
+                        tuple(costs[MAX_CANDIDATES:]), ctl_bytes, ctl_ns)
         if magic != _MAGIC:
             return cls(kind=0, session=0, step=0, cause=f"not a control block: {magic!r}")
         return cls(kind=kind, session=session, step=step, position=position, name=name,

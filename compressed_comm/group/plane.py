@@ -145,6 +145,7 @@ class ControlPlane:
                 plan.end_step()
                 return  # nothing this step, nothing expected: every rank agrees already
             auto = self.session.auto
+            start = time.perf_counter()
             blocks = self._exchange(control.ControlBlock(
                 kind=STEP, session=self.session.id, step=self.step_index,
                 position=len(plan.entries), name=digest(plan.entries),
@@ -153,6 +154,8 @@ class ControlPlane:
                 "step()")
             self._verdict(blocks, "step()")
             if auto is not None:  # the same blocks on every rank: the same decisions
+                auto.meter.control(control.control_nbytes(self.world_size)
+                                   * (self.world_size - 1), time.perf_counter() - start)
                 auto.agree([b.report for b in blocks])
         except BaseException as e:
             self._fail(e)
