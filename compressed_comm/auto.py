@@ -46,7 +46,8 @@ from dataclasses import dataclass
 
 from .codecs import get_codec
 
-__all__ = ["ACCURACY_ORDER", "DEFAULT_CANDIDATES", "MAX_CANDIDATES", "Link", "Cost",
+__all__ = ["ACCURACY_ORDER", "DEFAULT_CANDIDATES", "MAX_CANDIDATES", "MAX_TIMED", "Link",
+           "Cost",
            "Candidate", "Estimate", "Decision", "Report", "is_auto", "parse_auto", "admissible",
            "decide", "fit_link"]
 
@@ -56,6 +57,8 @@ ACCURACY_ORDER: tuple[str, ...] = ("identity", "int8", "int4", "int2", "binary")
 DEFAULT_CANDIDATES: tuple[str, ...] = ("identity", "int4", "int2", "binary", "lowrank:8")
 #: the most candidates a spec may name (the control block has a slot for each)
 MAX_CANDIDATES = 8
+#: the transfers of a step whose times a rank reports one by one
+MAX_TIMED = 8
 
 
 def is_auto(spec: object) -> bool:
@@ -135,7 +138,10 @@ class Report:
     from post to completion); ``encode_ps``/``decode_ps``: per candidate slot (the spec's
     order), its codec's cost in picoseconds per input byte, 0 where not measured yet;
     ``control_*``: the bytes it sent in the previous control exchange and its nanoseconds
-    (a tiny transfer: what the link's latency is fitted from)."""
+    (a tiny transfer: what the link's latency is fitted from); ``timed_bytes``/``timed_us``:
+    the first :data:`MAX_TIMED` of the step's timed transfers one by one (bytes sent,
+    microseconds), so that each collective's time can be taken from the rank that arrived
+    last (the others' include waiting for it)."""
 
     link_ops: int = 0
     link_bytes: int = 0
@@ -144,6 +150,8 @@ class Report:
     decode_ps: tuple[int, ...] = ()
     control_bytes: int = 0
     control_ns: int = 0
+    timed_bytes: tuple[int, ...] = ()
+    timed_us: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

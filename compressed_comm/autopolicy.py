@@ -13,10 +13,13 @@
   :func:`compressed_comm.auto.decide`.
 
 **Agreement rules.** A collective's time includes how late its peers arrived; the rank
-that arrived last waited least, so the link sample of a step is the *shortest* time any
-rank measured (with the most bytes and operations any rank sent). A codec is as slow as its
-slowest rank: the agreed cost is the largest any rank reported. Decode costs not measured
-yet are taken equal to the encode cost. The link is fitted (:func:`~compressed_comm.auto.
+that arrived last waited only for the wire. So each rank reports its first
+:data:`~compressed_comm.auto.MAX_TIMED` timed transfers one by one, and where every rank
+timed as many (steps repeat their collectives, in order), the link sample of the step sums,
+transfer by transfer, the *shortest* time any rank measured; otherwise it is the shortest
+total any rank measured (with the most bytes and operations any rank sent). A codec is as
+slow as its slowest rank: the agreed cost is the largest any rank reported (a decode cost
+not measured yet is taken equal to the encode cost). The link is fitted (:func:`~compressed_comm.auto.
 fit_link`) over the last ``window`` samples of the data transfers and of the control
 exchanges (tiny: they pin the latency down, which the data transfers of one codec alone
 cannot tell from bandwidth), so it follows a link that changes. A step's control exchange
@@ -51,7 +54,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from .auto import MAX_CANDIDATES, Candidate, Cost, Decision, Link, Report, decide, fit_link
+from .auto import (MAX_CANDIDATES, MAX_TIMED, Candidate, Cost, Decision, Link, Report,
+                   decide, fit_link)
 from .codecs.base import as_2d
 from .config import CompressionConfig
 from .messages import MessageLayout
@@ -80,8 +84,9 @@ class Meter:
 
     def __init__(self, candidates: Sequence[str]) -> None:
         self.candidates = tuple(candidates)
-        # this step's transfers: operations, bytes, seconds
+        # this step's transfers: operations, bytes, seconds; the first ones one by one
         self._ops, self._bytes, self._seconds = 0, 0, 0.0
+        self._timed: list[tuple[int, float]] = []
         # this step's codec calls: (spec, role) -> [seconds, bytes]
         self._codec: dict[tuple[str, str], list[float]] = {}
         # the last cost measured, picoseconds per byte: (spec, role) -> ps
@@ -99,6 +104,8 @@ class Meter:
         self._ops += 1
         self._bytes += int(nbytes)
         self._seconds += float(seconds)
+        if len(self._timed) < MAX_TIMED:
+            self._timed.append((int(nbytes), float(seconds)))
 
     def codec_time(self, spec: str, role: str, seconds: float, nbytes: int) -> None:
         """Codec ``spec`` took ``seconds`` to ``role`` (encode/decode) ``nbytes``."""
@@ -136,8 +143,11 @@ class Meter:
         report = Report(self._ops, self._bytes, round(self._seconds * 1e9),
                         tuple(self._known.get((s, "encode"), 0) for s in slots),
                         tuple(self._known.get((s, "decode"), 0) for s in slots),
-                        self._control[0], round(self._control[1] * 1e9))
+                        self._control[0], round(self._control[1] * 1e9),
+                        tuple(b & 0xFFFFFFFF for b, _ in self._timed),
+                        tuple(min(max(1, round(s * 1e6)), 0xFFFFFFFF) for _, s in self._timed))
         self._ops, self._bytes, self._seconds = 0, 0, 0.0
+        self._timed = []
         self._control = (0, 0.0)
         return report
 
@@ -183,7 +193,14 @@ class AutoPolicy:
     def agree(self, reports: Sequence[Report]) -> None:
         """Fold every rank's report of the step that ended (the same on every rank)."""
         moved = [r for r in reports if r.link_bytes > 0 and r.link_ns > 0]
-        if moved:
+        timed = {len(r.timed_us) for r in reports}
+        if moved and len(moved) == len(reports) and len(timed) == 1 and timed != {0}:
+            n = timed.pop()
+            self.samples.append((n, sum(max(r.timed_bytes[i] for r in reports)
+                                        for i in range(n)),
+                                 sum(min(r.timed_us[i] for r in reports)
+                                     for i in range(n)) / 1e6))
+        elif moved:
             self.samples.append((max(r.link_ops for r in moved),
                                  max(r.link_bytes for r in moved),
                                  min(r.link_ns for r in moved) / 1e9))

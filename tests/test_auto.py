@@ -163,9 +163,20 @@ def test_control_exchanges_pin_the_latency_down():
     assert alone.link().bandwidth < bw / 10  # latency taken for bandwidth
 
 
+def test_each_collective_is_timed_by_the_rank_that_arrived_last():
+    """Rank 0 waited for rank 1 in the first transfer, rank 1 for rank 0 in the second: the
+    sample is the wire time of each (the shorter one), not either rank's total."""
+    policy = AutoPolicy(SPECS, world_size=2, probe_every=0)
+    policy.agree([Report(2, 2000, 90_000_000, timed_bytes=(1000, 1000), timed_us=(80_000, 10_000)),
+                  Report(2, 2000, 90_000_000, timed_bytes=(1000, 1000), timed_us=(10_000, 80_000))])
+    assert list(policy.samples) == [(2, 2000, 0.02)]
+    policy.agree([Report(1, 1000, 5_000_000), Report(1, 1000, 7_000_000)])  # none one by one
+    assert policy.samples[-1] == (1, 1000, 0.005)
+
+
 def test_control_block_carries_the_report():
     report = Report(3, 123_456_789, 987_654_321, ENCODE_PS + (0,) * 4, DECODE_PS + (0,) * 4,
-                    816, 2_500_000)
+                    816, 2_500_000, (4096, 8192), (1500, 2))
     block = ControlBlock(kind=STEP, session=7, step=4, report=report)
     raw = block.pack(WORLD)
     assert len(raw) == control_nbytes(WORLD)

@@ -50,6 +50,8 @@ Block layout (little-endian), :func:`control_nbytes` bytes per rank of a group o
     ...     4 x 8   step (auto): decode cost per candidate, likewise
     ...     8       step (auto): bytes sent in the previous step's control exchange
     ...     8       step (auto): its nanoseconds
+    ...     4 x 8   step (auto): the first 8 timed transfers' bytes
+    ...     4 x 8   step (auto): their microseconds
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..auto import MAX_CANDIDATES, Report
+from ..auto import MAX_CANDIDATES, MAX_TIMED, Report
 from ..config import SHARED_FIELDS, differing_fields
 from ..transport import Transport
 
@@ -76,7 +78,7 @@ _NONE = 0xFFFFFFFF
 _CAUSE = 64
 _FIXED = struct.Struct(f"<4sBBxxIIIIII{len(SHARED_FIELDS)}I{-4 * len(SHARED_FIELDS) % 8}x"
                        f"{_CAUSE}s")
-_REPORT = struct.Struct(f"<I4xQQ{MAX_CANDIDATES}I{MAX_CANDIDATES}IQQ")
+_REPORT = struct.Struct(f"<I4xQQ{MAX_CANDIDATES}I{MAX_CANDIDATES}IQQ{MAX_TIMED}I{MAX_TIMED}I")
 
 
 def control_nbytes(world_size: int) -> int:
@@ -130,9 +132,11 @@ class ControlBlock:
         r = self.report
         pad = (0,) * MAX_CANDIDATES
         costs = (*(r.encode_ps + pad)[:MAX_CANDIDATES], *(r.decode_ps + pad)[:MAX_CANDIDATES])
+        none = (0,) * MAX_TIMED
+        timed = (*(r.timed_bytes + none)[:MAX_TIMED], *(r.timed_us + none)[:MAX_TIMED])
         return (raw + struct.pack(f"<{2 * world + 1}Q", *sent, *expected, self.collectives)
                 + _REPORT.pack(r.link_ops & _NONE, r.link_bytes, r.link_ns, *costs,
-                               r.control_bytes, r.control_ns))
+                               r.control_bytes, r.control_ns, *timed))
 
     @classmethod
     def unpack(cls, raw: bytes, world: int) -> ControlBlock:
@@ -142,9 +146,13 @@ class ControlBlock:
         cause = fields[-1].rstrip(b"\x00").decode(errors="replace")
         end = _FIXED.size + 8 * (2 * world + 1)
         counts = struct.unpack(f"<{2 * world + 1}Q", raw[_FIXED.size:end])
-        ops, nbytes, ns, *costs, ctl_bytes, ctl_ns = _REPORT.unpack(raw[end:end + _REPORT.size])
-        report = Report(ops, nbytes, ns, tuple(costs[:MAX_CANDIDATES]),
-                        tuple(costs[MAX_CANDIDATES:]), ctl_bytes, ctl_ns)
+        ops, nbytes, ns, *rest = _REPORT.unpack(raw[end:end + _REPORT.size])
+        m = 2 * MAX_CANDIDATES
+        us = rest[m + 2 + MAX_TIMED:]
+        timed = next((i for i, t in enumerate(us) if t == 0), MAX_TIMED)  # times are >= 1
+        report = Report(ops, nbytes, ns, tuple(rest[:MAX_CANDIDATES]),
+                        tuple(rest[MAX_CANDIDATES:m]), rest[m], rest[m + 1],
+                        tuple(rest[m + 2:m + 2 + timed]), tuple(us[:timed]))
         if magic != _MAGIC:
             return cls(kind=0, session=0, step=0, cause=f"not a control block: {magic!r}")
         return cls(kind=kind, session=session, step=step, position=position, name=name,
