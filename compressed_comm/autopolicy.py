@@ -2,10 +2,11 @@
 
 * :class:`Meter` -- what this rank measured from its own traffic since the last step: the
   transfers it waited on at once (bytes and seconds, from post to completion), and the
-  codec calls its streams already make (seconds per input byte). An encoder's first
-  message also times every candidate not measured yet on a scratch copy (the warm-up
-  probe, timing the second of two calls: the first may compile kernels), so a codec is
-  priced before it is first chosen; a codec not chosen keeps its last measured cost.
+  codec calls its streams already make (seconds per input byte). The first message
+  encoded on this rank, and again one every ``reprobe_every`` steps, also times every
+  candidate not used in the step on a scratch copy (the probe, timing the second of two
+  calls: the first may compile kernels), so a codec is priced before it is first chosen
+  and an unchosen codec's price does not rest on one old (possibly noisy) measurement.
   :meth:`Meter.report` packs it for the per-step control block.
 * :class:`AutoPolicy` -- what the ranks agreed: :meth:`AutoPolicy.agree` folds every
   rank's report (the same blocks on every rank, so the same state everywhere) and
@@ -75,15 +76,21 @@ class CodecMeter(Protocol):
         """``role`` (``"encode"``/``"decode"``) of ``nbytes`` input bytes through codec
         ``spec`` took ``seconds``."""
 
+    def due(self) -> bool:
+        """Whether the next message encoded should :meth:`probe` first."""
+
     def probe(self, stream: StreamEncoder, x: torch.Tensor) -> None:
-        """The encoder's first message is ``x``: time the candidates not measured yet."""
+        """Time, on ``x``, the candidates not measured in this step."""
 
 
 class Meter:
     """This rank's measurements since its last report (see the module docstring)."""
 
-    def __init__(self, candidates: Sequence[str]) -> None:
+    def __init__(self, candidates: Sequence[str], reprobe_every: int = 8) -> None:
         self.candidates = tuple(candidates)
+        self.reprobe_every = int(reprobe_every)
+        self._reports = 0
+        self._due = True  # the first message probes
         # this step's transfers: operations, bytes, seconds; the first ones one by one
         self._ops, self._bytes, self._seconds = 0, 0, 0.0
         self._timed: list[tuple[int, float]] = []
@@ -114,12 +121,17 @@ class Meter:
             acc[0] += seconds
             acc[1] += nbytes
 
+    def due(self) -> bool:
+        """Whether the next message encoded should :meth:`probe` first."""
+        return self._due
+
     def probe(self, stream: StreamEncoder, x: torch.Tensor) -> None:
         """Time one encode of ``x`` (a residual against zero, on scratch buffers: the stream
-        is untouched) and one decode of its payload through every candidate this rank has
-        no cost for yet."""
+        is untouched) and one decode of its payload through every candidate not measured
+        in this step."""
+        self._due = False
         for spec, layout in stream.layouts.items():
-            if (spec, "encode") in self._known or (spec, "encode") in self._codec:
+            if (spec, "encode") in self._codec:
                 continue
             codec = layout.codec
             scratch = torch.empty_like(as_2d(x))
@@ -148,6 +160,9 @@ class Meter:
                         tuple(min(max(1, round(s * 1e6)), 0xFFFFFFFF) for _, s in self._timed))
         self._ops, self._bytes, self._seconds = 0, 0, 0.0
         self._timed = []
+        self._reports += 1
+        self._due = self._due or self.reprobe_every > 0 and \
+            self._reports % self.reprobe_every == 0
         self._control = (0, 0.0)
         return report
 

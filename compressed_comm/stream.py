@@ -330,7 +330,7 @@ class StreamEncoder(_Stream):
         if check is not None and (self.order == 2 or rows is not None):
             check_finite(x, what, self._kernels)
             check = None
-        if self.meter is not None and self._step == 0:
+        if self.meter is not None and self.meter.due():
             self.meter.probe(self, x)
         header = self.header()
         layout = self.layout_at(self._step)

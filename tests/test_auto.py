@@ -408,3 +408,18 @@ def test_uneven_origins_of_a_gather_share_one_codec(op):
     for origin in range(WORLD):
         views = [out[origin] for r, (_, out, _) in enumerate(results) if r != origin]
         assert all(torch.equal(results[origin][2], v) for v in views), origin
+
+
+def test_unchosen_codecs_are_reprobed_every_few_steps():
+    session = Session(CompressionConfig(codec="auto:int4,binary"))
+    meter = session.auto.meter
+    meter.reprobe_every = 3
+    enc = session.encoder("x", torch.zeros(32, 16))
+    measured = []
+    for step in range(7):
+        enc.choose("binary", step)
+        enc.encode(_value(0, step, 32, 16))
+        measured.append(("int4", "encode") in meter._codec)  # priced though not chosen
+        report = meter.report()
+        assert all(report.encode_ps[:3]) and all(report.decode_ps[:3])
+    assert measured == [True, False, False, True, False, False, True]
