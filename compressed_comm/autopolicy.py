@@ -20,11 +20,14 @@ timed as many (steps repeat their collectives, in order), the link sample of the
 transfer by transfer, the *shortest* time any rank measured; otherwise it is the shortest
 total any rank measured (with the most bytes and operations any rank sent). A codec is as
 slow as its slowest rank: the agreed cost is the largest any rank reported (a decode cost
-not measured yet is taken equal to the encode cost). The link is fitted (:func:`~compressed_comm.auto.
-fit_link`) over the last ``window`` samples of the data transfers and of the control
+not measured yet is taken equal to the encode cost). The link is fitted
+(:func:`~compressed_comm.auto.fit_link`) over the last ``window`` samples of the data transfers and of the control
 exchanges (tiny: they pin the latency down, which the data transfers of one codec alone
 cannot tell from bandwidth), so it follows a link that changes. A step's control exchange
-is reported in the next step's block (the block is packed before it runs).
+is reported in the next step's block (the block is packed before it runs). The sample
+with the most bytes per transfer of the last ``keep_large`` steps (a warmup or keyframe
+step's, or a raw probe's) stays in the fit too: small payloads alone extrapolate raw's
+time badly, since their time is mostly latency and scheduling noise.
 
 **One codec across origins.** An all-gather or a ring pass needs one codec from every
 origin (its slots are sized alike), so a group announces the shapes of such a collective
@@ -178,7 +181,8 @@ class AutoPolicy:
 
     def __init__(self, candidates: Sequence[str], *, config: CompressionConfig | None = None,
                  world_size: int = 1, floor: str = "binary", window: int = 3,
-                 probe_every: int = 8, probe_ratio: float = 4.0) -> None:
+                 probe_every: int = 8, probe_ratio: float = 4.0,
+                 keep_large: int = 8) -> None:
         self.candidates = tuple(candidates)
         self.config = config or CompressionConfig(codec="auto:" + ",".join(self.candidates))
         self.world_size = int(world_size)
@@ -191,6 +195,10 @@ class AutoPolicy:
         #: and control exchanges
         self.samples: deque[tuple[int, int, float]] = deque(maxlen=int(window))
         self.control_samples: deque[tuple[int, int, float]] = deque(maxlen=int(window))
+        #: the sample with the most bytes per transfer of the last ``keep_large`` steps
+        self.large: tuple[int, int, float] | None = None
+        self.keep_large = int(keep_large)
+        self._large_age = 0
         #: agreed codec costs, by spec
         self.costs: dict[str, Cost] = {}
         #: the group step the decisions are for
@@ -215,10 +223,12 @@ class AutoPolicy:
                                         for i in range(n)),
                                  sum(min(r.timed_us[i] for r in reports)
                                      for i in range(n)) / 1e6))
+            self._keep(self.samples[-1])
         elif moved:
             self.samples.append((max(r.link_ops for r in moved),
                                  max(r.link_bytes for r in moved),
                                  min(r.link_ns for r in moved) / 1e9))
+            self._keep(self.samples[-1])
         controls = [r for r in reports if r.control_bytes > 0 and r.control_ns > 0]
         if controls:
             self.control_samples.append((1, max(r.control_bytes for r in controls),
@@ -230,6 +240,15 @@ class AutoPolicy:
                 self.costs[spec] = Cost((enc or dec) * 1e-12, (dec or enc) * 1e-12)
         self._cache = {}
 
+    def _keep(self, sample: tuple[int, int, float]) -> None:
+        """Keep ``sample`` as :attr:`large` if it moved as many bytes per transfer, or the
+        kept one is too old."""
+        self._large_age += 1
+        large = self.large
+        if (large is None or self._large_age > self.keep_large
+                or sample[1] * large[0] >= large[1] * sample[0]):
+            self.large, self._large_age = sample, 0
+
     def advance(self, step: int) -> None:
         """Decisions from now on are for the group's step ``step``."""
         self.step = int(step)
@@ -239,7 +258,8 @@ class AutoPolicy:
         """The link fitted over the agreed samples (None before any)."""
         if not self.samples:  # control exchanges alone say nothing about bandwidth
             return None
-        return fit_link([*self.samples, *self.control_samples])
+        large = [] if self.large is None or self.large in self.samples else [self.large]
+        return fit_link([*self.samples, *self.control_samples, *large])
 
     def choose(self, stream: StreamEncoder | StreamDecoder, message: int) -> Decision:
         """The candidate for message ``message`` of ``stream`` at the current step: the

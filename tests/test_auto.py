@@ -423,3 +423,22 @@ def test_unchosen_codecs_are_reprobed_every_few_steps():
         report = meter.report()
         assert all(report.encode_ps[:3]) and all(report.decode_ps[:3])
     assert measured == [True, False, False, True, False, False, True]
+
+
+def test_a_large_transfer_keeps_raw_priced_after_small_ones():
+    """After the warmup's raw transfers, small payloads whose time is mostly noise would
+    make the link look slow; the kept large sample holds the bandwidth near the truth."""
+    lat, bw = 1e-3, 1e8
+    policy = AutoPolicy(SPECS, world_size=WORLD, probe_every=0)
+    policy.agree([Report(8, 8_000_000, round((8 * lat + 8e6 / bw) * 1e9), ENCODE_PS,
+                         DECODE_PS, 600, round((lat + 600 / bw) * 1e9))])
+    for _ in range(5):  # 3x too slow: scheduling noise on tiny transfers
+        policy.agree([Report(8, 120_000, round(3 * (8 * lat + 120_000 / bw) * 1e9),
+                             ENCODE_PS, DECODE_PS, 600, round((lat + 600 / bw) * 1e9))])
+    assert policy.large[1] == 8_000_000
+    assert policy.link().bandwidth > bw / 2
+    without = AutoPolicy(SPECS, world_size=WORLD, probe_every=0, keep_large=0)
+    without.agree([Report(8, 8_000_000, round((8 * lat + 8e6 / bw) * 1e9))])
+    for _ in range(5):
+        without.agree([Report(8, 120_000, round(3 * (8 * lat + 120_000 / bw) * 1e9))])
+    assert without.link().bandwidth < bw / 2
