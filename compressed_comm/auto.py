@@ -16,7 +16,11 @@ The estimate of one candidate for one message of a stream (all in seconds)::
 ``fan`` is how many copies of the message one rank moves and decodes (``world - 1`` for an
 all-gather or a ring pass, 1 for point-to-point and all-to-all), ``hidden`` the compute an
 asynchronous exchange overlaps. The candidate with the smallest total wins; ties go to the
-earlier candidate in the spec (raw first), so an idle link never loses accuracy.
+earlier candidate in the spec (raw first), so an idle link never loses accuracy. Estimates
+are noisy, so two margins keep decisions still: raw is kept while within ``margin`` of the
+best (it is exact and costs no codec time), and so is the ``incumbent`` (the stream's last
+choice; every rank holding the stream knows it), so that near-equal candidates do not
+alternate step after step.
 
 **Quality budget.** Tracked error exists only for the codec in use, so the quantising codecs
 follow a fixed accuracy order, :data:`ACCURACY_ORDER` (identity > int8 > int4 > int2 >
@@ -203,7 +207,8 @@ class Decision:
 
 def decide(candidates: Sequence[Candidate], link: Link, costs: Mapping[str, Cost], *,
            raw_bytes: int, fan: int = 1, hidden: float = 0.0,
-           floor: str = "binary") -> Decision:
+           floor: str = "binary", incumbent: str | None = None,
+           margin: float = 0.0) -> Decision:
     """The admissible candidate with the smallest estimated total time (module docstring);
     ties go to the earlier candidate. ``costs`` by codec spec (a candidate's ``cost_spec``,
     else its ``spec``); a codec missing from ``costs`` is priced at zero. Deterministic: a
@@ -228,6 +233,11 @@ def decide(candidates: Sequence[Candidate], link: Link, costs: Mapping[str, Cost
                          f"{', '.join(c.spec for c in candidates)}")
     best = min(admitted, key=lambda e: e.total)  # min keeps the first of equals
     raw = next((e for e in estimates if e.spec == "identity"), None)
+    for keep, why in ((raw, "raw kept"), (next((e for e in admitted if e.spec == incumbent),
+                                                None), f"{incumbent} kept")):
+        if keep is not None and keep is not best and keep.total <= best.total * (1 + margin):
+            return Decision(keep.spec, f"{why}: within {margin:.0%} of {best.spec}",
+                            tuple(estimates))
     if raw is None or best is raw:
         reason = "fastest" if raw is None or len(admitted) == 1 else "raw is fastest"
     else:

@@ -21,9 +21,10 @@ transfer by transfer, the *shortest* time any rank measured; otherwise it is the
 total any rank measured (with the most bytes and operations any rank sent). A codec is as
 slow as its slowest rank: the agreed cost is the largest any rank reported (a decode cost
 not measured yet is taken equal to the encode cost). The link is fitted
-(:func:`~compressed_comm.auto.fit_link`) over the last ``window`` samples of the data transfers and of the control
-exchanges (tiny: they pin the latency down, which the data transfers of one codec alone
-cannot tell from bandwidth), so it follows a link that changes. A step's control exchange
+(:func:`~compressed_comm.auto.fit_link`) over the last ``window`` samples of the data
+transfers and of the control exchanges (tiny: they pin the latency down, which the data
+transfers of one codec alone cannot tell from bandwidth), so it follows a link that
+changes. A step's control exchange
 is reported in the next step's block (the block is packed before it runs). The sample
 with the most bytes per transfer of the last ``keep_large`` steps (a warmup or keyframe
 step's, or a raw probe's) stays in the fit too: small payloads alone extrapolate raw's
@@ -182,7 +183,7 @@ class AutoPolicy:
     def __init__(self, candidates: Sequence[str], *, config: CompressionConfig | None = None,
                  world_size: int = 1, floor: str = "binary", window: int = 3,
                  probe_every: int = 8, probe_ratio: float = 4.0,
-                 keep_large: int = 8) -> None:
+                 keep_large: int = 8, margin: float = 0.1) -> None:
         self.candidates = tuple(candidates)
         self.config = config or CompressionConfig(codec="auto:" + ",".join(self.candidates))
         self.world_size = int(world_size)
@@ -198,6 +199,8 @@ class AutoPolicy:
         #: the sample with the most bytes per transfer of the last ``keep_large`` steps
         self.large: tuple[int, int, float] | None = None
         self.keep_large = int(keep_large)
+        #: raw, and a stream's last choice, are kept while within this share of the best
+        self.margin = float(margin)
         self._large_age = 0
         #: agreed codec costs, by spec
         self.costs: dict[str, Cost] = {}
@@ -295,7 +298,8 @@ class AutoPolicy:
         fan = self.world_size - 1 if stream.key.op in _GATHERS else 1
         raw_bytes = math.prod(shape) * torch.empty((), dtype=stream.dtype).element_size()
         decision = decide(cands, link, self.costs, raw_bytes=raw_bytes, fan=max(fan, 1),
-                          floor=self.floor)
+                          floor=self.floor, incumbent=stream.chosen(message),
+                          margin=self.margin)
         raw, best = decision.estimates[0], next(e for e in decision.estimates
                                                if e.spec == decision.spec)
         stagger = zlib.crc32(str(stream.key).encode()) % max(self.probe_every, 1)

@@ -112,6 +112,19 @@ def test_decide_respects_the_budget_ties_and_hidden_time():
         decide(_cands(), Link(0.0), COSTS, raw_bytes=1)
 
 
+def test_margins_keep_raw_and_the_incumbent_when_close():
+    cands = [Candidate("identity", 1000), Candidate("int4", 300), Candidate("binary", 100)]
+    free = {s: Cost(0.0, 0.0) for s in ("identity", "int4", "binary")}
+    link = Link(1e6, 1e-3)  # totals: raw 2 ms, int4 1.3 ms, binary 1.1 ms
+    assert decide(cands, link, free, raw_bytes=1000).spec == "binary"
+    kept = decide(cands, link, free, raw_bytes=1000, incumbent="int4", margin=0.2)
+    assert kept.spec == "int4" and "int4 kept" in kept.reason
+    assert decide(cands, link, free, raw_bytes=1000, incumbent="int4", margin=0.1).spec == \
+        "binary"
+    raw = decide(cands, link, free, raw_bytes=1000, incumbent="int4", margin=1.0)
+    assert raw.spec == "identity" and "raw kept" in raw.reason
+
+
 def test_fit_link_recovers_latency_and_bandwidth():
     lat, bw = 2e-4, 5e7
     samples = [(ops, b, ops * lat + b / bw) for ops, b in ((1, 10_000), (4, 2_000_000),
