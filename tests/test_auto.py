@@ -161,8 +161,7 @@ def test_policy_follows_a_fake_clock_both_ways():
 
 
 def test_control_exchanges_pin_the_latency_down():
-    """Data transfers of one small codec alone cannot tell latency from bandwidth (and a
-    latency-heavy fit makes raw look far too slow); the tiny control exchanges can."""
+    """One codec's transfers alone cannot tell latency from bandwidth; control exchanges can."""
     lat, bw = 2e-3, 1e8
     policy = AutoPolicy(SPECS, world_size=WORLD, probe_every=0)
     for _ in range(3):
@@ -294,9 +293,6 @@ def test_lowrank_warm_start_survives_a_switch_and_raw_is_exact():
         enc.choose("int4", enc.step)
 
 
-# ---------------------------------------------------------------------- visible
-
-
 def test_the_what_if_prices_auto_and_says_why():
     from simulator.methods import parse_method
     from simulator.network import Link as NetLink
@@ -316,9 +312,8 @@ def test_the_what_if_prices_auto_and_says_why():
 @pytest.mark.parametrize("op", ["all_gather", "ring", "all_to_all"])
 @pytest.mark.parametrize("fault", ["user", "nan"])
 def test_a_failure_under_auto_is_seen_by_every_rank_and_recovered(op, fault):
-    """On a slow (fake) link the streams compress; a rank that fails makes every peer raise
-    at once (its status frames have the sizes the peers' decisions expect), and after
-    new_session() the ranks agree again and stay bit-identical."""
+    """Status frames have the sizes the peers' decisions expect: every rank raises at once,
+    and after new_session() the ranks agree again and stay bit-identical."""
     import time
 
     from compressed_comm import CompressedCommError, PeerFailedError
@@ -380,9 +375,7 @@ def test_a_failure_under_auto_is_seen_by_every_rank_and_recovered(op, fault):
 
 @pytest.mark.parametrize("op", ["all_gather", "ring"])
 def test_uneven_origins_of_a_gather_share_one_codec(op):
-    """A one-row origin alone would go raw (its codec costs more than its bytes); in an
-    all-gather beside two large origins it follows their choice: one codec per stream and
-    step across all origins."""
+    """A one-row origin that alone would go raw follows the large origins' choice."""
     rows = (256, 256, 1)
     shapes = [(r, 64) for r in rows]
     config = CompressionConfig(codec="auto:" + ",".join(SPECS))
@@ -439,8 +432,7 @@ def test_unchosen_codecs_are_reprobed_every_few_steps():
 
 
 def test_a_large_transfer_keeps_raw_priced_after_small_ones():
-    """After the warmup's raw transfers, small payloads whose time is mostly noise would
-    make the link look slow; the kept large sample holds the bandwidth near the truth."""
+    """Small payloads whose time is mostly noise no longer make the link look slow."""
     lat, bw = 1e-3, 1e8
     policy = AutoPolicy(SPECS, world_size=WORLD, probe_every=0)
     policy.agree([Report(8, 8_000_000, round((8 * lat + 8e6 / bw) * 1e9), ENCODE_PS,
