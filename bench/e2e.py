@@ -18,7 +18,9 @@ flow-matching steps:
 * per parallelism -- ``patch``, ``ring``, ``ulysses`` through :mod:`adapters.dit`, and
   diffusers' own context parallelism ``cp-ulysses`` / ``cp-ring`` with
   :func:`adapters.xdit.enable_compression` -- ``raw`` (exact), ``distrifusion`` (patch:
-  stale raw K/V) and every ``--codecs`` spec (``+async``: stale K/V, for patch and cp-ring).
+  stale raw K/V) and every ``--codecs`` spec (``+async``: stale K/V, for patch and cp-ring);
+  ``auto`` (``codec="auto"``) also prints, for the adapter's parallelisms, what rank 0's
+  streams sent at every step and the last decision with its estimates.
 
 It first measures the link's latency with timed 4-byte all_gathers (seconds per hop, which
 ``bench/sim_vs_e2e.py`` gives the simulator), then prints, per run, the median seconds
@@ -43,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from contextlib import nullcontext
 from typing import Any
 from unittest import mock
@@ -53,6 +56,7 @@ import torch.multiprocessing as mp
 from results import E2EResult, E2ERow  # bench/ is this script's folder
 from shaped_link import end_rank, run_behind
 
+from compressed_comm.auto import is_auto
 from simulator.methods import RAW, Method, method_list, parse_methods
 from simulator.metrics import range_psnr
 from simulator.workloads import Workload, flux_workload, photos_workload
@@ -70,10 +74,11 @@ def _workload(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 
 
 def _denoise(workload: Workload, model: torch.nn.Module, steps: int, counter: Any,
-             together: bool = True
+             together: bool = True, observe: Any = None
              ) -> tuple[torch.Tensor, list[float], list[int]]:
     """Latents after ``steps`` steps, this rank's seconds and bytes sent per step
-    (``together``: all ranks start each step at a barrier)."""
+    (``together``: all ranks start each step at a barrier; ``observe()``, if given, is
+    called after every step)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
@@ -90,6 +95,8 @@ def _denoise(workload: Workload, model: torch.nn.Module, steps: int, counter: An
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - t0)
             sent.append(counter() - before)
+            if observe is not None:
+                observe()
     return latents, seconds, sent
 
 
@@ -128,9 +135,22 @@ def _run(parallelism: str, method: Method, workload: Workload, args: argparse.Na
         par = parallelize(model, TorchDistTransport(), ParallelConfig(
             parallelism, compression=compression, asynchronous=method.stale,
             timeout=args.op_timeout))
+        observe, choices = None, []
+        if method.codec is not None and is_auto(method.codec):
+            def observe() -> None:  # what codec="auto" sent this step, by stream count
+                picks = Counter(s.codec.removeprefix("auto:") for s in par.stats().streams
+                                if s.role == "encoder")
+                choices.append(",".join(f"{k}x{n}" for k, n in sorted(picks.items())))
         try:
-            return _denoise(workload, model, args.steps, lambda: par.exchange.bytes_sent)
+            return _denoise(workload, model, args.steps, lambda: par.exchange.bytes_sent,
+                            observe=observe)
         finally:
+            if choices and dist.get_rank() == 0:
+                print(f"  {parallelism} {method.name}: choice per step (rank 0's streams): "
+                      + " | ".join(choices), flush=True)
+                last = next((s for s in par.stats().streams if s.role == "encoder"), None)
+                if last is not None:
+                    print(f"  {last.name}: {last.choice}", flush=True)
             par.remove()
     from diffusers import ContextParallelConfig
 
@@ -224,6 +244,21 @@ def _print_row(r: E2ERow) -> None:
           f"{vs_single:>9.2f}x {nbytes:>14} {psnr:>7}", flush=True)
 
 
+def _parse_codecs(text: str) -> list[Method]:
+    """The ``--codecs`` methods: :func:`~simulator.methods.parse_methods`, plus ``auto`` and
+    ``auto+async`` (``codec="auto"``, its default candidates: a candidate list has commas)."""
+    out = []
+    for name in _csv(text):
+        codec = name.lower().removesuffix("+async")
+        if codec == "auto":
+            out.append(Method(name.lower(), codec, name.lower().endswith("+async")))
+        elif is_auto(codec):
+            raise ValueError(f"--codecs {name!r}: only the default candidates ('auto') here")
+        else:
+            out.extend(parse_methods(name))
+    return out
+
+
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -262,7 +297,7 @@ def main() -> None:
         p.error("--world and --steps must be at least 2 and --tokens a square number")
     try:
         _config("binary", args)
-        args.codecs = parse_methods(args.codecs)
+        args.codecs = _parse_codecs(args.codecs)
     except ValueError as e:
         p.error(str(e))
     unknown = set(args.parallelisms) - set(ADAPTER + DIFFUSERS_CP)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .auto import is_auto, parse_auto
 from .codecs import get_codec
 from .keyframes import KEYFRAME_CODECS, Keyframes
 from .kernels import resolve_impl
@@ -32,7 +33,10 @@ class CompressionConfig:
 
     1. ``codec`` -- a spec for :func:`compressed_comm.get_codec`. ``"binary"`` (1 bit per
        element, ~16x vs fp16) is the default; ``"int2"``/``"int4"`` trade bytes for accuracy;
-       ``"lowrank:R"`` is smallest when residuals are low-rank.
+       ``"lowrank:R"`` is smallest when residuals are low-rank. ``"auto"`` (or a candidate
+       list, ``"auto:raw,int4,int2,binary,lowrank:8"``) lets each stream pick, at every
+       step, the candidate that is fastest on the measured link and device (raw always
+       among them; :mod:`compressed_comm.auto`); a group needs ``handshake=True`` for it.
     2. ``residual_order`` -- 0 compresses the tensor itself, 1 (default) the change since the
        last reconstruction, 2 the change against a linear extrapolation
        ``ref + decay * (ref - previous ref)``.
@@ -105,7 +109,10 @@ class CompressionConfig:
     legacy_reduce: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
-        get_codec(self.codec)  # raises ValueError naming the valid specs
+        if is_auto(self.codec):
+            parse_auto(self.codec)  # raises ValueError naming what is wrong
+        else:
+            get_codec(self.codec)  # raises ValueError naming the valid specs
         if not isinstance(self.keyframes, Keyframes):
             raise ValueError(f"keyframes must be a Keyframes; got {self.keyframes!r}")
         if self.residual_order not in (0, 1, 2):
@@ -121,6 +128,17 @@ class CompressionConfig:
         object.__setattr__(self, "skip", tuple(self.skip))
         if self.kernels is not None:
             resolve_impl(self.kernels)
+
+    @property
+    def auto(self) -> bool:
+        """Whether :attr:`codec` is an auto spec (each stream picks its codec per step)."""
+        return is_auto(self.codec)
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """The codecs a stream may send through: the auto spec's candidates (raw first), or
+        :attr:`codec` alone."""
+        return parse_auto(self.codec) if self.auto else (get_codec(self.codec).spec,)
 
     def skips(self, stream_name: str) -> bool:
         """Whether ``stream_name`` matches one of the :attr:`skip` patterns."""

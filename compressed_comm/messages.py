@@ -65,6 +65,9 @@ class MessageLayout:
         """The messages of a stream of ``config`` carrying ``shape`` and ``dtype`` tensors
         through ``codec`` (default: ``config.codec``; a lossless codec sends no keyframes
         and no residuals), named by ``tag`` in ``session``."""
+        if codec is None and config.auto:
+            raise ValueError(f"codec={config.codec!r} has a layout per candidate: pass codec= "
+                             f"one of {', '.join(config.candidates)}")
         codec = codec if codec is not None else get_codec(config.codec, kernels=config.kernels)
         keyframes = config.keyframes
         lossless = codec.lossless

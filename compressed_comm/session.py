@@ -7,6 +7,7 @@ from typing import Iterator
 
 import torch
 
+from .autopolicy import AutoPolicy
 from .codecs import Codec, IdentityCodec, get_codec
 from .config import CompressionConfig
 from .errors import StreamMismatchError
@@ -61,7 +62,9 @@ class Session:
     :meth:`reset`, so a message of an earlier request is never taken for this one's.
 
     Which codec a stream gets: raw (identity) if its name matches ``config.skip`` or the
-    tensor is smaller than ``config.min_bytes``; otherwise ``config.codec``.
+    tensor is smaller than ``config.min_bytes``; otherwise ``config.codec``. With
+    ``codec="auto"`` a stream holds every candidate, and :meth:`prepare` picks the one its
+    next message goes through from :attr:`auto` (a group keeps it agreed across ranks).
     """
 
     def __init__(self, config: CompressionConfig | None = None, *, rank: int = 0,
@@ -73,7 +76,12 @@ class Session:
         #: prefix of every stream's tag: two sessions on one transport never take each
         #: other's payloads
         self.namespace = namespace
-        self._codec = get_codec(self.config.codec, kernels=self.config.kernels)
+        kernels = self.config.kernels
+        self._candidates = tuple(get_codec(s, kernels=kernels) for s in self.config.candidates)
+        self._codec = None if self.config.auto else self._candidates[0]
+        #: with ``codec="auto"``: the measurements and decisions (kept across :meth:`reset`)
+        self.auto = AutoPolicy(self.config.candidates, config=self.config) \
+            if self.config.auto else None
         self._raw = IdentityCodec("identity")
         self._streams: dict[tuple[StreamKey, int], _Stream] = {}
 
@@ -87,9 +95,10 @@ class Session:
     def __iter__(self) -> Iterator[_Stream]:
         return iter(self._streams.values())
 
-    def codec_for(self, key: str | StreamKey, nbytes: int) -> Codec:
+    def codec_for(self, key: str | StreamKey, nbytes: int) -> Codec | None:
         """The codec of a stream ``key`` carrying ``nbytes`` per message (``skip`` patterns
-        match the caller's name, :attr:`StreamKey.name`)."""
+        match the caller's name, :attr:`StreamKey.name`); None where the stream picks among
+        the auto candidates."""
         if self.config.skips(StreamKey.of(key).name) or nbytes < self.config.min_bytes:
             return self._raw
         return self._codec
@@ -128,8 +137,11 @@ class Session:
                 raise TypeError(f"stream {str(key)!r}: like must be a tensor, got "
                                 f"{type(like).__name__}")
             codec = self.codec_for(key, like.nbytes)
+            auto = codec is None and self.auto is not None
             stream = cls(key, like, self.config, origin=origin, codec=codec,
-                         session=self.id, namespace=self.namespace)
+                         session=self.id, namespace=self.namespace,
+                         candidates=self._candidates if auto else None,
+                         meter=self.auto.meter if auto else None)
             self._streams[(key, origin)] = stream
             return stream
         if not isinstance(stream, cls):
@@ -144,6 +156,15 @@ class Session:
                 f"{like.device} (use another stream name, or reset() between requests)"
             )
         return stream
+
+    def prepare(self, stream: _Stream) -> None:
+        """Choose the candidate of ``stream``'s next message (the next one to send, or to
+        post a receive for) where the stream has several (``codec="auto"``)."""
+        if self.auto is None or len(stream.layouts) < 2:
+            return
+        message = stream.step if isinstance(stream, StreamEncoder) else stream.expected
+        decision = self.auto.choose(stream, message)
+        stream.choose(decision.spec, message, decision)
 
     def reset(self) -> None:
         """Drop every stream (and its references) and advance :attr:`id`: the next request

@@ -12,12 +12,18 @@ Predictions by ``residual_order``: 0 -> zero (plain compression), 1 -> ``ref``,
 (:class:`~compressed_comm.Keyframes`) send the tensor itself through the keyframe codec;
 the schedule depends only on the step, so both sides know every payload size in advance
 (:meth:`payload_nbytes`, from :class:`~compressed_comm.messages.MessageLayout`).
+
+**Candidates** (``codec="auto"``): a stream holds one layout per candidate codec, and each
+message goes through the one chosen for it (:meth:`_Stream.choose`); what a switch does to
+references, keyframes and warm starts is in :mod:`compressed_comm.auto`.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +36,9 @@ from .messages import MessageLayout
 from .wire import (FLAG_CONFIG, Header, check_dtype, contiguous_payload, expect, expect_position,
                    pack_fingerprint, read_header, stream_tag, unpack_fingerprint,
                    verify_checksum)
+
+if TYPE_CHECKING:
+    from .autopolicy import CodecMeter
 
 __all__ = ["StreamEncoder", "StreamDecoder", "StreamStats", "StreamKey"]
 
@@ -78,6 +87,8 @@ class StreamStats:
 
     #: operation, caller's name and destination
     key: StreamKey | None = None
+    #: with ``codec="auto"``: the last decision and every candidate's estimate (why)
+    choice: str | None = None
 
     @property
     def ratio(self) -> float:
@@ -100,6 +111,8 @@ class _Stream:
         codec: Codec | None = None,
         session: int = 0,
         namespace: str = "",
+        candidates: Sequence[Codec] | None = None,
+        meter: CodecMeter | None = None,
     ) -> None:
         config = config or CompressionConfig()
         self.key = StreamKey.of(key)
@@ -115,12 +128,25 @@ class _Stream:
         self.session = int(session)
         # what is sent: every message's header and size (the first ends with the sender's
         # config fingerprint, checked by receivers)
-        self.layout = MessageLayout.of(config, self.shape, self.dtype, codec=codec,
-                                       tag=self.tag, session=self.session)
+        #: with candidates: each one's messages (the first lossy one is :attr:`layout`)
+        self.layouts = {c.spec: MessageLayout.of(config, self.shape, self.dtype, codec=c,
+                                                 tag=self.tag, session=self.session)
+                        for c in candidates or ()}
+        lossy = [la for la in self.layouts.values() if not la.codec.lossless]
+        self.layout = (lossy or list(self.layouts.values()))[0] if self.layouts else \
+            MessageLayout.of(config, self.shape, self.dtype, codec=codec, tag=self.tag,
+                             session=self.session)
+        if not self.layouts:
+            self.layouts = {self.layout.codec.spec: self.layout}
         self.codec = self.layout.codec
         self.schedule = self.layout.schedule
         self._keyframe_codec = self.layout.keyframe_codec
         self.order = self.layout.fields["residual_order"]
+        self.meter = meter if candidates else None
+        # which candidate each message goes through, once chosen; later ones follow the last
+        self._chosen: dict[int, str] = {}
+        self._current = next(iter(self.layouts))
+        self.decision: Any = None
         self.decay = float(config.decay)
         self.warmup_steps = self.schedule.warmup_steps
         self.check_finite = config.check_finite
@@ -130,7 +156,8 @@ class _Stream:
         # state: reference (and the previous one for order 2), codec state, step counter
         self._ref = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         self._prev = torch.zeros_like(self._ref) if self.order == 2 else None
-        self._codec_state: Any = self.codec.new_state()
+        self._states: dict[str, Any] = {s: la.codec.new_state()
+                                        for s, la in self.layouts.items()}
         self._kernels = self.codec.kernels(self.device)
         self._step = 0
         # statistics
@@ -141,6 +168,37 @@ class _Stream:
         return (f"{type(self).__name__}(name={self.name!r}, origin={self.origin}, "
                 f"shape={self.shape}, dtype={self.dtype}, codec={self.codec.spec!r}, "
                 f"order={self.order}, step={self._step})")
+
+    @property
+    def _codec_state(self) -> Any:
+        """The codec state of :attr:`codec` (e.g. lowrank's warm-start basis)."""
+        return self._states[self.codec.spec]
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """The codecs this stream may send through (one unless ``codec="auto"``)."""
+        return tuple(self.layouts)
+
+    def choose(self, spec: str, step: int, decision: Any = None) -> None:
+        """Send message ``step`` through candidate ``spec``, unless a candidate was chosen
+        for it already (its size may be announced): the first choice stands. Later messages
+        follow it until another is chosen."""
+        if spec not in self.layouts:
+            raise ValueError(f"{self.what}: {spec!r} is not one of its candidates "
+                             f"{', '.join(self.layouts)}")
+        if step < self._step:
+            raise ValueError(f"{self.what}: message {step} is already processed")
+        self._current = self._chosen.setdefault(step, spec)
+        if decision is not None:
+            self.decision = decision
+
+    def chosen(self, step: int) -> str:
+        """The candidate message ``step`` goes through."""
+        return self._chosen.get(step, self._current)
+
+    def layout_at(self, step: int) -> MessageLayout:
+        """The layout of message ``step`` (its chosen candidate's)."""
+        return self.layouts[self.chosen(step)]
 
     @property
     def what(self) -> str:
@@ -160,18 +218,21 @@ class _Stream:
         return self._ref
 
     def is_keyframe(self, step: int) -> bool:
-        """Whether message ``step`` sends the whole tensor through the keyframe codec."""
-        return self.schedule.is_keyframe(step)
+        """Whether message ``step`` sends the whole tensor (through the keyframe codec, or
+        raw where raw is chosen)."""
+        layout = self.layout_at(step)
+        return layout.schedule.is_keyframe(step) or layout.codec.lossless and self.order > 0
 
     def spread_rows(self, step: int) -> tuple[int, int] | None:
         """Rows ``(lo, hi)`` of the tensor viewed ``(N, C)`` that message ``step`` sends as
         its slice of a spread keyframe (the other rows go as residuals); None if the
         message is not such a slice."""
-        return self.layout.slice_rows(step)
+        return self.layout_at(step).slice_rows(step)
 
     def header(self, step: int | None = None) -> Header:
         """The header of message ``step`` (default: the next one)."""
-        return self.layout.header(self._step if step is None else step)
+        step = self._step if step is None else step
+        return self.layout_at(step).header(step)
 
     def payload_nbytes(self, step: int | None = None) -> int:
         """Size of the payload of message ``step`` (default: the next one)."""
@@ -182,19 +243,23 @@ class _Stream:
         that a sender of another config sending it raw would (another ``min_bytes``,
         ``skip`` or keyframe codec): a receive buffer of this size takes such a message,
         whose header then names the difference."""
-        return self.layout.max_payload_nbytes(IdentityCodec("identity"))
+        return max(la.max_payload_nbytes(IdentityCodec("identity"))
+                   for la in self.layouts.values())
 
     @property
     def reference_bytes(self) -> int:
         """Device memory held by this stream's references."""
         total = self._ref.nbytes + (self._prev.nbytes if self._prev is not None else 0)
-        return total + getattr(self._codec_state, "nbytes", 0)  # a codec's own state
+        return total + sum(getattr(st, "nbytes", 0) for st in self._states.values())
 
     def stats(self) -> StreamStats:
+        auto = len(self.layouts) > 1
         return StreamStats(name=self.name, key=self.key, origin=self.origin, role=self.role,
-                           codec=self.codec.spec, steps=self._step, raw_bytes=self._raw_bytes,
+                           codec=f"auto:{self._current}" if auto else self.codec.spec,
+                           steps=self._step, raw_bytes=self._raw_bytes,
                            wire_bytes=self._wire_bytes, reference_bytes=self.reference_bytes,
-                           last_rel_error=self._last_error())
+                           last_rel_error=self._last_error(),
+                           choice=None if self.decision is None else self.decision.explain())
 
     def _last_error(self) -> float | None:
         return None
@@ -203,8 +268,9 @@ class _Stream:
 
     def _begin(self) -> tuple[torch.Tensor | None, torch.Tensor, Codec]:
         """Prediction, output buffer and codec for the next message."""
+        layout = self.layout_at(self._step)
         keyframe = self.is_keyframe(self._step)
-        codec = self._keyframe_codec if keyframe else self.codec
+        codec = layout.codec_at(self._step)
         if self.order == 2:
             target = self._prev
             if not keyframe:
@@ -220,6 +286,7 @@ class _Stream:
         return self._ref, self._ref, codec
 
     def _finish(self) -> None:
+        self._chosen.pop(self._step, None)
         if self.order == 2:
             self._ref, self._prev = self._prev, self._ref
             if self._step == 0:
@@ -240,9 +307,11 @@ class StreamEncoder(_Stream):
 
     def __init__(self, key: str | StreamKey, like: torch.Tensor,
                  config: CompressionConfig | None = None, *, origin: int = 0,
-                 codec: Codec | None = None, session: int = 0, namespace: str = "") -> None:
+                 codec: Codec | None = None, session: int = 0, namespace: str = "",
+                 candidates: Sequence[Codec] | None = None,
+                 meter: CodecMeter | None = None) -> None:
         super().__init__(key, like, config, origin=origin, codec=codec, session=session,
-                         namespace=namespace)
+                         namespace=namespace, candidates=candidates, meter=meter)
         self.track_error = (config or CompressionConfig()).track_error
         self._err: torch.Tensor | None = None
 
@@ -261,17 +330,24 @@ class StreamEncoder(_Stream):
         if check is not None and (self.order == 2 or rows is not None):
             check_finite(x, what, self._kernels)
             check = None
+        if self.meter is not None and self.meter.due():
+            self.meter.probe(self, x)
         header = self.header()
+        layout = self.layout_at(self._step)
         pred, target, codec = self._begin()
+        start = time.perf_counter()
         if rows is not None:
-            payload = self.layout.emit_spread(
+            payload = layout.emit_spread(
                 x, header, self._step, rows, pred, target,
                 self._trailer if self._step == 0 else None)
         else:
-            state = self._codec_state if codec is self.codec else None
+            state = self._states[codec.spec] if codec is layout.codec else None
             payload = codec.emit(as_2d(x), self.shape, None if pred is None else as_2d(pred),
                                  as_2d(target), header, state, check=check,
                                  trailer=self._trailer if self._step == 0 else None)
+            if self.meter is not None:
+                self.meter.codec_time(codec.spec, "encode", time.perf_counter() - start,
+                                      x.nbytes)
         if self.track_error:
             self._err = self._kernels.error_norms(x, target)
         if not self.closed_loop:
@@ -338,14 +414,19 @@ class StreamDecoder(_Stream):
         if self._broken is not None:
             raise WireFormatError(f"{self.what}: {self._broken}; start a new session")
         rows = self.spread_rows(self._step)
-        parts = None if rows is None else self.layout.split_spread(
+        layout = self.layout_at(self._step)
+        parts = None if rows is None else layout.split_spread(
             payload, header, self._step, rows, self.what)
         pred, target, codec = self._begin()
+        start = time.perf_counter()
         try:
             if parts is None:
                 codec.absorb(payload, header, pred, target)
+                if self.meter is not None:
+                    self.meter.codec_time(codec.spec, "decode", time.perf_counter() - start,
+                                          target.nbytes)
             else:
-                self.layout.absorb_spread(parts, pred, target)
+                layout.absorb_spread(parts, pred, target)
         except WireFormatError as e:  # a body the codec rejects (e.g. a corrupt top-k index)
             if self.order == 2 or parts is not None:  # the reference is already changed
                 self._broken = f"out of step with its sender since step {self._step} ({e})"

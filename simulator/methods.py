@@ -4,7 +4,9 @@ benchmarks name it.
 * ``raw`` -- exact tensors, synchronous;
 * ``distrifusion`` -- exact tensors, one step stale after the warmup steps (DistriFusion);
 * ``<codec spec>`` -- residual compression (e.g. ``binary``, ``lowrank:8``), synchronous;
-* ``<codec spec>+async`` -- residual compression, one step stale after the warmup steps.
+* ``<codec spec>+async`` -- residual compression, one step stale after the warmup steps;
+* ``auto`` (and ``auto+async``) -- ``codec="auto"``, its default candidates (a candidate
+  list has commas, which separate methods here).
 
 Stale K/V need an exchange that can run one step behind: the all-gather of patch
 parallelism, or of diffusers' ring (:data:`STALE_PARALLELISMS`).
@@ -16,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from compressed_comm import get_codec
+from compressed_comm.auto import is_auto
 
 __all__ = ["Method", "RAW", "DISTRIFUSION", "STALE_PARALLELISMS", "parse_method",
            "parse_methods", "method_list"]
@@ -67,7 +70,11 @@ def parse_method(text: str) -> Method:
         raise ValueError(f"bad method {text!r}: +async follows a codec spec ({RAW.name}+async "
                          f"is {DISTRIFUSION.name}); a method is {_FORMS}")
     try:
-        get_codec(codec)
+        if is_auto(codec):
+            if codec != "auto":
+                raise ValueError("only the default candidates ('auto') in a method list")
+        else:
+            get_codec(codec)
     except ValueError as e:
         raise ValueError(f"bad method {text!r}: {e}; a method is {_FORMS}") from None
     return Method(codec + ASYNC if stale else codec, codec, stale)

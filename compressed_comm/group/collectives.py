@@ -76,6 +76,9 @@ class _GroupBase(Posting, Reductions):
         self._closed: str | None = None
         self._ledger = Ledger(self.world_size)
         self._plan = Plan()
+        #: ``codec="auto"``: where the time of transfers waited on at once is reported
+        self._link_meter: Any = None
+        self._posted_at: dict[int, tuple[float, int]] = {}
 
     # ------------------------------------------------------------------ steps and sessions
 
@@ -425,5 +428,6 @@ class _GroupBase(Posting, Reductions):
 
     def _receivers(self, name: StreamKey, x: torch.Tensor, shapes: list[tuple[int, ...]]
                    ) -> dict[int, Incoming]:
+        self.framing.expect(name, shapes)  # every origin's shape, before any is sized
         return {o: self.framing.receiver(name, o, _like(shapes[o], x))
                 for o in range(self.world_size) if o != self.rank}

@@ -9,7 +9,9 @@ A block says which exchange its rank is in:
   send to and expects from each rank;
 * ``STEP`` -- at the end of a step (``step()``): how many collectives the step posted and a
   digest of them; agreed, they are the next step's ledger, and collectives that follow it
-  need no handshake;
+  need no handshake. With ``codec="auto"`` it also carries what its rank measured in the
+  step (:class:`~compressed_comm.auto.Report`), from which every rank reaches the same
+  decisions for the next step;
 * ``RECOVER`` -- in ``new_session()``: what this rank posted in the session (to drain it).
 
 Every block also carries the session and step, the config's fingerprint and whether its
@@ -40,6 +42,16 @@ Block layout (little-endian), :func:`control_nbytes` bytes per rank of a group o
     ...     8 x W   handshake: bytes expected from each rank; recover: p2p receives
                     posted from each
     ...     8       recover: collectives posted in the session
+    ...     4       step (auto): transfers waited on at once
+    ...     4       zero
+    ...     8       step (auto): bytes those transfers sent
+    ...     8       step (auto): nanoseconds they took, post to completion
+    ...     4 x 8   step (auto): encode cost per candidate, picoseconds per byte (0: unknown)
+    ...     4 x 8   step (auto): decode cost per candidate, likewise
+    ...     8       step (auto): bytes sent in the previous step's control exchange
+    ...     8       step (auto): its nanoseconds
+    ...     4 x 8   step (auto): the first 8 timed transfers' bytes
+    ...     4 x 8   step (auto): their microseconds
 """
 
 from __future__ import annotations
@@ -52,6 +64,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..auto import MAX_CANDIDATES, MAX_TIMED, Report
 from ..config import SHARED_FIELDS, differing_fields
 from ..transport import Transport
 
@@ -65,11 +78,12 @@ _NONE = 0xFFFFFFFF
 _CAUSE = 64
 _FIXED = struct.Struct(f"<4sBBxxIIIIII{len(SHARED_FIELDS)}I{-4 * len(SHARED_FIELDS) % 8}x"
                        f"{_CAUSE}s")
+_REPORT = struct.Struct(f"<I4xQQ{MAX_CANDIDATES}I{MAX_CANDIDATES}IQQ{MAX_TIMED}I{MAX_TIMED}I")
 
 
 def control_nbytes(world_size: int) -> int:
     """Bytes each rank contributes to a control exchange in a group of ``world_size``."""
-    return _FIXED.size + 16 * world_size + 8
+    return _FIXED.size + 16 * world_size + 8 + _REPORT.size
 
 
 #: the size of a size handshake's block: a control block
@@ -99,6 +113,7 @@ class ControlBlock:
     sent: tuple[int, ...] = ()
     expected: tuple[int, ...] = ()
     collectives: int = 0
+    report: Report = Report()
 
     @property
     def what(self) -> str:
@@ -114,7 +129,14 @@ class ControlBlock:
                           *fingerprint, self.cause.encode()[:_CAUSE])
         sent = tuple(self.sent) or (0,) * world
         expected = tuple(self.expected) or (0,) * world
-        return raw + struct.pack(f"<{2 * world + 1}Q", *sent, *expected, self.collectives)
+        r = self.report
+        pad = (0,) * MAX_CANDIDATES
+        costs = (*(r.encode_ps + pad)[:MAX_CANDIDATES], *(r.decode_ps + pad)[:MAX_CANDIDATES])
+        none = (0,) * MAX_TIMED
+        timed = (*(r.timed_bytes + none)[:MAX_TIMED], *(r.timed_us + none)[:MAX_TIMED])
+        return (raw + struct.pack(f"<{2 * world + 1}Q", *sent, *expected, self.collectives)
+                + _REPORT.pack(r.link_ops & _NONE, r.link_bytes, r.link_ns, *costs,
+                               r.control_bytes, r.control_ns, *timed))
 
     @classmethod
     def unpack(cls, raw: bytes, world: int) -> ControlBlock:
@@ -122,7 +144,15 @@ class ControlBlock:
         magic, kind, flags, session, step, position, name, seq, failed_rank = fields[:9]
         fingerprint = fields[9:9 + len(SHARED_FIELDS)]
         cause = fields[-1].rstrip(b"\x00").decode(errors="replace")
-        counts = struct.unpack(f"<{2 * world + 1}Q", raw[_FIXED.size:])
+        end = _FIXED.size + 8 * (2 * world + 1)
+        counts = struct.unpack(f"<{2 * world + 1}Q", raw[_FIXED.size:end])
+        ops, nbytes, ns, *rest = _REPORT.unpack(raw[end:end + _REPORT.size])
+        m = 2 * MAX_CANDIDATES
+        us = rest[m + 2 + MAX_TIMED:]
+        timed = next((i for i, t in enumerate(us) if t == 0), MAX_TIMED)  # times are >= 1
+        report = Report(ops, nbytes, ns, tuple(rest[:MAX_CANDIDATES]),
+                        tuple(rest[MAX_CANDIDATES:m]), rest[m], rest[m + 1],
+                        tuple(rest[m + 2:m + 2 + timed]), tuple(us[:timed]))
         if magic != _MAGIC:
             return cls(kind=0, session=0, step=0, cause=f"not a control block: {magic!r}")
         return cls(kind=kind, session=session, step=step, position=position, name=name,
@@ -130,7 +160,7 @@ class ControlBlock:
                    fresh=bool(flags & 2),
                    failed_rank=-1 if failed_rank == _NONE else failed_rank, cause=cause,
                    sent=counts[:world], expected=counts[world:2 * world],
-                   collectives=counts[2 * world])
+                   collectives=counts[2 * world], report=report)
 
 
 def exchange(transport: Transport, block: ControlBlock, timeout: float,

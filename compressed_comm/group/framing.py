@@ -86,6 +86,9 @@ class Framing(ABC):
         """Whether stream ``(name, origin)`` can carry ``like`` without being renewed."""
         return True
 
+    def expect(self, name: StreamKey, shapes: Sequence[Sequence[int]]) -> None:
+        """An all-gather or ring pass on ``name`` carries ``shapes`` (by origin)."""
+
     def reconstruction(self, name: StreamKey, x: torch.Tensor) -> torch.Tensor:
         """What the receivers of this rank's last message ``x`` on ``name`` hold."""
         return x
@@ -167,13 +170,21 @@ class CompressedFraming(Framing):
         self.renew = renew
 
     def sender(self, name: StreamKey, x: torch.Tensor) -> Outgoing:
-        return _StreamOut(self.session.encoder(name, x, renew=self.renew), x)
+        enc = self.session.encoder(name, x, renew=self.renew)
+        self.session.prepare(enc)  # codec="auto": the message's codec, hence its size
+        return _StreamOut(enc, x)
 
     def receiver(self, name: StreamKey, origin: int, like: torch.Tensor) -> Incoming:
-        return _StreamIn(self.session.decoder(name, origin, like, renew=self.renew))
+        dec = self.session.decoder(name, origin, like, renew=self.renew)
+        self.session.prepare(dec)
+        return _StreamIn(dec)
 
     def fits(self, name: StreamKey, origin: int, like: torch.Tensor) -> bool:
         return not self.renew or self.session.fits(name, origin, like)
+
+    def expect(self, name: StreamKey, shapes: Sequence[Sequence[int]]) -> None:
+        if self.session.auto is not None:  # one codec for every origin of the collective
+            self.session.auto.expect(name, shapes)
 
     def reconstruction(self, name: StreamKey, x: torch.Tensor) -> torch.Tensor:
         return self.session.encoder(name, x).reference.clone()

@@ -58,6 +58,14 @@ class CompressedGroup(ControlPlane, _GroupBase):
         #: sum to the tensor's dtype aside), the same on every rank
         self.reduce_errors: dict[str, float] = {}
         self._fingerprint = self.config.fingerprint()
+        auto = self.session.auto
+        if auto is not None:
+            if self.world_size > 1 and not self.config.handshake:
+                raise ValueError("codec='auto' needs CompressionConfig(handshake=True): the "
+                                 "ranks agree on every stream's codec in the per-step control "
+                                 "exchange")
+            auto.world_size = self.world_size
+            self._link_meter = auto.meter
         if self._control_on() and self.transport.accepts_short_messages:
             # now, while every rank is here (it costs nothing where the channel is a gloo
             # group's own): a rank that fails must not leave its peers making a channel
@@ -70,6 +78,9 @@ class CompressedGroup(ControlPlane, _GroupBase):
     def _reset(self) -> None:
         self.session.reset()  # advances the session id written into every header
         self.reduce_errors = {}
+        self._posted_at = {}
+        if self.session.auto is not None:
+            self.session.auto.advance(self.step_index)
 
     def stats(self) -> SessionStats:
         """Traffic, accuracy and memory of every stream of the current session."""
@@ -82,6 +93,8 @@ class CompressedGroup(ControlPlane, _GroupBase):
         if self._control_on():
             self._end_step()
         self.step_index += 1
+        if self.session.auto is not None:
+            self.session.auto.advance(self.step_index)
 
     def _end_session(self) -> bool:
         return self._recover() if self._control_on() else super()._end_session()

@@ -144,11 +144,19 @@ class ControlPlane:
             if not plan.entries and not plan.expected:
                 plan.end_step()
                 return  # nothing this step, nothing expected: every rank agrees already
+            auto = self.session.auto
+            start = time.perf_counter()
             blocks = self._exchange(control.ControlBlock(
                 kind=STEP, session=self.session.id, step=self.step_index,
                 position=len(plan.entries), name=digest(plan.entries),
-                fingerprint=self._fingerprint), "step()")
+                fingerprint=self._fingerprint,
+                report=auto.meter.report() if auto is not None else control.Report()),
+                "step()")
             self._verdict(blocks, "step()")
+            if auto is not None:  # the same blocks on every rank: the same decisions
+                auto.meter.control(control.control_nbytes(self.world_size)
+                                   * (self.world_size - 1), time.perf_counter() - start)
+                auto.agree([b.report for b in blocks])
         except BaseException as e:
             self._fail(e)
             raise
@@ -251,6 +259,7 @@ class ControlPlane:
             bufs = {src: received[src] for src in incoming}
         else:
             name = StreamKey(entry.kind, entry.stream)
+            self.framing.expect(name, entry.shapes)
             incoming = {o: self.framing.receiver(name, o, like(entry.shapes[o]))
                         for o in range(world) if o != me}
             nbytes = self.framing.sender(name, like(entry.shapes[me])).nbytes

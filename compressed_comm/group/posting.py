@@ -4,6 +4,7 @@ timed and names what it waited for."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
@@ -80,12 +81,14 @@ class Posting:
                 self._ledger.record(work, op.tensor)
             else:
                 self._ledger.receive(work, op.peer, op.tensor)
+                self._timed(work, op.tensor.numel())
         return works
 
     def _all_gather_op(self: _GroupBase, what: str, block: torch.Tensor, outs: list[torch.Tensor]) -> Work:
         work = self._start(what, self.transport.all_gather, outs, block)
         self._ledger.collective("all_gather", [block.numel()] * self.world_size,
                                 [block.numel()] * self.world_size)
+        self._timed(work, block.numel() * (self.world_size - 1))
         return self._ledger.record(work, block)
 
     def _all_to_all_op(self: _GroupBase, what: str, send_buf: torch.Tensor, recv_buf: torch.Tensor,
@@ -93,15 +96,35 @@ class Posting:
         work = self._start(what, self.transport.all_to_all_single, recv_buf, send_buf,
                            recv_sizes, send_sizes)
         self._ledger.collective("all_to_all", send_sizes, recv_sizes)
+        self._timed(work, send_buf.numel())
         return self._ledger.record(work, send_buf)
 
+    def _timed(self: _GroupBase, work: Work, nbytes: int) -> None:
+        """With a link meter (``codec="auto"``): note when ``work`` (``nbytes`` sent) was
+        posted, so that :meth:`_wait` can report how long it took."""
+        if self._link_meter is not None:
+            self._posted_at[id(work)] = (time.perf_counter(), nbytes)
+
     def _wait(self: _GroupBase, work: Work, timeout: float, what: str) -> None:
+        """Wait for ``work``. A timed transfer's time from post to completion is reported to
+        the link meter where it is the link's: waited on at once (the wait began within a
+        tenth of that time), or still in flight when the wait began after other work (it
+        ended during the wait). One that was complete before its wait (asynchronous use,
+        hidden behind compute) says only that the link was fast enough: not reported."""
+        entered = time.perf_counter()
         try:
             work.wait(timeout)
         except CommError as e:
             self._ledger.failed(work)  # over, unsuccessfully: nothing to wait for in a drain
+            self._posted_at.pop(id(work), None)
             raise type(e)(f"rank {self.rank}: {what}: {e}") from e
         self._ledger.done(work)
+        posted = self._posted_at.pop(id(work), None)
+        if posted is not None and self._link_meter is not None:
+            elapsed = time.perf_counter() - posted[0]
+            blocked = time.perf_counter() - entered
+            if entered - posted[0] <= 0.1 * elapsed or blocked >= max(1e-4, 0.05 * elapsed):
+                self._link_meter.transfer(posted[1], elapsed)
 
     def _send_bytes(self: _GroupBase, data: torch.Tensor, dst: int, name: StreamKey) -> Handle[None]:
         """Start sending the uint8 buffer ``data`` to ``dst``; it stays alive until done."""

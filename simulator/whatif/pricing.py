@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from compressed_comm import CompressionConfig, Keyframes
+from compressed_comm.auto import Candidate, Cost, decide, is_auto, parse_auto
+from compressed_comm.auto import Link as AutoLink
 from compressed_comm.messages import MessageLayout
 
 from ..methods import ASYNC, RAW, Method, method_list, parse_method, parse_methods
@@ -15,7 +17,7 @@ from ..network import GPU, Link, StepEstimate, collective_seconds, estimate_step
 from .efficiency import CALIBRATED, Efficiency, split_step_s
 from .models import WIRE_DTYPE, ModelSpec, compute_seconds, get_model, step_flops
 from .report import MethodRow, WhatIfReport, general_assumptions, not_applicable
-from .traffic import PARALLELISMS, Traffic, step_traffic
+from .traffic import CODEC_PASSES, PARALLELISMS, Traffic, step_traffic
 
 __all__ = ["run_what_if", "best_methods"]
 
@@ -194,6 +196,27 @@ def _row(setup: _Setup, method: Method, compute_s: float, raw_total_s: float) ->
     )
 
 
+def _auto(setup: _Setup, method: Method) -> tuple[Method, str]:
+    """The method ``codec="auto"`` would run here, and a note saying why: its choice for a
+    steady step (:func:`compressed_comm.auto.decide`; wire at the link's bandwidth and
+    latency, codec kernels from :data:`CODEC_PASSES` at the GPU's memory bandwidth -- an
+    assumption, these kernels have not run on that GPU)."""
+    traffic, gpu = setup.traffic, setup.gpu
+    cands = [Candidate(c, traffic.message_bytes(None if c == "identity" else c))
+             for c in parse_auto(method.codec or "auto")]
+    costs = {c.spec: Cost(*(p / gpu.memory_bandwidth
+                            for p in CODEC_PASSES[c.spec.split(":")[0]])) for c in cands}
+    decision = decide(cands, AutoLink(setup.link.bandwidth, setup.link.latency), costs,
+                      raw_bytes=traffic.message_bytes(None), fan=traffic.peers)
+    spec = decision.spec
+    codec = None if spec == "identity" else spec
+    name = f"{method.name}={'raw' if codec is None else spec}"
+    note = (f"{method.name}: a steady step would send {spec} ({decision.reason}); codec "
+            f"kernels assumed at {gpu.name}'s memory bandwidth, never run there; per "
+            f"message: " + "; ".join(str(e) for e in decision.estimates))
+    return Method(name, codec, method.stale), note
+
+
 def _keyframe_assumptions(setup: _Setup) -> tuple[str, ...]:
     keyframes = setup.keyframes
     if not keyframes.period:
@@ -253,6 +276,11 @@ def run_what_if(
     methods = _what_if_methods(codecs, async_combos)
     setup = _Setup(spec, gpu_, link_, world, parallelism, traffic, warmup, keyframes,
                    efficiency)
+    notes: list[str] = []
+    for i, m in enumerate(methods):
+        if m.codec is not None and is_auto(m.codec):
+            methods[i], note = _auto(setup, m)
+            notes.append(note)
     compute = _compute_s(setup)
     raw_total = _generation(setup, RAW, compute).total_s
     return WhatIfReport(
@@ -263,7 +291,7 @@ def run_what_if(
         assumptions=(spec.assumptions
                      + general_assumptions(spec, gpu_, link_, world, parallelism, warmup,
                                            efficiency)
-                     + _keyframe_assumptions(setup)),
+                     + _keyframe_assumptions(setup) + tuple(notes)),
     )
 
 
