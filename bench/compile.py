@@ -13,9 +13,8 @@ Ulysses context parallelism, and runs ``--steps`` forwards (drifting inputs) of 
 
 It prints the graph breaks ``torch._dynamo.explain`` finds in one forward raw and with
 compression (of the transformer as a whole, and summed over its blocks), the compile time
-(the first compiled step less an eager one; cold, with a fresh inductor cache per run) and the median seconds per step after the
-first of the slowest rank. With
-``--rate`` the ranks share one link of that rate (``bench/shaped_link.py``: a network
+(the first compiled step less an eager one; cold, with a fresh inductor cache per run) and
+the median seconds per step after the first of the slowest rank. With ``--rate`` the ranks share one link of that rate (``bench/shaped_link.py``: a network
 namespace whose loopback is shaped by tc; needs root). Run it against another checkout
 (``PYTHONPATH=<checkout>``) to compare with its hook points: where they break graphs, the
 blocks are compiled without ``fullgraph``.
@@ -144,13 +143,16 @@ def _worker(rank: int, args: argparse.Namespace, init: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world", type=int, default=2)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--world", type=int, default=2, help="gloo processes (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=6, help="denoising steps (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=1024, help="image tokens (a square number)")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--backend", default="inductor")
-    p.add_argument("--codec", default="binary")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default: %(default)s)")
+    p.add_argument("--head-dim", type=int, default=64,
+                   help="width of one attention head (default: %(default)s)")
+    p.add_argument("--backend", default="inductor",
+                   help="torch.compile backend (default: %(default)s)")
+    p.add_argument("--codec", default="binary",
+                   help="codec spec of the compressed runs (default: %(default)s)")
     p.add_argument("--rate", help="cap the ranks' shared link at this tc rate (1gbit, 200mbit)")
     p.add_argument("--timeout", type=float, default=900.0, help="kill the run after (s)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)

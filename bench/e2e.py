@@ -265,15 +265,16 @@ def _csv(text: str) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world", type=int, default=4)
+    p.add_argument("--world", type=int, default=4, help="gloo processes (default: 4)")
     p.add_argument("--model", choices=("flux", "photos"), default="flux",
                    help="flux: random weights of --tokens/--heads/--head-dim; photos: the "
                         "trained Flux of simulator.photos (1024 tokens, width 64; ignores them)")
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=6, help="denoising steps (default: 6)")
     p.add_argument("--tokens", type=int, default=1024, help="image tokens (a square number)")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=48)
-    p.add_argument("--parallelisms", type=_csv, default=list(ADAPTER + DIFFUSERS_CP))
+    p.add_argument("--heads", type=int, default=8, help="attention heads of the flux model")
+    p.add_argument("--head-dim", type=int, default=48, help="width of one head (flux model)")
+    p.add_argument("--parallelisms", type=_csv, default=list(ADAPTER + DIFFUSERS_CP),
+                   help="comma-separated, of " + ",".join(ADAPTER + DIFFUSERS_CP) + " (default: all)")
     p.add_argument("--codecs", default="binary,binary+async",
                    help="methods besides raw and distrifusion: codec specs, each with +async "
                         "for stale K/V (patch and cp-ring) (default: %(default)s)")

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute time per step and rank for the step-time estimate (default: "
                         "the measured single-device step on this machine / ranks)")
     p.add_argument("--out", default="simulator_out", help="output folder (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs and noise")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--what-if", metavar="MODEL", default=None,
                    help=f"estimate a real model instead: {', '.join(MODEL_SPECS)}")

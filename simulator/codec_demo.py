@@ -143,14 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m simulator.codec_demo",
         description="Encode a drifting activation over denoising steps with each codec and "
                     "print wire bytes, compression ratio and relative error.")
-    p.add_argument("--shape", type=int, nargs=2, default=(4096, 3072), metavar=("N", "C"))
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float16")
-    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--shape", type=int, nargs=2, default=(4096, 3072), metavar=("N", "C"),
+                   help="the activation's shape (default: %(default)s)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float16",
+                   help="the activation's dtype (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=28, help="denoising steps (default: %(default)s)")
     p.add_argument("--codecs", default=",".join(DEFAULT_CODECS),
                    help="comma-separated codec specs (default: %(default)s)")
     p.add_argument("--order", type=int, choices=(0, 1, 2), default=1, help="residual order")
     p.add_argument("--warmup", type=int, default=1, help="warmup (keyframe) steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 

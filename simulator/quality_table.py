@@ -195,10 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="photos", help=f"{', '.join(WORKLOADS)} "
                         "(default: %(default)s)")
-    parser.add_argument("--ranks", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ranks", type=int, default=4, help="virtual ranks (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="denoising steps (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=2,
+                        help="samples per run (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--rows", default=None,
                         help="comma-separated patch methods instead of the default rows")
     parser.add_argument("--grid", type=Path, default=Path("photos_grid.png"),

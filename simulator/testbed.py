@@ -126,11 +126,13 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="photos", help=f"{', '.join(WORKLOADS)} "
                         "(default: %(default)s)")
-    parser.add_argument("--ranks", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--ranks", type=int, default=4, help="virtual ranks (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="denoising steps (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=2,
+                        help="samples per run (default: %(default)s)")
     parser.add_argument("--stale", type=int, default=5, help="staleness in steps (5)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = parser.parse_args(argv)
     check = check_testbed(make_workload(args.model, args.batch, args.seed), args.ranks,
                           args.steps, args.stale)
