@@ -274,7 +274,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=8, help="attention heads of the flux model")
     p.add_argument("--head-dim", type=int, default=48, help="width of one head (flux model)")
     p.add_argument("--parallelisms", type=_csv, default=list(ADAPTER + DIFFUSERS_CP),
-                   help="comma-separated, of " + ",".join(ADAPTER + DIFFUSERS_CP) + " (default: all)")
+                   help=f"comma-separated, of {','.join(ADAPTER + DIFFUSERS_CP)} (default: all)")
     p.add_argument("--codecs", default="binary,binary+async",
                    help="methods besides raw and distrifusion: codec specs, each with +async "
                         "for stale K/V (patch and cp-ring) (default: %(default)s)")

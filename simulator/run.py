@@ -19,8 +19,14 @@ from typing import Callable, Iterable
 import torch
 
 from adapters.dit import ParallelConfig, parallelize
-from compressed_comm import (Collectives, CompressionConfig, Keyframes, SessionStats,
-                             StreamDecoder, StreamEncoder)
+from compressed_comm import (
+    Collectives,
+    CompressionConfig,
+    Keyframes,
+    SessionStats,
+    StreamDecoder,
+    StreamEncoder,
+)
 from compressed_comm.testing import run_ranks
 
 from .methods import DISTRIFUSION, Method, method_list, parse_methods

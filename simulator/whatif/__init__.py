@@ -11,6 +11,7 @@ the link's alpha-beta model. The report lists every assumption it rests on.
 Speed only: reconstruction quality of a codec or of stale activations is not modelled.
 """
 
+from .efficiency import CALIBRATED, IDEAL, Efficiency
 from .models import (
     MODEL_SPECS,
     WIRE_DTYPE,
@@ -20,7 +21,6 @@ from .models import (
     local_image_tokens,
     step_flops,
 )
-from .efficiency import CALIBRATED, IDEAL, Efficiency
 from .pricing import best_methods, run_what_if
 from .report import MethodRow, WhatIfReport
 from .traffic import CODEC_PASSES, PARALLELISMS, Traffic, step_traffic
