@@ -15,10 +15,10 @@ It prints the graph breaks ``torch._dynamo.explain`` finds in one forward raw an
 compression (of the transformer as a whole, and summed over its blocks), the compile time
 (the first compiled step less an eager one; cold, with a fresh inductor cache per run) and
 the median seconds per step after the first of the slowest rank. With ``--rate`` the ranks
-share one link of that rate (``bench/shaped_link.py``: a network namespace whose loopback is shaped by tc; needs root). Run it against another checkout
-(``PYTHONPATH=<checkout>``) to compare with its hook points: where they break graphs, the
-blocks are compiled without ``fullgraph``.
-"""
+share one link of that rate (``bench/shaped_link.py``: a network namespace whose loopback is
+shaped by tc; needs root). Run it against another checkout (``PYTHONPATH=<checkout>``) to
+compare with its hook points: where they break graphs, the blocks are compiled without
+``fullgraph``. """
 
 from __future__ import annotations
 
