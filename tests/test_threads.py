@@ -151,7 +151,10 @@ def test_four_virtual_ranks_as_threads_keep_every_threads_settings(caller, tmp_p
     out = run(VIRTUAL_RANKS, caller, tmp_path)
     assert out["after"] == out["before"], out
     for own, after in out["ranks"]:
-        assert after == own, out
+        # a rank's thread count is its own; the OpenMP nesting level is process-wide, and a
+        # rank that reads it while another launches numba's pool may see that launch's
+        # momentary value (put back at once), so it is held to the process's before
+        assert after[0] == own[0] and after == out["before"], out
 
 
 def test_four_gloo_processes_keep_one_thread_each(tmp_path):
