@@ -29,8 +29,9 @@ with Euler steps and only ever calls ``forward``, so single-device and parallel
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,34 +107,44 @@ class DigitsModel(nn.Module):
         return {"encoder_hidden_states": tokens, "pooled_projections": self.label_pooled(labels)}
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Predicted velocity ``eps - x_0`` at images ``x`` ``(B, 1, 32, 32)``, times ``t`` ``(B,)``."""
+        """Predicted velocity ``eps - x_0`` at images ``x`` ``(B, 1, 32, 32)``, times ``t``
+        ``(B,)``."""
         return self.transformer(hidden_states=x, timestep=t * 1000, **self.condition(labels),
                                 return_dict=False)[0]
 
 
-def load_digits_model(path: Path | str = WEIGHTS) -> DigitsModel:
-    """The trained model from ``path`` (the committed weights by default), fp32, eval mode.
+def read_weights(path: Path | str, expected: Mapping[str, Any], trainer: str
+                 ) -> tuple[dict[str, torch.Tensor], int | None]:
+    """The float32 state dict and the stored number of text tokens (None if not stored) of a
+    model written by :func:`~simulator.train_digits.save_weights` at ``path``.
 
-    Raises :class:`FileNotFoundError` if the file is missing and :class:`ValueError` if it
-    was saved with another architecture than :data:`TRANSFORMER_CONFIG`.
+    Raises :class:`FileNotFoundError`, naming ``python -m simulator.<trainer>``, if the file
+    is missing, and :class:`ValueError` if it was saved with another transformer config than
+    ``expected``.
     """
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"digits model weights not found at {path}; they ship with the repository "
-            f"(simulator/weights/digits_sd3.safetensors) or can be rebuilt with "
-            f"`python -m simulator.train_digits --out {path}`")
+            f"model weights not found at {path}; the shipped ones are in simulator/weights/, "
+            f"and `python -m simulator.{trainer} --out {path}` rebuilds them")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         state = {k: f.get_tensor(k).float() for k in f.keys()}
-    config = json.loads(meta["transformer_config"]) if "transformer_config" in meta else None
-    if config is not None and config != TRANSFORMER_CONFIG:
-        raise ValueError(f"{path} holds a model with config {config}, expected "
-                         f"TRANSFORMER_CONFIG {TRANSFORMER_CONFIG}")
-    text_tokens = int(meta.get("text_tokens", TEXT_TOKENS))
-    model = DigitsModel(config, text_tokens=text_tokens)
+    if "transformer_config" in meta:
+        config = json.loads(meta["transformer_config"])
+        if config != json.loads(json.dumps(dict(expected))):  # tuples stored as lists
+            raise ValueError(f"{path} holds a model with config {config}, expected "
+                             f"TRANSFORMER_CONFIG {dict(expected)}")
+    return state, int(meta["text_tokens"]) if "text_tokens" in meta else None
+
+
+def load_digits_model(path: Path | str = WEIGHTS) -> DigitsModel:
+    """The trained model from ``path`` (the committed weights by default), fp32, eval mode;
+    errors as :func:`read_weights`."""
+    state, text_tokens = read_weights(path, TRANSFORMER_CONFIG, "train_digits")
+    model = DigitsModel(text_tokens=text_tokens or TEXT_TOKENS)
     model.load_state_dict(state, strict=True)
     return model.float().eval()
 

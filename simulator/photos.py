@@ -23,7 +23,6 @@ model's :func:`~simulator.digits.flow_sample`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -137,29 +136,12 @@ class PhotosModel(nn.Module):
 
 
 def load_photos_model(path: Path | str = WEIGHTS) -> PhotosModel:
-    """The trained model from ``path`` (the committed weights by default), fp32, eval mode.
+    """The trained model from ``path`` (the committed weights by default), fp32, eval mode;
+    errors as :func:`~simulator.digits.read_weights`."""
+    from .digits import read_weights
 
-    Raises :class:`FileNotFoundError` if the file is missing and :class:`ValueError` if it
-    was saved with another architecture than :data:`TRANSFORMER_CONFIG`.
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"photos model weights not found at {path}; they ship with the repository "
-            f"(simulator/weights/photos_flux.safetensors) or can be rebuilt with "
-            f"`python -m simulator.train_photos --out {path}`")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k).float() for k in f.keys()}
-    config = json.loads(meta["transformer_config"]) if "transformer_config" in meta else None
-    if config is not None:
-        config["axes_dims_rope"] = tuple(config["axes_dims_rope"])
-        if config != TRANSFORMER_CONFIG:
-            raise ValueError(f"{path} holds a model with config {config}, expected "
-                             f"TRANSFORMER_CONFIG {dict(TRANSFORMER_CONFIG)}")
-    model = PhotosModel(config, text_tokens=int(meta.get("text_tokens", TEXT_TOKENS)))
+    state, text_tokens = read_weights(path, TRANSFORMER_CONFIG, "train_photos")
+    model = PhotosModel(text_tokens=text_tokens or TEXT_TOKENS)
     model.load_state_dict(state, strict=True)
     return model.float().eval()
 

@@ -92,3 +92,10 @@ def test_training_writes_beside_the_user_not_over_the_shipped_weights(tmp_path, 
     for name in ("photos_flux.safetensors", "photos_flux_loss.txt", "photos_flux_loss.png"):
         assert (tmp_path / name).is_file(), name
     assert WEIGHTS.read_bytes() == shipped
+
+
+def test_weights_of_another_architecture_are_refused():
+    from simulator.digits import WEIGHTS as DIGITS_WEIGHTS
+
+    with pytest.raises(ValueError, match="holds a model with config"):
+        load_photos_model(DIGITS_WEIGHTS)
