@@ -67,7 +67,37 @@ TRANSFORMER_CONFIG: dict = dict(
 DEFAULT_SHIFT = 1.0
 
 
-class DigitsModel(nn.Module):
+class LabelConditioned(nn.Module):
+    """A diffusers transformer conditioned on a class label only: per label, ``text_tokens``
+    learned context tokens (``encoder_hidden_states``) and a learned pooled vector
+    (``pooled_projections``). The transformer is built first, then the embeddings."""
+
+    def __init__(self, transformer_class: type[nn.Module], config: Mapping[str, Any],
+                 text_tokens: int, num_classes: int) -> None:
+        super().__init__()
+        self.config = dict(config)
+        self.text_tokens = text_tokens
+        self.num_classes = num_classes
+        self.transformer = transformer_class(**self.config)
+        self.label_tokens = nn.Embedding(num_classes,
+                                         text_tokens * self.config["joint_attention_dim"])
+        self.label_pooled = nn.Embedding(num_classes, self.config["pooled_projection_dim"])
+
+    def condition(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The transformer's conditioning kwargs for integer ``labels`` of shape ``(B,)``:
+        ``encoder_hidden_states`` ``(B, text_tokens, joint_attention_dim)`` and
+        ``pooled_projections`` ``(B, pooled_projection_dim)``, in the dtype and on the device
+        of the model's weights."""
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.label_tokens.weight.device)
+        if labels.ndim != 1:
+            raise ValueError(f"labels must have shape (B,), got {tuple(labels.shape)}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.tolist()}")
+        tokens = self.label_tokens(labels).view(len(labels), self.text_tokens, -1)
+        return {"encoder_hidden_states": tokens, "pooled_projections": self.label_pooled(labels)}
+
+
+class DigitsModel(LabelConditioned):
     """An SD3 transformer plus a learned per-class "text" embedding.
 
     Attributes:
@@ -81,30 +111,10 @@ class DigitsModel(nn.Module):
     """
 
     def __init__(self, config: dict | None = None, text_tokens: int = TEXT_TOKENS) -> None:
-        super().__init__()
         from diffusers import SD3Transformer2DModel
 
-        config = dict(TRANSFORMER_CONFIG if config is None else config)
-        self.config = config
-        self.text_tokens = text_tokens
-        self.transformer = SD3Transformer2DModel(**config)
-        self.label_tokens = nn.Embedding(NUM_CLASSES, text_tokens * config["joint_attention_dim"])
-        self.label_pooled = nn.Embedding(NUM_CLASSES, config["pooled_projection_dim"])
-
-    def condition(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The transformer's conditioning kwargs for integer ``labels`` of shape ``(B,)``.
-
-        Returns ``encoder_hidden_states`` of shape ``(B, text_tokens, joint_attention_dim)``
-        and ``pooled_projections`` of shape ``(B, pooled_projection_dim)``, in the dtype and
-        on the device of the model's weights.
-        """
-        labels = torch.as_tensor(labels, dtype=torch.long, device=self.label_tokens.weight.device)
-        if labels.ndim != 1:
-            raise ValueError(f"labels must have shape (B,), got {tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= NUM_CLASSES):
-            raise ValueError(f"labels must lie in [0, {NUM_CLASSES}), got {labels.tolist()}")
-        tokens = self.label_tokens(labels).view(len(labels), self.text_tokens, -1)
-        return {"encoder_hidden_states": tokens, "pooled_projections": self.label_pooled(labels)}
+        super().__init__(SD3Transformer2DModel, TRANSFORMER_CONFIG if config is None else config,
+                         text_tokens, NUM_CLASSES)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Predicted velocity ``eps - x_0`` at images ``x`` ``(B, 1, 32, 32)``, times ``t``

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+
+from .digits import LabelConditioned, read_weights
 
 __all__ = ["IMAGE_SIZE", "PATCH", "CHANNELS", "TOKENS", "SOURCE_SIZE", "PHOTOS", "NUM_CLASSES",
            "TEXT_TOKENS", "WEIGHTS", "TRANSFORMER_CONFIG", "PhotosModel", "load_photos_model",
@@ -90,7 +91,7 @@ def unpack(tokens: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, 3, IMAGE_SIZE, IMAGE_SIZE)
 
 
-class PhotosModel(nn.Module):
+class PhotosModel(LabelConditioned):
     """A Flux transformer plus a learned per-photo "text" embedding.
 
     Attributes:
@@ -104,29 +105,16 @@ class PhotosModel(nn.Module):
 
     def __init__(self, config: Mapping[str, Any] | None = None,
                  text_tokens: int = TEXT_TOKENS) -> None:
-        super().__init__()
         from diffusers import FluxTransformer2DModel
 
-        config = dict(TRANSFORMER_CONFIG if config is None else config)
-        self.config = config
-        self.text_tokens = text_tokens
-        self.transformer = FluxTransformer2DModel(**config)
-        self.label_tokens = nn.Embedding(NUM_CLASSES, text_tokens * config["joint_attention_dim"])
-        self.label_pooled = nn.Embedding(NUM_CLASSES, config["pooled_projection_dim"])
+        super().__init__(FluxTransformer2DModel, TRANSFORMER_CONFIG if config is None else config,
+                         text_tokens, NUM_CLASSES)
         self.register_buffer("img_ids", image_ids(), persistent=False)
         self.register_buffer("txt_ids", torch.zeros(text_tokens, 3), persistent=False)
 
     def condition(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The transformer's conditioning kwargs for integer ``labels`` ``(B,)``:
-        ``encoder_hidden_states``, ``pooled_projections``, ``img_ids`` and ``txt_ids``."""
-        labels = torch.as_tensor(labels, dtype=torch.long, device=self.label_tokens.weight.device)
-        if labels.ndim != 1:
-            raise ValueError(f"labels must have shape (B,), got {tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= NUM_CLASSES):
-            raise ValueError(f"labels must lie in [0, {NUM_CLASSES}), got {labels.tolist()}")
-        tokens = self.label_tokens(labels).view(len(labels), self.text_tokens, -1)
-        return {"encoder_hidden_states": tokens, "pooled_projections": self.label_pooled(labels),
-                "img_ids": self.img_ids, "txt_ids": self.txt_ids}
+        """:meth:`LabelConditioned.condition` plus Flux's ``img_ids`` and ``txt_ids``."""
+        return {**super().condition(labels), "img_ids": self.img_ids, "txt_ids": self.txt_ids}
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Predicted velocity ``eps - x_0`` at packed images ``x`` ``(B, 1024, 12)``, times
@@ -138,8 +126,6 @@ class PhotosModel(nn.Module):
 def load_photos_model(path: Path | str = WEIGHTS) -> PhotosModel:
     """The trained model from ``path`` (the committed weights by default), fp32, eval mode;
     errors as :func:`~simulator.digits.read_weights`."""
-    from .digits import read_weights
-
     state, text_tokens = read_weights(path, TRANSFORMER_CONFIG, "train_photos")
     model = PhotosModel(text_tokens=text_tokens or TEXT_TOKENS)
     model.load_state_dict(state, strict=True)
