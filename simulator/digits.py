@@ -70,18 +70,24 @@ DEFAULT_SHIFT = 1.0
 class LabelConditioned(nn.Module):
     """A diffusers transformer conditioned on a class label only: per label, ``text_tokens``
     learned context tokens (``encoder_hidden_states``) and a learned pooled vector
-    (``pooled_projections``). The transformer is built first, then the embeddings."""
+    (``pooled_projections``). The transformer is built first, then the embeddings.
+
+    With ``null_label`` there is one more label, :attr:`null_label` ``= num_classes``, the
+    empty condition that classifier-free guidance steers away from (learned by label
+    dropout); without, :attr:`null_label` is None.
+    """
 
     def __init__(self, transformer_class: type[nn.Module], config: Mapping[str, Any],
-                 text_tokens: int, num_classes: int) -> None:
+                 text_tokens: int, num_classes: int, *, null_label: bool = False) -> None:
         super().__init__()
         self.config = dict(config)
         self.text_tokens = text_tokens
         self.num_classes = num_classes
+        self.null_label: int | None = num_classes if null_label else None
         self.transformer = transformer_class(**self.config)
-        self.label_tokens = nn.Embedding(num_classes,
-                                         text_tokens * self.config["joint_attention_dim"])
-        self.label_pooled = nn.Embedding(num_classes, self.config["pooled_projection_dim"])
+        labels = num_classes + int(null_label)
+        self.label_tokens = nn.Embedding(labels, text_tokens * self.config["joint_attention_dim"])
+        self.label_pooled = nn.Embedding(labels, self.config["pooled_projection_dim"])
 
     def condition(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The transformer's conditioning kwargs for integer ``labels`` of shape ``(B,)``:
@@ -91,8 +97,10 @@ class LabelConditioned(nn.Module):
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.label_tokens.weight.device)
         if labels.ndim != 1:
             raise ValueError(f"labels must have shape (B,), got {tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.tolist()}")
+        count = self.label_tokens.num_embeddings
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= count):
+            null = "" if self.null_label is None else f" ({self.null_label}: the null label)"
+            raise ValueError(f"labels must lie in [0, {count}){null}, got {labels.tolist()}")
         tokens = self.label_tokens(labels).view(len(labels), self.text_tokens, -1)
         return {"encoder_hidden_states": tokens, "pooled_projections": self.label_pooled(labels)}
 
@@ -126,7 +134,7 @@ class DigitsModel(LabelConditioned):
 def read_weights(path: Path | str, expected: Mapping[str, Any], trainer: str
                  ) -> tuple[dict[str, torch.Tensor], int | None]:
     """The float32 state dict and the stored number of text tokens (None if not stored) of a
-    model written by :func:`~simulator.train_digits.save_weights` at ``path``.
+    model written by :func:`~simulator.training.save_weights` at ``path``.
 
     Raises :class:`FileNotFoundError`, naming ``python -m simulator.<trainer>``, if the file
     is missing, and :class:`ValueError` if it was saved with another transformer config than

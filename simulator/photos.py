@@ -34,8 +34,8 @@ import torch
 from .digits import LabelConditioned, read_weights
 
 __all__ = ["IMAGE_SIZE", "PATCH", "CHANNELS", "TOKENS", "SOURCE_SIZE", "PHOTOS", "NUM_CLASSES",
-           "TEXT_TOKENS", "WEIGHTS", "TRANSFORMER_CONFIG", "PhotosModel", "load_photos_model",
-           "load_photos", "random_crops", "pack", "unpack", "image_ids"]
+           "NULL_LABEL", "TEXT_TOKENS", "WEIGHTS", "TRANSFORMER_CONFIG", "PhotosModel",
+           "load_photos_model", "load_photos", "random_crops", "pack", "unpack", "image_ids"]
 
 IMAGE_SIZE = 64
 PATCH = 2
@@ -49,6 +49,8 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "retina", "hubble_deep_fie
           "immunohistochemistry", "stereo_motorcycle", "camera", "moon", "coins", "grass",
           "gravel", "brick", "sklearn:china.jpg", "sklearn:flower.jpg")
 NUM_CLASSES = len(PHOTOS)
+#: the empty condition (no photo named), for classifier-free guidance
+NULL_LABEL = NUM_CLASSES
 TEXT_TOKENS = 4
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "photos_flux.safetensors"
 
@@ -98,9 +100,10 @@ class PhotosModel(LabelConditioned):
         config: the transformer's kwargs (:data:`TRANSFORMER_CONFIG` by default).
         text_tokens: context tokens per label.
         transformer: the :class:`~diffusers.FluxTransformer2DModel`.
-        label_tokens: ``(NUM_CLASSES, text_tokens * joint_attention_dim)``, the
-            ``encoder_hidden_states`` of each label.
-        label_pooled: ``(NUM_CLASSES, pooled_projection_dim)``, the ``pooled_projections``.
+        label_tokens: ``(NUM_CLASSES + 1, text_tokens * joint_attention_dim)``, the
+            ``encoder_hidden_states`` of each label and, last, of :data:`NULL_LABEL`.
+        label_pooled: ``(NUM_CLASSES + 1, pooled_projection_dim)``, the
+            ``pooled_projections``.
     """
 
     def __init__(self, config: Mapping[str, Any] | None = None,
@@ -108,7 +111,7 @@ class PhotosModel(LabelConditioned):
         from diffusers import FluxTransformer2DModel
 
         super().__init__(FluxTransformer2DModel, TRANSFORMER_CONFIG if config is None else config,
-                         text_tokens, NUM_CLASSES)
+                         text_tokens, NUM_CLASSES, null_label=True)
         self.register_buffer("img_ids", image_ids(), persistent=False)
         self.register_buffer("txt_ids", torch.zeros(text_tokens, 3), persistent=False)
 
@@ -127,6 +130,11 @@ def load_photos_model(path: Path | str = WEIGHTS) -> PhotosModel:
     """The trained model from ``path`` (the committed weights by default), fp32, eval mode;
     errors as :func:`~simulator.digits.read_weights`."""
     state, text_tokens = read_weights(path, TRANSFORMER_CONFIG, "train_photos")
+    labels = state["label_tokens.weight"].shape[0]
+    if labels != NUM_CLASSES + 1:
+        raise ValueError(f"{path} holds label embeddings for {labels} labels, expected "
+                         f"{NUM_CLASSES} photos and the null label; `python -m "
+                         f"simulator.train_photos --out {path}` rebuilds it")
     model = PhotosModel(text_tokens=text_tokens or TEXT_TOKENS)
     model.load_state_dict(state, strict=True)
     return model.float().eval()

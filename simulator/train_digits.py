@@ -24,9 +24,6 @@ gave bit-identical weights. A classifier (``SVC(gamma=0.001)`` on ``load_digits`
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -35,8 +32,9 @@ from pathlib import Path
 import torch
 
 from .digits import WEIGHTS, DigitsModel, load_dataset
+from .training import FlowTrainer, save_weights
 
-__all__ = ["TrainResult", "train", "save_weights", "main"]
+__all__ = ["TrainResult", "train", "main"]
 
 # Defaults of the committed weights.
 STEPS = 2000
@@ -55,14 +53,6 @@ class TrainResult:
     model: DigitsModel      # the EMA weights, eval mode
     losses: list[float]     # training loss per step (raw weights)
     seconds: float
-
-
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warmup for ``warmup`` steps, then cosine decay to 10% of ``lr``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
 def train(steps: int = STEPS, seed: int = SEED, *, batch_size: int = BATCH_SIZE, lr: float = LR,
@@ -87,9 +77,8 @@ def train(steps: int = STEPS, seed: int = SEED, *, batch_size: int = BATCH_SIZE,
         torch.manual_seed(seed)
         model = DigitsModel(config)
         gen = torch.Generator().manual_seed(seed + 1)
-    model.train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    trainer = FlowTrainer(model, steps=steps, lr=lr, warmup=warmup, ema_decay=ema_decay,
+                          weight_decay=weight_decay)
 
     losses: list[float] = []
     order = torch.randperm(n, generator=gen)
@@ -115,39 +104,10 @@ def train(steps: int = STEPS, seed: int = SEED, *, batch_size: int = BATCH_SIZE,
         v = model.velocity(xt, t, y)
         loss = torch.nn.functional.mse_loss(v, eps - x0)
 
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - decay)
-
-        losses.append(loss.item())
+        losses.append(trainer.step(loss, step))
         if step % 50 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    return TrainResult(ema, losses, time.perf_counter() - start)
-
-
-def save_weights(model: DigitsModel, path: Path | str, *, fp16: bool = True,
-                 extra: dict[str, str] | None = None) -> None:
-    """Write ``model``'s state dict (transformer + label embeddings) as safetensors.
-
-    ``fp16`` stores float16 (half the bytes; :func:`~simulator.digits.load_digits_model`
-    reads it back as float32). The metadata records the transformer config and the number
-    of text tokens, which the loader checks.
-    """
-    from safetensors.torch import save_file
-
-    dtype = torch.float16 if fp16 else torch.float32
-    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
-    meta = {"transformer_config": json.dumps(model.config),
-            "text_tokens": str(model.text_tokens), **(extra or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=meta)
+    return TrainResult(trainer.ema, losses, time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> int:

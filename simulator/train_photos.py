@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import sys
 import time
 from collections.abc import Mapping
@@ -37,8 +36,8 @@ from typing import Any
 
 import torch
 
-from .photos import WEIGHTS, PhotosModel, load_photos, pack, random_crops
-from .train_digits import _lr_at, save_weights
+from .photos import NULL_LABEL, WEIGHTS, PhotosModel, load_photos, pack, random_crops
+from .training import FlowTrainer, save_weights
 
 __all__ = ["TrainResult", "train", "plot_losses", "main"]
 
@@ -49,6 +48,7 @@ BATCH_SIZE = 4
 LR = 1e-3
 WARMUP = 50
 EMA_DECAY = 0.995
+LABEL_DROPOUT = 0.1
 
 
 @dataclass
@@ -62,14 +62,16 @@ class TrainResult:
 
 def train(steps: int = STEPS, seed: int = SEED, *, batch_size: int = BATCH_SIZE, lr: float = LR,
           warmup: int = WARMUP, ema_decay: float = EMA_DECAY,
-          config: Mapping[str, Any] | None = None, log: Path | None = None,
-          checkpoint: Path | None = None, checkpoint_every: int = 0,
+          label_dropout: float = LABEL_DROPOUT, config: Mapping[str, Any] | None = None,
+          log: Path | None = None, checkpoint: Path | None = None, checkpoint_every: int = 0,
           progress: bool = True) -> TrainResult:
     """Rectified-flow training of a :class:`PhotosModel` on :func:`random_crops`.
 
     Each step draws ``batch_size`` crops ``x_0`` (uniform photo, uniform offset), noise
     ``eps`` and uniform times ``t``, forms ``x_t = (1 - t) x_0 + t eps`` on the packed
-    tokens and regresses the velocity ``eps - x_0`` with MSE. AdamW (no weight decay),
+    tokens and regresses the velocity ``eps - x_0`` with MSE; each crop's label is replaced
+    by :data:`~simulator.photos.NULL_LABEL` with probability ``label_dropout``, so the model
+    also learns the unconditional velocity that guidance needs. AdamW (no weight decay),
     linear warmup then cosine decay to 10% of ``lr``; an exponential moving average of the
     weights (decay ``min(ema_decay, (1 + n) / (10 + n))`` at step ``n``) is returned.
     ``log`` gets one ``step loss`` line per step (flushed); with ``checkpoint_every`` the EMA
@@ -83,9 +85,7 @@ def train(steps: int = STEPS, seed: int = SEED, *, batch_size: int = BATCH_SIZE,
         torch.manual_seed(seed)
         model = PhotosModel(config)
     gen = torch.Generator().manual_seed(seed + 1)
-    model.train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    trainer = FlowTrainer(model, steps=steps, lr=lr, warmup=warmup, ema_decay=ema_decay)
 
     losses: list[float] = []
     start = time.perf_counter()
@@ -94,30 +94,23 @@ def train(steps: int = STEPS, seed: int = SEED, *, batch_size: int = BATCH_SIZE,
         bar = tqdm(range(steps), desc="train", disable=not progress, mininterval=5.0)
         for step in bar:
             images, labels = random_crops(photos, batch_size, gen)
+            drop = torch.rand(batch_size, generator=gen) < label_dropout
+            labels = torch.where(drop, NULL_LABEL, labels)
             x0 = pack(images)
             eps = torch.randn(x0.shape, generator=gen)
             t = torch.rand(batch_size, generator=gen)
             tb = t.view(-1, 1, 1)
             loss = torch.nn.functional.mse_loss(
                 model.velocity((1 - tb) * x0 + tb * eps, t, labels), eps - x0)
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, steps, lr, warmup)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            decay = min(ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1 - decay)
-            losses.append(loss.item())
+            losses.append(trainer.step(loss, step))
             if log_file is not None:
                 log_file.write(f"{step} {losses[-1]:.6f}\n")
                 log_file.flush()
             if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
-                save_weights(ema, checkpoint, extra={"steps": str(step + 1)})
+                save_weights(trainer.ema, checkpoint, extra={"steps": str(step + 1)})
             if step % 50 == 0 or step == steps - 1:
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    return TrainResult(ema, losses, time.perf_counter() - start)
+    return TrainResult(trainer.ema, losses, time.perf_counter() - start)
 
 
 def plot_losses(losses: list[float], path: Path | str, window: int = 50) -> None:
@@ -152,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="safetensors file to write (%(default)s; the shipped weights: "
                              f"{WEIGHTS.relative_to(WEIGHTS.parents[2])})")
     parser.add_argument("--seed", type=int, default=SEED, help="seed (%(default)s)")
+    parser.add_argument("--label-dropout", type=float, default=LABEL_DROPOUT,
+                        help="probability that a crop is trained with the null label "
+                             "(%(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (%(default)s)")
     parser.add_argument("--log", type=Path, default=Path("photos_flux_loss.txt"),
                         help="loss of every step (%(default)s)")
@@ -163,12 +159,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     print(f"training {args.steps} steps -> {args.out}", flush=True)
-    result = train(args.steps, args.seed, log=args.log, checkpoint=args.out,
-                   checkpoint_every=args.checkpoint_every)
+    result = train(args.steps, args.seed, label_dropout=args.label_dropout, log=args.log,
+                   checkpoint=args.out, checkpoint_every=args.checkpoint_every)
     final = sum(result.losses[-100:]) / len(result.losses[-100:])
     save_weights(result.model, args.out, extra={
         "steps": str(args.steps), "seed": str(args.seed),
-        "final_loss": f"{final:.4f}", "train_seconds": f"{result.seconds:.0f}"})
+        "label_dropout": str(args.label_dropout), "final_loss": f"{final:.4f}",
+        "train_seconds": f"{result.seconds:.0f}"})
     plot_losses(result.losses, args.plot)
     print(f"steps {args.steps}  seed {args.seed}  final loss (mean of last 100 steps) "
           f"{final:.4f}  train time {result.seconds:.0f} s  -> {args.out} "
