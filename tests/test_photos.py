@@ -9,6 +9,7 @@ import torch
 
 from simulator.photos import (
     CHANNELS,
+    NULL_LABEL,
     NUM_CLASSES,
     PHOTOS,
     TOKENS,
@@ -50,7 +51,31 @@ def test_velocity_has_1024_tokens(model):
         v = model.velocity(x, torch.tensor([0.5]), torch.tensor([NUM_CLASSES - 1]))
     assert TOKENS == 1024 and v.shape == x.shape and torch.isfinite(v).all()
     with pytest.raises(ValueError, match="labels must lie"):
-        model.condition(torch.tensor([NUM_CLASSES]))
+        model.condition(torch.tensor([NULL_LABEL + 1]))
+
+
+def test_the_null_label_is_a_condition_of_its_own(model):
+    x, t = torch.randn(1, TOKENS, CHANNELS, generator=torch.Generator().manual_seed(0)), \
+        torch.tensor([0.7])
+    with torch.no_grad():
+        null = model.velocity(x, t, torch.tensor([NULL_LABEL]))
+        for label in (0, 5):
+            assert not torch.allclose(null, model.velocity(x, t, torch.tensor([label])),
+                                      atol=1e-3)
+    with pytest.raises(ValueError, match="null label"):
+        model.condition(torch.tensor([NULL_LABEL + 1]))
+
+
+def test_weights_without_the_null_label_are_refused(tmp_path):
+    from simulator.photos import PhotosModel
+    from simulator.training import save_weights
+
+    old = PhotosModel()  # the first trained model had no null label
+    old.label_tokens = torch.nn.Embedding(NUM_CLASSES, old.label_tokens.embedding_dim)
+    old.label_pooled = torch.nn.Embedding(NUM_CLASSES, old.label_pooled.embedding_dim)
+    save_weights(old, tmp_path / "old.safetensors")
+    with pytest.raises(ValueError, match="null label"):
+        load_photos_model(tmp_path / "old.safetensors")
 
 
 def test_photos_load_and_crops_pack_round_trip():
