@@ -374,7 +374,7 @@ def main() -> None:
                    help="the codecs' control plane (CompressionConfig.handshake): on, the "
                         "default, or off (no agreement between ranks: cheapest, unsafe)")
     p.add_argument("--rate", help="cap the ranks' shared link at this tc rate (1gbit, 200mbit)")
-    p.add_argument("--rate-schedule", default="",
+    p.add_argument("--rate-schedule", default="", metavar="STEP:RATE[,...]",
                    help="change the --rate link mid-run: STEP:RATE[,STEP:RATE...] (e.g. "
                         "6:200mbit,12:1gbit): from the start of 0-based denoising step STEP "
                         "of every parallel run the link sends at RATE; each run starts at "
