@@ -103,3 +103,21 @@ def test_e2e_refuses_a_bad_schedule_before_any_run(argv, message):
     done = subprocess.run([sys.executable, "bench/e2e.py", "--steps", "4", *argv], cwd=REPO,
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.skipif(shaped_link._problem() is not None, reason="needs root, ip and tc")
+def test_change_rate_inside_the_namespace_keeps_burst_and_latency():
+    """What rank 0 runs between steps: from inside the namespace (as the ranks are), the
+    bucket's rate changes and its burst and latency stay those of the set-up."""
+    code = ("import sys; sys.path.insert(0, 'bench'); from shaped_link import change_rate; "
+            "change_rate('50mbit')")
+    with shaped_link.shaped_netns("test", "1gbit") as (name, _):
+        inside = ["ip", "netns", "exec", name]
+        subprocess.run([*inside, sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+        shown = subprocess.run([*inside, "tc", "qdisc", "show", "dev", "lo"], check=True,
+                               capture_output=True, text=True).stdout
+        bad = subprocess.run([*inside, sys.executable, "-c", code.replace("50mbit", "fast")],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "tbf 10:" in shown and "rate 50Mbit" in shown and "burst 256Kb" in shown, shown
+    assert "lat 50ms" in shown, shown
+    assert bad.returncode != 0 and "tc qdisc change" in bad.stderr, bad.stderr[-2000:]
