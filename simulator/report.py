@@ -146,7 +146,11 @@ class SimulationReport:
             rate = ("" if described is None else
                     f" ({8 * described['bandwidth_GBps']:.3g} Gbit/s, "
                     f"{described['latency_us']:.3g} us)")
-            time_ax.set_xlabel(f"estimated ms per step on {link}{rate}")
+            compute = self.setup.get("compute_ms_per_step")
+            time_ax.set_xlabel(f"estimated ms per step on {link}{rate}" + (
+                "" if compute is None else
+                f"\n= compute ({compute:.0f} ms per rank) + codec + exposed communication"),
+                fontsize=9)
         for ax in axes[0]:
             ax.grid(True, which="both", alpha=0.3)
         fig.legend(loc="outside right upper", fontsize=8, title="method", title_fontsize=8)
