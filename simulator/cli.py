@@ -4,7 +4,8 @@ Default: the embedded digits model (a trained SD3 transformer, no download) on 4
 ranks with patch parallelism, comparing raw (exact parallel), DistriFusion and residual
 compression with binary, int2, int4, lowrank:8 and lowrankq:32. It prints wire bytes per
 step, compression ratio, quality against the exact parallel output and the estimated step
-time on two links, and writes an image grid and a quality-vs-bytes plot.
+time on two links, and writes an image grid and a quality plot (PSNR against wire bytes and
+against the estimated step time on the slowest of those links).
 
 ``--what-if flux.1-dev`` (or ``cogvideox-2b``) instead estimates traffic and latency for a
 real model on real GPUs from its published configuration.
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute time per step and rank for the step-time estimate (default: "
                         "the measured single-device step on this machine / ranks)")
     p.add_argument("--out", default="simulator_out", help="output folder (default: %(default)s)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also write the quality plot (PSNR against bytes and against the "
+                        "estimated step time on the slowest link) here, e.g. "
+                        "docs/quality_vs_bytes.png")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs and noise")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--what-if", metavar="MODEL", default=None,
@@ -228,6 +233,8 @@ def simulate(args: argparse.Namespace, progress: bool = True) -> SimulationRepor
     report.write_images(out, reference.images, exact.images,
                         {r.method.name: r.images for r in runs[1:]})
     report.write_plot(out)
+    if getattr(args, "plot", None):
+        report.write_plot(out, Path(args.plot))
     (out / "results.json").write_text(json.dumps(report.to_dict(), indent=2))
     return report
 
@@ -266,5 +273,6 @@ def main(argv: list[str] | None = None) -> int:
     for note in report.notes:
         print(f"* {note}")
     out = Path(args.out)
-    print(f"wrote {out / 'images.png'}, {out / 'quality_vs_bytes.png'}, {out / 'results.json'}")
+    print(f"wrote {out / 'images.png'}, {out / 'quality_vs_bytes.png'}, {out / 'results.json'}"
+          + (f", {args.plot}" if args.plot else ""))
     return 0

@@ -90,31 +90,81 @@ class SimulationReport:
         plt.close(fig)
         return path
 
-    def write_plot(self, out: Path) -> Path:
-        """Quality (PSNR vs the exact parallel run) against wire bytes per step."""
+    def plot_link(self) -> str | None:
+        """The link the time panel of :meth:`quality_figure` uses by default: the slowest
+        (lowest bandwidth) of the setup's links, where the choice of method matters most;
+        the first of the rows' links if the setup does not describe them."""
+        names = list(self.rows[0].step_ms) if self.rows else []
+        links = self.setup.get("links") or {}
+        described = [n for n in names if n in links]
+        if described:
+            return min(described, key=lambda n: links[n]["bandwidth_GBps"])
+        return names[0] if names else None
+
+    def quality_figure(self, link: str | None = None):
+        """Quality (PSNR vs the exact parallel run) against wire bytes per step (left) and
+        against the estimated step time on ``link`` (right; default :meth:`plot_link`).
+        Each method has its own colour and marker in both panels and one entry in the
+        legend right of the panels (no text at the points, so no labels overlap); raw, whose
+        PSNR is infinite, is the dashed line. Returns the matplotlib figure."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
 
-        fig, ax = plt.subplots(figsize=(6, 4))
+        link = link if link is not None else self.plot_link()
         finite = [r for r in self.rows if not math.isinf(r.quality.psnr_db)]
-        for r in finite:
-            ax.scatter(r.bytes_per_step, r.quality.psnr_db)
-            ax.annotate(r.method, (r.bytes_per_step, r.quality.psnr_db), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
         raw = next((r for r in self.rows if r.method == "raw"), None)
+        panels = 2 if link is not None else 1
+        fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels + 1.8, 4.0), sharey=True,
+                                 squeeze=False, layout="constrained")
+        bytes_ax = axes[0][0]
+        time_ax = axes[0][1] if link is not None else None
+        colours = plt.get_cmap("tab10")
+        markers = "osD^v<>phX*"
+        for i, r in enumerate(finite):
+            style = dict(color=colours(i % 10), marker=markers[i % len(markers)], s=40,
+                         edgecolors="black", linewidths=0.5, zorder=3)
+            bytes_ax.scatter(r.bytes_per_step / 1e6, r.quality.psnr_db, label=r.method,
+                             **style)
+            if time_ax is not None:
+                time_ax.scatter(r.step_ms[link], r.quality.psnr_db, **style)
         if raw is not None:
-            ax.axvline(raw.bytes_per_step, color="grey", linestyle="--", linewidth=1)
-            ax.annotate("raw (exact)", (raw.bytes_per_step, ax.get_ylim()[0]), fontsize=8,
-                        rotation=90, xytext=(-10, 10), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("wire bytes per denoising step (all ranks)")
-        ax.set_ylabel("PSNR vs exact parallel output (dB)")
-        ax.set_title(f"{self.setup.get('model')}: {self.setup.get('ranks')} ranks, "
+            bytes_ax.axvline(raw.bytes_per_step / 1e6, color="grey", linestyle="--", linewidth=1,
+                             label="raw (exact: PSNR infinite)")
+            if time_ax is not None:
+                time_ax.axvline(raw.step_ms[link], color="grey", linestyle="--", linewidth=1)
+        bytes_ax.set_xscale("log")
+        # plain numbers at 1, 2 and 5 of every decade: few enough not to collide
+        bytes_ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        bytes_ax.xaxis.set_minor_formatter(FuncFormatter(
+            lambda x, _: f"{x:g}" if f"{x:.0e}"[0] in "25" else ""))
+        bytes_ax.set_xlabel("wire MB per denoising step (all ranks, log scale)")
+        bytes_ax.set_ylabel("PSNR vs exact parallel output (dB)")
+        if time_ax is not None:
+            described = (self.setup.get("links") or {}).get(link)
+            rate = ("" if described is None else
+                    f" ({8 * described['bandwidth_GBps']:.3g} Gbit/s, "
+                    f"{described['latency_us']:.3g} us)")
+            compute = self.setup.get("compute_ms_per_step")
+            time_ax.set_xlabel(f"estimated ms per step on {link}{rate}" + (
+                "" if compute is None else
+                f"\n= compute ({compute:.0f} ms per rank) + codec + exposed communication"),
+                fontsize=9)
+        for ax in axes[0]:
+            ax.grid(True, which="both", alpha=0.3)
+        fig.legend(loc="outside right upper", fontsize=8, title="method", title_fontsize=8)
+        fig.suptitle(f"{self.setup.get('model')}: {self.setup.get('ranks')} ranks, "
                      f"{self.setup.get('parallelism')}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        path = out / "quality_vs_bytes.png"
+        return fig
+
+    def write_plot(self, out: Path, path: Path | None = None, link: str | None = None
+                   ) -> Path:
+        """:meth:`quality_figure` as ``out / "quality_vs_bytes.png"`` (or ``path``)."""
+        import matplotlib.pyplot as plt
+
+        fig = self.quality_figure(link)
+        path = Path(path) if path is not None else out / "quality_vs_bytes.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
