@@ -6,7 +6,9 @@
 Each file is one ``bench/e2e.py --json`` run (``bench/results.py``'s ``E2EResult``); its
 link is the ``--rate`` that run was given, which the JSON keeps in ``args["rate"]`` (no
 rate: ``uncapped``, plain loopback). Rates are read as tc reads them (``200mbit``,
-``1gbit``; ``bps`` is bytes per second). Two files with the same rate are refused.
+``1gbit``; ``bps`` is bytes per second). Several files at one rate are repeats: each
+method's speedup there is the median of theirs (each run's speedup is against the raw run
+of that same invocation, measured side by side).
 
 One panel per parallelism (in the order the first file lists them), the speedup against
 raw of the same parallelism and link on a log y axis (the dashed line at 1 is raw), the
@@ -19,8 +21,10 @@ table and the picture come from one source.
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import re
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +33,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when imported
 from results import E2EResult  # noqa: E402
 
-__all__ = ["rate_bits", "rate_label", "speedups", "markdown_table", "plot_speedups", "main"]
+__all__ = ["rate_bits", "rate_label", "speedups", "repeats", "markdown_table", "plot_speedups",
+           "main"]
 
 UNCAPPED = "uncapped"
 #: methods that are not a line: the reference (1.0 by definition) and the one-process run
@@ -69,23 +74,23 @@ def speedups(results: Sequence[E2EResult]
              ) -> tuple[list[float], dict[str, dict[str, dict[float, float]]]]:
     """The link rates (bits/s, slowest first, ``inf`` last) and, per parallelism and method
     (in the order the runs list them), the speedup against raw at each rate it was
-    measured. ``ValueError`` if two results share a rate."""
-    seen: dict[float, int] = {}
-    for i, result in enumerate(results):
-        bits = _rate_of(result)
-        if bits in seen:
-            raise ValueError(f"results {seen[bits]} and {i} were both measured at "
-                             f"{rate_label(bits)}; give one file per rate")
-        seen[bits] = i
-    table: dict[str, dict[str, dict[float, float]]] = {}
+    measured: the median over the runs at that rate that measured it."""
+    measured: dict[str, dict[str, dict[float, list[float]]]] = {}
     for result in results:
         bits = _rate_of(result)
         for row in result.rows:
             if row.method in NOT_LINES or row.speedup_vs_raw is None:
                 continue
-            table.setdefault(row.parallelism, {}).setdefault(row.method, {})[bits] = \
-                row.speedup_vs_raw
-    return sorted(seen), table
+            measured.setdefault(row.parallelism, {}).setdefault(row.method, {}).setdefault(
+                bits, []).append(row.speedup_vs_raw)
+    table = {p: {m: {b: statistics.median(v) for b, v in by_rate.items()}
+                 for m, by_rate in by_method.items()} for p, by_method in measured.items()}
+    return sorted({_rate_of(r) for r in results}), table
+
+
+def repeats(results: Sequence[E2EResult]) -> dict[float, int]:
+    """How many runs were made at each rate (bits/s)."""
+    return dict(collections.Counter(_rate_of(r) for r in results))
 
 
 def markdown_table(results: Sequence[E2EResult]) -> str:
@@ -167,7 +172,9 @@ def plot_speedups(results: Sequence[E2EResult], title: str | None = None) -> Any
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", nargs="+", help="bench/e2e.py --json files, one per link rate")
+    p.add_argument("results", nargs="+",
+                   help="bench/e2e.py --json files, one or more per link rate (repeats: "
+                        "the median is drawn)")
     p.add_argument("--out", default="speedup_vs_link.png",
                    help="the PNG to write (default: %(default)s)")
     p.add_argument("--title", default=None,
@@ -180,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         a = results[0].args
         title = (f"bench/e2e.py: {a.get('world', '?')} ranks, model {a.get('model', '?')}, "
                  f"{a.get('steps', '?')} steps")
+    runs = sorted(set(repeats(results).values()))
+    if runs != [1]:
+        title += f"; median of {'-'.join(map(str, (runs[0], runs[-1])[:len(runs)]))} runs per rate"
     try:
         table = markdown_table(results)
         fig = plot_speedups(results, title)

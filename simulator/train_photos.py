@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-dropout", type=float, default=LABEL_DROPOUT,
                         help="probability that a crop is trained with the null label "
                              "(%(default)s)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (%(default)s)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (%(default)s; the result depends on it)")
     parser.add_argument("--log", type=Path, default=Path("photos_flux_loss.txt"),
                         help="loss of every step (%(default)s)")
     parser.add_argument("--plot", type=Path, default=Path("photos_flux_loss.png"),

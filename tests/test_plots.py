@@ -1,6 +1,7 @@
 """The README's pictures: bench/plot_e2e.py (speedup against link rate) and the simulator's
 quality plot (PSNR against bytes and against estimated step time)."""
 
+import dataclasses
 import math
 import sys
 from itertools import combinations
@@ -96,10 +97,19 @@ def test_e2e_plot_and_table_show_the_measured_speedups(tmp_path, capsys):
                 assert got[i] == "-"
 
 
-def test_e2e_plot_refuses_two_files_at_one_rate(tmp_path):
+def test_repeats_at_one_rate_give_the_median(tmp_path):
     results = [E2EResult.read(p) for p in _e2e_files(tmp_path)]
-    with pytest.raises(ValueError, match="1 Gbit/s"):
-        plot_e2e.speedups(results + [results[1]])
+    one_gbit = results[1]
+    slower = E2EResult(one_gbit.args, one_gbit.latency_s, tuple(
+        dataclasses.replace(r, speedup_vs_raw=r.speedup_vs_raw / 2)
+        if r.speedup_vs_raw and r.method == "binary" else r for r in one_gbit.rows))
+    faster = E2EResult(one_gbit.args, one_gbit.latency_s, tuple(
+        dataclasses.replace(r, speedup_vs_raw=r.speedup_vs_raw * 3)
+        if r.speedup_vs_raw and r.method == "binary" else r for r in one_gbit.rows))
+    _, table = plot_e2e.speedups(results + [slower, faster])
+    assert table["patch"]["binary"][1e9] == pytest.approx(1.86)   # median of 0.93, 1.86, 5.58
+    assert table["patch"]["int2"][1e9] == pytest.approx(1.5)
+    assert plot_e2e.repeats(results + [slower, faster])[1e9] == 3
 
 
 @pytest.mark.parametrize("rate,bits", [("200mbit", 2e8), ("1gbit", 1e9), ("1.5Gbit", 1.5e9),
