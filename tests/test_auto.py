@@ -188,10 +188,12 @@ def test_each_collective_is_timed_by_the_rank_that_arrived_last():
 
 def test_control_block_carries_the_report():
     report = Report(3, 123_456_789, 987_654_321, ENCODE_PS + (0,) * 4, DECODE_PS + (0,) * 4,
-                    816, 2_500_000, (4096, 8192), (1500, 2))
+                    816, 2_500_000, (4096, 8192), (1500, 2),
+                    (0, 31_000, 250_000, 1_200_000) + (0,) * 4, (0,) * 5 + (42,) + (0,) * 10)
     block = ControlBlock(kind=STEP, session=7, step=4, report=report)
     raw = block.pack(WORLD)
-    assert len(raw) == control_nbytes(WORLD)
+    # 320 + 16 W before the shadow errors (8 x 4 bytes) and hidden compute (16 x 4 bytes)
+    assert len(raw) == control_nbytes(WORLD) == 416 + 16 * WORLD
     assert ControlBlock.unpack(raw, WORLD).report == report
 
 
