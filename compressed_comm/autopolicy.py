@@ -203,8 +203,9 @@ class Meter:
 
     def shadow_due(self) -> bool:
         """Whether messages encoded in this step should :meth:`shadow` first: from the first
-        step a stream is past its warmup in, then every :attr:`shadow_every` steps."""
-        return self._shadow_pending
+        step a stream is past its warmup in, then every :attr:`shadow_every` steps (never
+        where that is 0, or no candidate is :attr:`shadowed`)."""
+        return self._shadow_pending and self.shadow_every > 0 and bool(self.shadowed)
 
     def shadow(self, stream: StreamEncoder, x: torch.Tensor) -> None:
         """Encode the residual of ``x`` against ``stream``'s prediction through every
