@@ -218,7 +218,8 @@ class Meter:
         for spec in self.shadowed:
             codec = stream.layouts[spec].codec
             pred = stream.prediction()
-            target = torch.empty_like(x) if pred is None else pred  # pred may be the target
+            # the prediction is also the target (as in order 1's encode)
+            target = torch.empty_like(stream.reference) if pred is None else pred
             codec.emit(x2, stream.shape, None if pred is None else as_2d(pred), as_2d(target),
                        codec.header(stream.shape, stream.dtype),
                        copy.deepcopy(stream._states[spec]))
