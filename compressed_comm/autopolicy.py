@@ -41,15 +41,42 @@ estimate is within ``probe_ratio`` of its choice sends raw once: a link that got
 then measured with large transfers. Streams that raw would cost more than that never pay
 for a probe.
 
-**Not measured yet** (first slice): a transfer that completed before its wait (an
-asynchronous all-gather or a ring hop hidden behind compute) is not sampled, and nothing is
-credited as hidden behind compute (:func:`~compressed_comm.auto.decide`'s ``hidden`` is 0),
-so overlapped exchanges are priced as if on the critical path. On CUDA, codec timings are
-of the host calls (no synchronisation is added): only meaningful on CPU so far.
+**Quality budget** (:mod:`compressed_comm.auto`). Every
+:data:`~compressed_comm.auto.SHADOW_EVERY` steps (``shadow_every``; from the first step in
+which a stream is past its warmup), each auto stream a rank sends also encodes its message's
+residual through each candidate the budget checks (:func:`~compressed_comm.auto.shadowed`) on
+scratch copies -- the stream's reference, codec states (deep-copied) and wire are untouched
+-- and :meth:`Meter.shadow` keeps the relative error ``||x - reconstruction|| / ||x||`` each
+would have left, the largest over the rank's streams. The control block carries it per
+candidate slot, and :meth:`AutoPolicy.agree` keeps the largest any rank reported, per
+candidate over all streams (per stream would not fit the fixed-size block): a candidate is
+as inaccurate as its worst stream. It replaces the previous agreed error of that candidate,
+so a candidate excluded while residuals were hard comes back once they are easy. The time
+spent is each stream's :attr:`~compressed_comm.StreamStats.shadow_seconds` (and
+:attr:`Meter.shadow_seconds` per rank).
+
+**Hidden compute.** For each transfer of an all-gather, a ring pass or an all-to-all the
+time from its post to the start of its wait is compute the caller ran while it was in
+flight (an ``all_gather_async`` waited on a step later: the step's compute; a collective
+waited on at once: about zero). :meth:`Meter.hidden` sums it per collective over the step,
+the control block carries it in :data:`~compressed_comm.auto.MAX_HIDDEN` slots by name hash
+(:func:`~compressed_comm.auto.hidden_slot`; collectives that share a slot report the
+smallest), and the agreed value is the smallest any rank reported (none where only some
+ranks waited on the slot's collectives: no rank is optimistic), passed to
+:func:`~compressed_comm.auto.decide` as ``hidden`` for the streams of that collective.
+Not covered: point-to-point streams (their receives are not timed) get no credit; the
+credit is measured in the step its waits fall in (a step behind for ``+async``), and a
+collective that shares its slot with one waited on at once gets none.
+
+**Not measured yet**: a transfer that completed before its wait is not sampled for the
+link (only that the link was fast enough is known). On CUDA, codec timings are of the host
+calls (no synchronisation is added): only meaningful on CPU so far; shadow encoding
+synchronises once per checked candidate (the error is read on the host).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import zlib
@@ -59,8 +86,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from .auto import (MAX_CANDIDATES, MAX_TIMED, Candidate, Cost, Decision, Link, Report,
-                   decide, fit_link)
+from .auto import (MAX_CANDIDATES, MAX_HIDDEN, MAX_TIMED, SHADOW_EVERY, Candidate, Cost,
+                   Decision, Link, Report, decide, fit_link, hidden_slot, shadowed)
 from .codecs.base import as_2d
 from .config import CompressionConfig
 from .messages import MessageLayout
@@ -86,13 +113,37 @@ class CodecMeter(Protocol):
     def probe(self, stream: StreamEncoder, x: torch.Tensor) -> None:
         """Time, on ``x``, the candidates not measured in this step."""
 
+    def shadow_due(self) -> bool:
+        """Whether the messages encoded in this step should :meth:`shadow` first."""
+
+    def shadow(self, stream: StreamEncoder, x: torch.Tensor) -> None:
+        """Measure, on ``x``, the error of the candidates the quality budget checks."""
+
 
 class Meter:
     """This rank's measurements since its last report (see the module docstring)."""
 
-    def __init__(self, candidates: Sequence[str], reprobe_every: int = 8) -> None:
+    def __init__(self, candidates: Sequence[str], reprobe_every: int = 8, *,
+                 shadowed: Sequence[str] = (), shadow_every: int = SHADOW_EVERY) -> None:
         self.candidates = tuple(candidates)
         self.reprobe_every = int(reprobe_every)
+        #: the candidates whose error shadow encoding measures (:func:`~.auto.shadowed`)
+        self.shadowed = tuple(shadowed)
+        unknown = [s for s in self.shadowed if s not in self.candidates]
+        if unknown:
+            raise ValueError(f"shadowed codecs {unknown} are not among the candidates "
+                             f"{', '.join(self.candidates)}")
+        #: steps between two shadow encodings (0: never)
+        self.shadow_every = int(shadow_every)
+        #: seconds this rank spent shadow-encoding, in all
+        self.shadow_seconds = 0.0
+        self._shadow_pending = bool(self.shadowed) and self.shadow_every > 0
+        # this step's shadow errors (spec -> largest over streams), whether any ran
+        self._errors: dict[str, float] = {}
+        self._shadowed_now = False
+        self._shadow_wait = 0
+        # this step's compute hidden behind transfers: (op, name) -> seconds
+        self._hidden: dict[tuple[str, str], float] = {}
         self._reports = 0
         self._due = True  # the first message probes
         # this step's transfers: operations, bytes, seconds; the first ones one by one
@@ -150,18 +201,67 @@ class Meter:
             self.codec_time(spec, "encode", encoded - start, x.nbytes)
             self.codec_time(spec, "decode", decoded - encoded, x.nbytes)
 
+    def shadow_due(self) -> bool:
+        """Whether messages encoded in this step should :meth:`shadow` first: from the first
+        step a stream is past its warmup in, then every :attr:`shadow_every` steps (never
+        where that is 0, or no candidate is :attr:`shadowed`)."""
+        return self._shadow_pending and self.shadow_every > 0 and bool(self.shadowed)
+
+    def shadow(self, stream: StreamEncoder, x: torch.Tensor) -> None:
+        """Encode the residual of ``x`` against ``stream``'s prediction through every
+        :attr:`shadowed` candidate on scratch copies (reference, codec state and wire
+        untouched) and keep the relative error ``||x - reconstruction|| / ||x||`` each would
+        leave, the largest over this step's streams."""
+        start = time.perf_counter()
+        self._shadowed_now = True
+        x2 = as_2d(x)
+        for spec in self.shadowed:
+            codec = stream.layouts[spec].codec
+            pred = stream.prediction()
+            # the prediction is also the target (as in order 1's encode)
+            target = torch.empty_like(stream.reference) if pred is None else pred
+            codec.emit(x2, stream.shape, None if pred is None else as_2d(pred), as_2d(target),
+                       codec.header(stream.shape, stream.dtype),
+                       copy.deepcopy(stream._states[spec]))
+            error = float(stream._kernels.error_norms(x, target))
+            if math.isfinite(error):
+                self._errors[spec] = max(error, self._errors.get(spec, 0.0))
+        self.shadow_seconds += time.perf_counter() - start
+
+    def hidden(self, op: str, name: str, seconds: float) -> None:
+        """A transfer of the collective ``op`` on stream ``name`` was in flight for
+        ``seconds`` before its wait began (compute it overlapped)."""
+        key = (op, name)
+        self._hidden[key] = self._hidden.get(key, 0.0) + max(0.0, float(seconds))
+
     def report(self) -> Report:
         """This step's measurements for the control block; starts the next step's."""
         for key, (seconds, nbytes) in self._codec.items():
             self._known[key] = max(1, round(seconds / nbytes * 1e12))
         self._codec = {}
         slots = self.candidates + ("",) * (MAX_CANDIDATES - len(self.candidates))
+        hidden: dict[int, float] = {}
+        for (op, name), seconds in self._hidden.items():  # a shared slot: the smallest
+            slot = hidden_slot(op, name)
+            hidden[slot] = min(seconds, hidden.get(slot, seconds))
         report = Report(self._ops, self._bytes, round(self._seconds * 1e9),
                         tuple(self._known.get((s, "encode"), 0) for s in slots),
                         tuple(self._known.get((s, "decode"), 0) for s in slots),
                         self._control[0], round(self._control[1] * 1e9),
                         tuple(b & 0xFFFFFFFF for b, _ in self._timed),
-                        tuple(min(max(1, round(s * 1e6)), 0xFFFFFFFF) for _, s in self._timed))
+                        tuple(min(max(1, round(s * 1e6)), 0xFFFFFFFF) for _, s in self._timed),
+                        tuple(min(max(1, round(self._errors[s] * 1e6)), 0xFFFFFFFF)
+                              if s in self._errors else 0 for s in slots),
+                        tuple(min(max(1, round(hidden[i] * 1e6)), 0xFFFFFFFF)
+                              if i in hidden else 0 for i in range(MAX_HIDDEN)))
+        self._errors, self._hidden = {}, {}
+        if self._shadowed_now:  # the next check is due shadow_every steps after this one
+            self._shadowed_now = False
+            self._shadow_wait = self.shadow_every - 1
+            self._shadow_pending = self._shadow_wait <= 0
+        elif not self._shadow_pending and self.shadowed and self.shadow_every > 0:
+            self._shadow_wait -= 1
+            self._shadow_pending = self._shadow_wait <= 0
         self._ops, self._bytes, self._seconds = 0, 0, 0.0
         self._timed = []
         self._reports += 1
@@ -177,21 +277,34 @@ class AutoPolicy:
     not change with the request.
 
     ``candidates`` -- the codec specs, raw (``identity``) first; ``world_size`` -- ranks of
-    the group; ``floor`` -- the quality budget (:func:`~compressed_comm.auto.admissible`).
+    the group; ``floor`` -- the quality budget where the config sets no ``max_rel_error``
+    (:func:`~compressed_comm.auto.admissible`); ``shadow_every`` -- steps between two shadow
+    encodings (:data:`~compressed_comm.auto.SHADOW_EVERY`).
     """
 
     def __init__(self, candidates: Sequence[str], *, config: CompressionConfig | None = None,
                  world_size: int = 1, floor: str = "binary", window: int = 3,
                  probe_every: int = 8, probe_ratio: float = 4.0,
-                 keep_large: int = 8, margin: float = 0.1) -> None:
+                 keep_large: int = 8, margin: float = 0.1,
+                 shadow_every: int = SHADOW_EVERY) -> None:
         self.candidates = tuple(candidates)
         self.config = config or CompressionConfig(codec="auto:" + ",".join(self.candidates))
         self.world_size = int(world_size)
         self.floor = floor
+        #: the quality budget (None: ``floor``), from the config: every rank shares it
+        self.max_rel_error = self.config.max_rel_error
         self.probe_every = int(probe_every)
         self.probe_ratio = float(probe_ratio)
         #: this rank's measurements, reported at the next control exchange
-        self.meter = Meter(self.candidates)
+        self.meter = Meter(self.candidates,
+                           shadowed=shadowed(self.candidates, floor, self.max_rel_error),
+                           shadow_every=shadow_every)
+        #: agreed shadow-encoding errors, by spec: the largest any rank measured on any
+        #: stream at the last shadow step that measured the candidate
+        self.errors: dict[str, float] = {}
+        #: agreed compute hidden behind transfers, seconds by
+        #: :func:`~compressed_comm.auto.hidden_slot`: the smallest any rank measured
+        self.hidden: dict[int, float] = {}
         #: agreed link samples (operations, bytes, seconds), newest last: data transfers,
         #: and control exchanges
         self.samples: deque[tuple[int, int, float]] = deque(maxlen=int(window))
@@ -241,6 +354,15 @@ class AutoPolicy:
             dec = max((r.decode_ps[i] for r in reports if len(r.decode_ps) > i), default=0)
             if enc or dec:
                 self.costs[spec] = Cost((enc or dec) * 1e-12, (dec or enc) * 1e-12)
+            errors = [r.error_ppm[i] for r in reports if len(r.error_ppm) > i and r.error_ppm[i]]
+            if errors:  # the worst any rank measured
+                self.errors[spec] = max(errors) / 1e6
+        for slot in range(MAX_HIDDEN):
+            hidden = [r.hidden_us[slot] if len(r.hidden_us) > slot else 0 for r in reports]
+            if all(hidden):  # the least any rank measured: no rank is optimistic
+                self.hidden[slot] = min(hidden) / 1e6
+            elif any(hidden):  # some ranks waited on none: credit nothing
+                self.hidden[slot] = 0.0
         self._cache = {}
 
     def _keep(self, sample: tuple[int, int, float]) -> None:
@@ -298,8 +420,11 @@ class AutoPolicy:
         fan = self.world_size - 1 if stream.key.op in _GATHERS else 1
         raw_bytes = math.prod(shape) * torch.empty((), dtype=stream.dtype).element_size()
         decision = decide(cands, link, self.costs, raw_bytes=raw_bytes, fan=max(fan, 1),
+                          hidden=self.hidden.get(hidden_slot(stream.key.op, stream.key.name),
+                                                 0.0),
                           floor=self.floor, incumbent=stream.chosen(message),
-                          margin=self.margin)
+                          margin=self.margin, errors=self.errors,
+                          max_rel_error=self.max_rel_error)
         raw, best = decision.estimates[0], next(e for e in decision.estimates
                                                if e.spec == decision.spec)
         stagger = zlib.crc32(str(stream.key).encode()) % max(self.probe_every, 1)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .auto import is_auto, parse_auto
+from .auto import check_budget, is_auto, parse_auto
 from .codecs import get_codec
 from .keyframes import KEYFRAME_CODECS, Keyframes
 from .kernels import resolve_impl
@@ -80,13 +80,18 @@ class CompressionConfig:
         :class:`~compressed_comm.PeerFailedError` at once, and ``new_session()`` recovers,
         instead of hanging or crashing the backend. Costs one small exchange per step (on
         CUDA, a host synchronisation); off, ranks must be known to issue the same calls.
+    14. ``max_rel_error`` -- with ``codec="auto"``: the quality budget, the largest relative
+        L2 error ``||x - reconstruction|| / ||x||`` of one message a candidate may leave
+        (as measured by shadow encoding every few steps; :mod:`compressed_comm.auto`).
+        None (default): "at least as accurate as binary". Raw is always admitted, and the
+        only one until the candidates are first measured.
 
     Whether the drop-in process group also compresses reductions is its own switch
     (:func:`~compressed_comm.wrap_process_group`'s ``reduce``), not a config field.
     ``keyframe_codec``, ``keyframe_period``, ``keyframe_spread`` and ``reduce`` are still
     accepted, with a :class:`DeprecationWarning`, for one release.
 
-    All ranks of a group must use the same settings for 1-8 and 12
+    All ranks of a group must use the same settings for 1-8, 12 and 14
     (:data:`SHARED_FIELDS`): the first message of every
     stream and every size handshake carry a fingerprint of them, and a rank whose config
     differs raises :class:`~compressed_comm.WireFormatError` naming the fields.
@@ -107,10 +112,15 @@ class CompressionConfig:
     handshake: bool = True
     #: ``CompressionConfig(reduce=...)``, deprecated: the drop-in group's own switch now
     legacy_reduce: bool = field(default=False, repr=False)
+    max_rel_error: float | None = _shared(None)
 
     def __post_init__(self) -> None:
         if is_auto(self.codec):
             parse_auto(self.codec)  # raises ValueError naming what is wrong
+        elif self.max_rel_error is not None:
+            raise ValueError(f"max_rel_error is the quality budget of codec='auto'; got "
+                             f"codec={self.codec!r} (use codec='auto' or leave "
+                             f"max_rel_error=None)")
         else:
             get_codec(self.codec)  # raises ValueError naming the valid specs
         if not isinstance(self.keyframes, Keyframes):
@@ -123,6 +133,7 @@ class CompressionConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
+        check_budget(self.max_rel_error)
         if isinstance(self.skip, str):
             raise ValueError(f"skip must be a sequence of name patterns, not the string {self.skip!r}")
         object.__setattr__(self, "skip", tuple(self.skip))

@@ -89,6 +89,9 @@ class StreamStats:
     key: StreamKey | None = None
     #: with ``codec="auto"``: the last decision and every candidate's estimate (why)
     choice: str | None = None
+    #: with ``codec="auto"``: seconds this sender spent shadow-encoding (the quality
+    #: budget's check, :mod:`compressed_comm.auto`); 0 for receivers
+    shadow_seconds: float = 0.0
 
     @property
     def ratio(self) -> float:
@@ -163,6 +166,7 @@ class _Stream:
         # statistics
         self._raw_bytes = 0
         self._wire_bytes = 0
+        self._shadow_seconds = 0.0
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, origin={self.origin}, "
@@ -259,7 +263,8 @@ class _Stream:
                            steps=self._step, raw_bytes=self._raw_bytes,
                            wire_bytes=self._wire_bytes, reference_bytes=self.reference_bytes,
                            last_rel_error=self._last_error(),
-                           choice=None if self.decision is None else self.decision.explain())
+                           choice=None if self.decision is None else self.decision.explain(),
+                           shadow_seconds=self._shadow_seconds)
 
     def _last_error(self) -> float | None:
         return None
@@ -274,16 +279,31 @@ class _Stream:
         if self.order == 2:
             target = self._prev
             if not keyframe:
-                # prev <- ref + decay * (ref - prev), elementwise in place, saturated so that
-                # finite references never extrapolate to Inf (or NaN for decay 0)
-                ref = self._ref.float()
-                delta = (ref - target.float()).clamp_(-FP32_MAX, FP32_MAX)
-                big = torch.finfo(self.dtype).max
-                target.copy_(delta.mul_(self.decay).add_(ref).clamp_(-big, big))
+                self._extrapolate(target)
             return (None if keyframe else target), target, codec
         if keyframe or self.order == 0:
             return None, self._ref, codec
         return self._ref, self._ref, codec
+
+    def _extrapolate(self, out: torch.Tensor) -> None:
+        """``out <- ref + decay * (ref - prev)`` (order 2's prediction; ``out`` may be
+        ``prev``), saturated so that finite references never extrapolate to Inf (or NaN for
+        decay 0)."""
+        ref = self._ref.float()
+        delta = (ref - self._prev.float()).clamp_(-FP32_MAX, FP32_MAX)
+        big = torch.finfo(self.dtype).max
+        out.copy_(delta.mul_(self.decay).add_(ref).clamp_(-big, big))
+
+    def prediction(self) -> torch.Tensor | None:
+        """A new tensor holding the prediction of the next residual message (None for
+        order 0, which compresses the tensor itself); the stream is untouched."""
+        if self.order == 0:
+            return None
+        if self.order == 1:
+            return self._ref.clone()
+        out = torch.empty_like(self._ref)
+        self._extrapolate(out)
+        return out
 
     def _finish(self) -> None:
         self._chosen.pop(self._step, None)
@@ -332,6 +352,14 @@ class StreamEncoder(_Stream):
             check = None
         if self.meter is not None and self.meter.due():
             self.meter.probe(self, x)
+        if (self.meter is not None and self._step >= self.warmup_steps
+                and self.meter.shadow_due()):  # references hold history: residuals to check
+            if check is not None:  # before the shadow codecs see it
+                check_finite(x, what, self._kernels)
+                check = None
+            start = time.perf_counter()
+            self.meter.shadow(self, x)
+            self._shadow_seconds += time.perf_counter() - start
         header = self.header()
         layout = self.layout_at(self._step)
         pred, target, codec = self._begin()

@@ -4,11 +4,14 @@ switches."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from compressed_comm import CompressedGroup, CompressionConfig, Keyframes, Session, StreamKey
 from compressed_comm.auto import (
     ACCURACY_ORDER,
     DEFAULT_CANDIDATES,
+    SHADOW_EVERY,
     Candidate,
     Cost,
     Link,
@@ -17,6 +20,7 @@ from compressed_comm.auto import (
     decide,
     fit_link,
     parse_auto,
+    shadowed,
 )
 from compressed_comm.autopolicy import AutoPolicy
 from compressed_comm.group.control import STEP, ControlBlock, control_nbytes
@@ -188,10 +192,12 @@ def test_each_collective_is_timed_by_the_rank_that_arrived_last():
 
 def test_control_block_carries_the_report():
     report = Report(3, 123_456_789, 987_654_321, ENCODE_PS + (0,) * 4, DECODE_PS + (0,) * 4,
-                    816, 2_500_000, (4096, 8192), (1500, 2))
+                    816, 2_500_000, (4096, 8192), (1500, 2),
+                    (0, 31_000, 250_000, 1_200_000) + (0,) * 4, (0,) * 5 + (42,) + (0,) * 10)
     block = ControlBlock(kind=STEP, session=7, step=4, report=report)
     raw = block.pack(WORLD)
-    assert len(raw) == control_nbytes(WORLD)
+    # 320 + 16 W before the shadow errors (8 x 4 bytes) and hidden compute (16 x 4 bytes)
+    assert len(raw) == control_nbytes(WORLD) == 416 + 16 * WORLD
     assert ControlBlock.unpack(raw, WORLD).report == report
 
 
@@ -447,3 +453,263 @@ def test_a_large_transfer_keeps_raw_priced_after_small_ones():
     for _ in range(5):
         without.agree([Report(8, 120_000, round(3 * (8 * lat + 120_000 / bw) * 1e9))])
     assert without.link().bandwidth < bw / 2
+
+
+# ---------------------------------------------------------------------- quality budget
+
+
+@settings(max_examples=60)
+@given(errors=st.dictionaries(st.sampled_from(["int4", "int2", "binary", "lowrank:8"]),
+                              st.floats(0.0, 2.0), max_size=4),
+       budget=st.floats(1e-4, 1.0))
+def test_max_rel_error_admits_exactly_the_measured_candidates_within_it(errors, budget):
+    """Raw always; a candidate measured within the budget; an unmeasured one never."""
+    for spec in ("identity", "int4", "int2", "binary", "lowrank:8"):
+        expected = spec == "identity" or spec in errors and errors[spec] <= budget
+        assert admissible(spec, errors=errors, max_rel_error=budget) == expected, spec
+    cands = [Candidate("identity", 8192), Candidate("int4", 2112), Candidate("int2", 1088),
+             Candidate("binary", 576), Candidate("lowrank:8", 400)]
+    decision = decide(cands, Link(1e6), {}, raw_bytes=8192, errors=errors,
+                      max_rel_error=budget)
+    fastest = min((e for e in decision.estimates if e.admitted), key=lambda e: e.total)
+    assert decision.spec == fastest.spec
+    assert all(("over budget" in str(e)) != e.admitted for e in decision.estimates)
+
+
+def test_unranked_codecs_are_held_to_the_floor_codecs_measured_error():
+    assert admissible("lowrank:8")  # not measured: the default floor admits it
+    assert not admissible("lowrank:8", "int4")  # a stricter one does not
+    assert admissible("lowrank:8", errors={"lowrank:8": 0.05, "binary": 0.06})
+    assert not admissible("lowrank:8", errors={"lowrank:8": 0.07, "binary": 0.06})
+    assert admissible("lowrank:8", "int4", errors={"lowrank:8": 0.01, "int4": 0.02})
+    assert shadowed(("identity", "int4", "binary", "lowrank:8")) == ("binary", "lowrank:8")
+    assert shadowed(("identity", "int4", "binary")) == ()  # nothing unranked: no shadow
+    assert shadowed(("identity", "int4", "binary"), max_rel_error=0.1) == ("int4", "binary")
+    with pytest.raises(ValueError, match="max_rel_error must be None or a positive"):
+        admissible("int4", max_rel_error=0.0)
+    with pytest.raises(ValueError, match="quality budget of codec='auto'"):
+        CompressionConfig(codec="int4", max_rel_error=0.1)
+    a = CompressionConfig(codec="auto", max_rel_error=0.05)
+    assert a.differences(CompressionConfig(codec="auto").fingerprint()) == ["max_rel_error"]
+
+
+def _errors_report(error_ppm, ns=1_000_000_000):
+    return Report(1, 1_000_000, ns, ENCODE_PS, DECODE_PS, error_ppm=error_ppm)
+
+
+@settings(max_examples=25)
+@given(bad=st.floats(0.021, 5.0), good=st.floats(1e-5, 0.02))
+def test_a_measured_error_drives_a_candidate_out_of_the_budget_and_back_in(bad, good):
+    """On a slow link binary (the smallest) wins while within max_rel_error; an injected
+    shadow measurement over the budget (from one rank) excludes it, a later one within it
+    brings it back; the other candidates unmeasured stay excluded."""
+    config = CompressionConfig(codec="auto:" + ",".join(SPECS), max_rel_error=0.02)
+    policy = AutoPolicy(SPECS, config=config, world_size=WORLD, probe_every=0)
+    enc = Session(config).encoder(StreamKey("all_gather", "kv"), torch.zeros(64, 256))
+    policy.agree([_errors_report(())] * WORLD)
+    assert policy.choose(enc, 5).spec == "identity"  # nothing measured: raw only
+    ppm = round(good * 1e6) or 1
+    picks = []
+    for worst in (None, round(bad * 1e6), None):
+        reports = [_errors_report((0, 0, ppm, 0)) for _ in range(WORLD)]
+        if worst is not None:
+            reports[1] = _errors_report((0, 0, worst, 0))  # the worst rank counts
+        policy.agree(reports)
+        decision = policy.choose(enc, 5)
+        picks.append(decision.spec)
+        binary = next(e for e in decision.estimates if e.spec == "binary")
+        assert binary.admitted == (worst is None) and binary.error == pytest.approx(
+            (worst or ppm) / 1e6)
+        assert not next(e for e in decision.estimates if e.spec == "lowrank:4").admitted
+    assert picks == ["binary", "identity", "binary"]
+
+
+def _scratch_of(session):
+    return session.auto.meter
+
+
+@settings(max_examples=6)
+@given(order=st.sampled_from([0, 1, 2]), seed=st.integers(0, 2**16),
+       spread=st.sampled_from([1, 2]))
+def test_shadow_encoding_leaves_the_wire_and_the_references_alone(order, seed, spread):
+    """A stream that shadow-encodes every candidate at every message sends byte-identical
+    payloads and keeps bit-identical references (and lowrank's warm start) as one that
+    never does, whichever candidate each message goes through."""
+    config = CompressionConfig(codec="auto:int4,binary,lowrank:4", residual_order=order,
+                               warmup_steps=max(order, 1), max_rel_error=0.05,
+                               keyframes=Keyframes(period=4, spread=spread))
+    checked, plain = Session(config), Session(config)
+    checked.auto.meter.shadow_every = 1
+    plain.auto.meter.shadow_every = 0
+    a = checked.encoder("s", torch.zeros(32, 16))
+    b = plain.encoder("s", torch.zeros(32, 16))
+    plan = ["identity", "lowrank:4", "binary", "lowrank:4", "int4", "lowrank:4", "identity",
+            "binary", "lowrank:4"]
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(32, 16, generator=gen)
+    for step, spec in enumerate(plan):
+        x = base + 0.1 * step * torch.randn(32, 16, generator=gen)
+        a.choose(spec, step)
+        b.choose(spec, step)
+        assert torch.equal(a.encode(x), b.encode(x)), step
+        assert torch.equal(a.reference, b.reference), step
+        basis_a, basis_b = a._states["lowrank:4"].basis, b._states["lowrank:4"].basis
+        assert (basis_a is None) == (basis_b is None)
+        assert basis_a is None or torch.equal(basis_a, basis_b), step
+        if step >= config.warmup_steps:  # measured, never raw
+            assert set(_scratch_of(checked)._errors) == {"int4", "binary", "lowrank:4"}
+            assert all(e > 0 for e in _scratch_of(checked)._errors.values())
+        _scratch_of(checked).report()
+    assert a.stats().shadow_seconds > 0 and b.stats().shadow_seconds == 0
+    assert 0 < _scratch_of(checked).shadow_seconds <= a.stats().shadow_seconds
+
+
+def test_shadow_errors_are_the_errors_the_codec_leaves_when_used():
+    """The shadow error of a candidate is the error ``track_error`` then records."""
+    config = CompressionConfig(codec="auto:int4,lowrank:4", max_rel_error=0.5,
+                               track_error=True)
+    session = Session(config)
+    session.auto.meter.shadow_every = 1
+    enc = session.encoder("s", torch.zeros(32, 16))
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(32, 16, generator=gen)
+    for step, spec in enumerate(["identity", "int4", "lowrank:4"]):
+        x = base + 0.2 * step * torch.randn(32, 16, generator=gen)
+        enc.choose(spec, step)
+        enc.encode(x)
+        if step:
+            shadow = session.auto.meter._errors[spec]
+            assert shadow == pytest.approx(enc.stats().last_rel_error, rel=1e-5), spec
+        session.auto.meter.report()
+
+
+def test_shadow_steps_come_every_shadow_every_steps():
+    session = Session(CompressionConfig(codec="auto:int4,lowrank:4"))
+    meter = session.auto.meter
+    assert meter.shadowed == ("lowrank:4",) and meter.shadow_every == SHADOW_EVERY == 8
+    meter.shadow_every = 3
+    enc = session.encoder("s", torch.zeros(32, 16))
+    done = []
+    for step in range(9):
+        enc.choose("int4", step)
+        enc.encode(_value(0, step, 32, 16))
+        done.append(meter.report().error_ppm[2] > 0)
+    # warmup first (message 0 has no history), then every 3 steps
+    assert done == [False, True, False, False, True, False, False, True, False]
+
+
+def test_ranks_agree_on_the_budget_and_its_decisions():
+    """Real shadow encoding on ranks whose residuals differ: every rank holds the same agreed
+    errors (the worst rank's), raw until the first measurement, then only candidates within
+    max_rel_error, the same for every stream on every rank, references bit-identical."""
+    import dataclasses
+
+    config = CompressionConfig(codec="auto:" + ",".join(SPECS), max_rel_error=0.02)
+    steps = 7
+
+    def body(t):
+        g = CompressedGroup(t, config, timeout=60.0)
+        auto = g.session.auto
+        auto.probe_every = 0
+        auto.meter.shadow_every = 2
+        real = auto.meter.report
+
+        def slow_link() -> Report:  # real shadow errors, a fake slow link
+            return dataclasses.replace(real(), link_ops=1, link_bytes=1_000_000,
+                                       link_ns=1_000_000_000 * (1 + g.rank), encode_ps=ENCODE_PS,
+                                       decode_ps=DECODE_PS, timed_bytes=(), timed_us=())
+        auto.meter.report = slow_link
+        log = []
+        for step in range(steps):
+            x = _value(g.rank, step) * (1 + g.rank)  # ranks' residuals differ
+            g.all_gather(x, stream="kv")
+            log.append(({s.origin: s.stats().codec for s in g.session},
+                        dict(auto.errors), {s.origin: s.reference.clone() for s in g.session}))
+            g.step()
+        return log, g.session.encoder(StreamKey("all_gather", "kv"), x).stats()
+
+    results = run_ranks(WORLD, body)
+    picks = set()
+    for step in range(steps):
+        views = [log[step] for log, _ in results]
+        assert all(v[1] == views[0][1] for v in views), (step, [v[1] for v in views])
+        by_origin: dict = {}
+        for codecs, _, refs in views:
+            for origin, codec in codecs.items():
+                by_origin.setdefault(origin, set()).add(codec)
+        assert all(len(v) == 1 for v in by_origin.values()), (step, by_origin)
+        picks |= {next(iter(v)) for v in by_origin.values()}
+        for origin in range(WORLD):
+            refs = [v[2][origin] for v in views]
+            assert all(torch.equal(refs[0], r) for r in refs[1:]), (step, origin)
+    errors = results[0][0][-1][1]
+    assert set(errors) == {"int4", "binary", "lowrank:4"}
+    assert errors["int4"] <= 0.02 < min(errors["binary"], errors["lowrank:4"])
+    assert results[0][0][1][0][0] == "auto:identity"  # before the first measurement: raw
+    assert picks == {"auto:identity", "auto:int4"}, picks
+    assert all(stats.shadow_seconds > 0 for _, stats in results)
+
+
+# ---------------------------------------------------------------------- hidden compute
+
+
+@settings(max_examples=60)
+@given(bandwidth=st.floats(1e5, 1e10), latency=st.floats(0.0, 1e-2),
+       raw=st.integers(1024, 1 << 24), extra=st.floats(0.0, 1.0))
+def test_hidden_compute_covering_the_wire_makes_raw_win(bandwidth, latency, raw, extra):
+    cands = _cands(raw)
+    link = Link(bandwidth, latency)
+    hidden = latency + 2 * raw / bandwidth + extra  # raw's wire time and more
+    decision = decide(cands, link, COSTS, raw_bytes=raw, fan=2, hidden=hidden)
+    assert decision.spec == "identity"
+    assert all(e.hidden == pytest.approx(e.wire) for e in decision.estimates)
+
+
+def test_an_async_collective_is_credited_its_hidden_compute_and_goes_raw():
+    """An all-gather waited on a step later, after 30 ms of "compute", is credited the
+    compute it hid (the least any rank measured) and goes raw on a link on which the same
+    tensor gathered at once compresses; the credit is the same on every rank."""
+    import dataclasses
+    import time
+
+    from compressed_comm.auto import hidden_slot
+
+    assert hidden_slot("all_gather", "kv") != hidden_slot("all_gather", "async")
+    config = CompressionConfig(codec="auto:" + ",".join(SPECS))
+
+    def body(t):
+        g = CompressedGroup(t, config, timeout=60.0)
+        auto = g.session.auto
+        auto.probe_every = 0
+        real = auto.meter.report
+
+        def slow_link() -> Report:  # a 10 MB/s link; hidden compute as measured
+            return dataclasses.replace(real(), link_ops=1, link_bytes=1_000_000,
+                                       link_ns=100_000_000, encode_ps=ENCODE_PS,
+                                       decode_ps=DECODE_PS, timed_bytes=(), timed_us=(),
+                                       control_bytes=0, control_ns=0)
+        auto.meter.report = slow_link
+        pending, picks = None, []
+        for step in range(6):
+            x = _value(g.rank, step, 16, 256)  # raw wire 3.3 ms; kv's 13 ms (scheduling
+            g.all_gather(_value(g.rank, step, 64, 256), stream="kv")  # noise stays below)
+            handle = g.all_gather_async(x, stream="async")
+            if pending is not None:
+                time.sleep(0.03)  # the step's compute, overlapping the async transfer
+                pending.wait()
+            pending = handle
+            picks.append({str(s.key): s.stats().codec for s in g.session if s.origin == 0})
+            g.step()
+        pending.wait()
+        return picks, dict(auto.hidden)
+
+    results = run_ranks(WORLD, body)
+    hidden = [h for _, h in results]
+    assert all(h == hidden[0] for h in hidden[1:])
+    slot = hidden_slot("all_gather", "async")
+    assert hidden[0][slot] >= 0.025 and hidden[0][slot] > hidden[0][hidden_slot("all_gather",
+                                                                                "kv")]
+    for picks, _ in results:
+        late = picks[-2:]
+        assert all(p["all_gather:async"] == "auto:identity" for p in late), picks
+        assert all(p["all_gather:kv"] != "auto:identity" for p in late), picks

@@ -275,7 +275,7 @@ class _GroupBase(Posting, Reductions):
         self._entry_posted()
 
         def finish(timeout: float) -> list[torch.Tensor]:
-            self._wait(work, timeout, what)
+            self._wait(work, timeout, what, ("all_gather", stream))
             got = {o: outs[o][: sizes[o]] for o in range(world) if o != me}
             self._received(what, got)
             return [x if o == me else incoming[o].take(got[o]) for o in range(world)]
@@ -374,7 +374,7 @@ class _GroupBase(Posting, Reductions):
         self._entry_posted()
 
         def finish(timeout: float) -> torch.Tensor:
-            self._wait(work, timeout, what)
+            self._wait(work, timeout, what, ("all_to_all", stream))
             self._received(what, {src: received[src] for src in incoming})
             out = torch.empty((sum(out_sizes), *rest), dtype=x.dtype, device=x.device)
             for src, part in enumerate(out.split(out_sizes, dim=0)):

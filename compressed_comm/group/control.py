@@ -52,6 +52,14 @@ Block layout (little-endian), :func:`control_nbytes` bytes per rank of a group o
     ...     8       step (auto): its nanoseconds
     ...     4 x 8   step (auto): the first 8 timed transfers' bytes
     ...     4 x 8   step (auto): their microseconds
+    ...     4 x 8   step (auto): shadow-encoding error per candidate, the largest over the
+                    rank's streams, in millionths (0: not measured)
+    ...     4 x 16  step (auto): compute hidden behind transfers, microseconds per slot of
+                    compressed_comm.auto.hidden_slot (0: none waited on)
+
+That is ``416 + 16 W`` bytes per rank in a group of W (:func:`control_nbytes`: 480 for
+W = 4), 96 more than before the shadow errors and hidden compute were carried
+(``320 + 16 W``).
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..auto import MAX_CANDIDATES, MAX_TIMED, Report
+from ..auto import MAX_CANDIDATES, MAX_HIDDEN, MAX_TIMED, Report
 from ..config import SHARED_FIELDS, differing_fields
 from ..transport import Transport
 
@@ -78,7 +86,8 @@ _NONE = 0xFFFFFFFF
 _CAUSE = 64
 _FIXED = struct.Struct(f"<4sBBxxIIIIII{len(SHARED_FIELDS)}I{-4 * len(SHARED_FIELDS) % 8}x"
                        f"{_CAUSE}s")
-_REPORT = struct.Struct(f"<I4xQQ{MAX_CANDIDATES}I{MAX_CANDIDATES}IQQ{MAX_TIMED}I{MAX_TIMED}I")
+_REPORT = struct.Struct(f"<I4xQQ{MAX_CANDIDATES}I{MAX_CANDIDATES}IQQ{MAX_TIMED}I{MAX_TIMED}I"
+                        f"{MAX_CANDIDATES}I{MAX_HIDDEN}I")
 
 
 def control_nbytes(world_size: int) -> int:
@@ -134,9 +143,13 @@ class ControlBlock:
         costs = (*(r.encode_ps + pad)[:MAX_CANDIDATES], *(r.decode_ps + pad)[:MAX_CANDIDATES])
         none = (0,) * MAX_TIMED
         timed = (*(r.timed_bytes + none)[:MAX_TIMED], *(r.timed_us + none)[:MAX_TIMED])
+        errors = (r.error_ppm + pad)[:MAX_CANDIDATES]
+        hidden = (r.hidden_us + (0,) * MAX_HIDDEN)[:MAX_HIDDEN]
         return (raw + struct.pack(f"<{2 * world + 1}Q", *sent, *expected, self.collectives)
                 + _REPORT.pack(r.link_ops & _NONE, r.link_bytes, r.link_ns, *costs,
-                               r.control_bytes, r.control_ns, *timed))
+                               r.control_bytes, r.control_ns, *timed,
+                               *(min(e, _NONE) for e in errors),
+                               *(min(h, _NONE) for h in hidden)))
 
     @classmethod
     def unpack(cls, raw: bytes, world: int) -> ControlBlock:
@@ -148,11 +161,13 @@ class ControlBlock:
         counts = struct.unpack(f"<{2 * world + 1}Q", raw[_FIXED.size:end])
         ops, nbytes, ns, *rest = _REPORT.unpack(raw[end:end + _REPORT.size])
         m = 2 * MAX_CANDIDATES
-        us = rest[m + 2 + MAX_TIMED:]
+        e = m + 2 + 2 * MAX_TIMED
+        us = rest[m + 2 + MAX_TIMED:e]
         timed = next((i for i, t in enumerate(us) if t == 0), MAX_TIMED)  # times are >= 1
         report = Report(ops, nbytes, ns, tuple(rest[:MAX_CANDIDATES]),
                         tuple(rest[MAX_CANDIDATES:m]), rest[m], rest[m + 1],
-                        tuple(rest[m + 2:m + 2 + timed]), tuple(us[:timed]))
+                        tuple(rest[m + 2:m + 2 + timed]), tuple(us[:timed]),
+                        tuple(rest[e:e + MAX_CANDIDATES]), tuple(rest[e + MAX_CANDIDATES:]))
         if magic != _MAGIC:
             return cls(kind=0, session=0, step=0, cause=f"not a control block: {magic!r}")
         return cls(kind=kind, session=session, step=step, position=position, name=name,

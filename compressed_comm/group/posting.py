@@ -105,12 +105,17 @@ class Posting:
         if self._link_meter is not None:
             self._posted_at[id(work)] = (time.perf_counter(), nbytes)
 
-    def _wait(self: _GroupBase, work: Work, timeout: float, what: str) -> None:
+    def _wait(self: _GroupBase, work: Work, timeout: float, what: str,
+              collective: tuple[str, str] | None = None) -> None:
         """Wait for ``work``. A timed transfer's time from post to completion is reported to
         the link meter where it is the link's: waited on at once (the wait began within a
         tenth of that time), or still in flight when the wait began after other work (it
         ended during the wait). One that was complete before its wait (asynchronous use,
-        hidden behind compute) says only that the link was fast enough: not reported."""
+        hidden behind compute) says only that the link was fast enough: not reported.
+
+        The time from post to the wait's start -- compute the caller ran while the
+        transfer was in flight -- is reported as hidden for ``collective`` (its operation
+        and stream name; ``codec="auto"`` credits it, :meth:`~.autopolicy.Meter.hidden`)."""
         entered = time.perf_counter()
         try:
             work.wait(timeout)
@@ -125,6 +130,8 @@ class Posting:
             blocked = time.perf_counter() - entered
             if entered - posted[0] <= 0.1 * elapsed or blocked >= max(1e-4, 0.05 * elapsed):
                 self._link_meter.transfer(posted[1], elapsed)
+            if collective is not None:
+                self._link_meter.hidden(*collective, entered - posted[0])
 
     def _send_bytes(self: _GroupBase, data: torch.Tensor, dst: int, name: StreamKey) -> Handle[None]:
         """Start sending the uint8 buffer ``data`` to ``dst``; it stays alive until done."""
@@ -158,7 +165,7 @@ class Posting:
 
             def finish(timeout: float) -> None:
                 for w in works:
-                    self._wait(w, timeout, what)
+                    self._wait(w, timeout, what, ("ring", stream))
             return origin, buf, self._track(name, self._handle(finish))
 
         def forward_rest(pending: tuple[int, torch.Tensor, Handle[None]], hop: int) -> None:
