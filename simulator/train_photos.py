@@ -12,15 +12,16 @@ It writes ``photos_flux.safetensors``, ``photos_flux_loss.txt`` and
 are replaced only when ``--out`` names them. How the committed
 ``simulator/weights/photos_flux.safetensors`` was made::
 
-    python -m simulator.train_photos        # = --steps 3000 --seed 0, 2 threads
+    python -m simulator.train_photos        # = --steps 3000 --seed 0 --threads 1
     cp photos_flux.safetensors simulator/weights/; cp photos_flux_loss.png docs/photos_loss.png
 
 with the defaults below (batch 4, AdamW lr 1e-3 with 50 warmup steps and cosine decay to
-1e-4, no weight decay, uniform t, EMA decay 0.995), torch 2.13.0+cpu, diffusers 0.42.1, on
-2 CPU cores (AMD EPYC), half of the run shared with a test suite: training loop 1560 s
-(26 min; 1.5-3.6 steps/s); loss (mean of the last 100 steps) 0.1835, of steps 2000-2249
-0.1827 and 2250-2499 0.1824: the curve (``docs/photos_loss.png``) has levelled off. The EMA
-weights in float16 are 955,888 bytes.
+1e-4, no weight decay, uniform t, EMA decay 0.995, label dropout 0.1 to the null label for
+classifier-free guidance), torch 2.13.0+cpu, diffusers 0.42.1, one thread on a 2-core AMD
+EPYC shared with other jobs: training loop 1435 s (24 min; 2.0-2.2 steps/s); loss (mean of
+the last 100 steps) 0.1758; means over 250 steps from step 2000 on 0.186, 0.187, 0.178,
+0.180: the curve (``docs/photos_loss.png``) has levelled off. The EMA weights in float16
+are 956,552 bytes.
 """
 
 from __future__ import annotations
