@@ -149,6 +149,7 @@ class _Stream:
         # which candidate each message goes through, once chosen; later ones follow the last
         self._chosen: dict[int, str] = {}
         self._current = next(iter(self.layouts))
+        self._max_payload: int | None = None
         self.decision: Any = None
         self.decay = float(config.decay)
         self.warmup_steps = self.schedule.warmup_steps
@@ -246,9 +247,12 @@ class _Stream:
         """The largest payload any message of this stream can have (keyframe or not), or
         that a sender of another config sending it raw would (another ``min_bytes``,
         ``skip`` or keyframe codec): a receive buffer of this size takes such a message,
-        whose header then names the difference."""
-        return max(la.max_payload_nbytes(IdentityCodec("identity"))
-                   for la in self.layouts.values())
+        whose header then names the difference. Fixed for the stream's life: computed once
+        (a receive is sized by it every step)."""
+        if self._max_payload is None:
+            self._max_payload = max(la.max_payload_nbytes(IdentityCodec("identity"))
+                                    for la in self.layouts.values())
+        return self._max_payload
 
     @property
     def reference_bytes(self) -> int:
