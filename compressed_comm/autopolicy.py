@@ -25,10 +25,12 @@ not measured yet is taken equal to the encode cost). The link is fitted
 transfers and of the control exchanges (tiny: they pin the latency down, which the data
 transfers of one codec alone cannot tell from bandwidth), so it follows a link that
 changes. A step's control exchange
-is reported in the next step's block (the block is packed before it runs). The sample
-with the most bytes per transfer of the last ``keep_large`` steps (a warmup or keyframe
-step's, or a raw probe's) stays in the fit too: small payloads alone extrapolate raw's
-time badly, since their time is mostly latency and scheduling noise.
+is reported in the next step's block (the block is packed before it runs). The largest
+transfer of the last ``keep_large`` steps (a warmup or keyframe step's, or a raw probe's;
+the newest of equals, so a raw probe on a link that changed replaces an all-raw step's from
+before the change) stays in the fit too, as a sample of its own: small payloads alone
+extrapolate raw's time badly, since their time is mostly latency and scheduling noise.
+Where the ranks' timed transfers do not line up, the whole step is that sample.
 
 **One codec across origins.** An all-gather or a ring pass needs one codec from every
 origin (its slots are sized alike), so a group announces the shapes of such a collective
@@ -38,8 +40,13 @@ largest origin's shape; other streams decide from their own.
 **Raw probes.** Once a stream sends a small codec, raw's cost is only extrapolated from
 small transfers, so every ``probe_every`` steps (staggered by stream) a stream whose raw
 estimate is within ``probe_ratio`` of its choice sends raw once: a link that got faster is
-then measured with large transfers. Streams that raw would cost more than that never pay
-for a probe.
+then measured with large transfers. The estimate itself can be what is wrong: small
+transfers carry scheduling delays that a fit reads as a slow link, so raw can look 10x
+dearer than it is and would never be probed. So every stream also sends raw once every
+``force_every`` steps (from step ``probe_every`` on, staggered by stream) whatever its
+estimate. That costs at most one raw message per stream per ``force_every`` steps (24 by
+default: on a link where raw is 10x the chosen codec, about 9/24 of one message's time per
+stream and step, and nothing where raw is chosen anyway).
 
 **Quality budget** (:mod:`compressed_comm.auto`). Every
 :data:`~compressed_comm.auto.SHADOW_EVERY` steps (``shadow_every``; from the first step in
@@ -86,8 +93,21 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from .auto import (MAX_CANDIDATES, MAX_HIDDEN, MAX_TIMED, SHADOW_EVERY, Candidate, Cost,
-                   Decision, Link, Report, decide, fit_link, hidden_slot, shadowed)
+from .auto import (
+    MAX_CANDIDATES,
+    MAX_HIDDEN,
+    MAX_TIMED,
+    SHADOW_EVERY,
+    Candidate,
+    Cost,
+    Decision,
+    Link,
+    Report,
+    decide,
+    fit_link,
+    hidden_slot,
+    shadowed,
+)
 from .codecs.base import as_2d
 from .config import CompressionConfig
 from .messages import MessageLayout
@@ -288,7 +308,7 @@ class AutoPolicy:
 
     def __init__(self, candidates: Sequence[str], *, config: CompressionConfig | None = None,
                  world_size: int = 1, floor: str = "binary", window: int = 3,
-                 probe_every: int = 8, probe_ratio: float = 4.0,
+                 probe_every: int = 8, probe_ratio: float = 4.0, force_every: int = 24,
                  keep_large: int = 8, margin: float = 0.1,
                  shadow_every: int = SHADOW_EVERY) -> None:
         self.candidates = tuple(candidates)
@@ -299,6 +319,9 @@ class AutoPolicy:
         self.max_rel_error = self.config.max_rel_error
         self.probe_every = int(probe_every)
         self.probe_ratio = float(probe_ratio)
+        #: steps between two raw probes of a stream whatever its estimate (0: never;
+        #: ``probe_every=0`` turns off both kinds of probe)
+        self.force_every = int(force_every)
         #: this rank's measurements, reported at the next control exchange
         self.meter = Meter(self.candidates,
                            shadowed=shadowed(self.candidates, floor, self.max_rel_error),
@@ -313,7 +336,8 @@ class AutoPolicy:
         #: and control exchanges
         self.samples: deque[tuple[int, int, float]] = deque(maxlen=int(window))
         self.control_samples: deque[tuple[int, int, float]] = deque(maxlen=int(window))
-        #: the sample with the most bytes per transfer of the last ``keep_large`` steps
+        #: the largest transfer (or step, see the module docstring) of the last
+        #: ``keep_large`` steps
         self.large: tuple[int, int, float] | None = None
         self.keep_large = int(keep_large)
         #: raw, and a stream's last choice, are kept while within this share of the best
@@ -339,11 +363,11 @@ class AutoPolicy:
         timed = {len(r.timed_us) for r in reports}
         if moved and len(moved) == len(reports) and len(timed) == 1 and timed != {0}:
             n = timed.pop()
-            self.samples.append((n, sum(max(r.timed_bytes[i] for r in reports)
-                                        for i in range(n)),
-                                 sum(min(r.timed_us[i] for r in reports)
-                                     for i in range(n)) / 1e6))
-            self._keep(self.samples[-1])
+            each = [(1, max(r.timed_bytes[i] for r in reports),
+                     min(r.timed_us[i] for r in reports) / 1e6) for i in range(n)]
+            self.samples.append((n, sum(e[1] for e in each), sum(e[2] for e in each)))
+            # the largest transfer alone: a raw probe's replaces an older all-raw step's
+            self._keep(max(each, key=lambda e: e[1]))
         elif moved:
             self.samples.append((max(r.link_ops for r in moved),
                                  max(r.link_bytes for r in moved),
@@ -431,10 +455,16 @@ class AutoPolicy:
                           max_rel_error=self.max_rel_error)
         raw, best = decision.estimates[0], next(e for e in decision.estimates
                                                if e.spec == decision.spec)
-        stagger = zlib.crc32(str(stream.key).encode()) % max(self.probe_every, 1)
+        crc = zlib.crc32(str(stream.key).encode())
         if (self.probe_every > 0 and best is not raw and self.step >= self.probe_every
-                and self.step % self.probe_every == stagger
+                and self.step % self.probe_every == crc % self.probe_every
                 and raw.total <= self.probe_ratio * best.total):
             return Decision(raw.spec, f"raw probe (every {self.probe_every} steps; "
                                       f"{decision.spec} chosen otherwise)", decision.estimates)
+        if (self.probe_every > 0 and self.force_every > 0 and best is not raw
+                and self.step >= self.probe_every
+                and self.step % self.force_every == crc % self.force_every):
+            return Decision(raw.spec, f"raw probe (every {self.force_every} steps whatever "
+                                      f"the estimate; {decision.spec} chosen otherwise)",
+                            decision.estimates)
         return decision

@@ -164,6 +164,31 @@ def test_policy_follows_a_fake_clock_both_ways():
     assert choices.index("identity") <= 6 + 3  # follows within the window of 3 steps
 
 
+def test_raw_is_probed_on_schedule_however_dear_its_estimate():
+    """Slow small transfers make raw look far dearer than its choice: the estimate-gated
+    probe never fires, the scheduled one does, once per force_every steps per stream, on
+    the same steps on every rank; probe_every=0 turns both off."""
+    def picks(**kwargs):
+        policy = AutoPolicy(SPECS, world_size=WORLD, **kwargs)
+        enc = Session(CompressionConfig(codec="auto:" + ",".join(SPECS))).encoder(
+            StreamKey("all_gather", "kv"), torch.zeros(64, 256))
+        out = []
+        for step in range(1, 50):
+            policy.agree([_report(1_000_000_000)] * WORLD)  # 1 MB/s: raw 100x dearer
+            policy.advance(step)
+            decision = policy.choose(enc, step)
+            out.append((step, decision.spec, decision.reason))
+        return out
+    forced = [(step, why) for step, spec, why in picks(probe_ratio=4.0, force_every=12)
+              if spec == "identity"]
+    assert len(forced) >= 3 and all("whatever the estimate" in why for _, why in forced)
+    steps = [step for step, _ in forced]
+    assert all(b - a == 12 for a, b in zip(steps, steps[1:])) and steps[0] >= 8
+    assert picks(probe_ratio=4.0, force_every=12) == picks(probe_ratio=4.0, force_every=12)
+    assert all(spec != "identity" for _, spec, _ in picks(probe_every=0, force_every=12))
+    assert all(spec != "identity" for _, spec, _ in picks(force_every=0))
+
+
 def test_control_exchanges_pin_the_latency_down():
     """One codec's transfers alone cannot tell latency from bandwidth; control exchanges can."""
     lat, bw = 2e-3, 1e8
@@ -453,6 +478,25 @@ def test_a_large_transfer_keeps_raw_priced_after_small_ones():
     for _ in range(5):
         without.agree([Report(8, 120_000, round(3 * (8 * lat + 120_000 / bw) * 1e9))])
     assert without.link().bandwidth < bw / 2
+
+
+def test_a_raw_probe_after_the_link_got_faster_replaces_the_old_large_sample():
+    """An all-raw step on a slow link, then small transfers and one raw probe per step on a
+    link 50x faster: the probe's transfer is the large sample within a step, and the link
+    is fitted fast again."""
+    slow, fast, lat, raw, small = 2.5e7, 1.25e9, 1e-3, 1_200_000, 45_000
+
+    def report(sizes, bw):
+        times = tuple(round((lat + b / bw) * 1e6) for b in sizes)
+        return Report(len(sizes), sum(sizes), sum(times) * 1000, ENCODE_PS, DECODE_PS,
+                      600, round((lat + 600 / bw) * 1e9), tuple(sizes), times)
+    policy = AutoPolicy(SPECS, world_size=WORLD, probe_every=0)
+    policy.agree([report([raw] * 8, slow)] * WORLD)
+    assert policy.link().bandwidth < 2 * slow
+    for _ in range(3):
+        policy.agree([report([small] * 7 + [raw], fast)] * WORLD)
+    assert policy.large == (1, raw, pytest.approx(lat + raw / fast, rel=1e-3))
+    assert policy.link().bandwidth > fast / 2
 
 
 # ---------------------------------------------------------------------- quality budget

@@ -70,3 +70,18 @@ def test_the_quoted_payload_sizes_are_the_codes():
     for spec, size in table + demo:
         assert int(size.replace(",", "")) == get_codec(spec).payload_nbytes(
             (4096, 3072), torch.float16), spec
+
+
+def test_the_end_to_end_speedup_table_is_the_committed_runs():
+    """The README's speedup table is what bench/plot_e2e.py prints for the bench/e2e.py runs
+    committed in docs/data (the picture beside it is drawn from the same files)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import plot_e2e
+    from results import E2EResult
+
+    files = sorted((REPO / "docs" / "data").glob("e2e_*_[0-9].json"))
+    assert len(files) >= 4, files
+    table = plot_e2e.markdown_table([E2EResult.read(f) for f in files])
+    assert table in README.read_text(), table
