@@ -26,6 +26,7 @@ import math
 import re
 import statistics
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,7 @@ def plot_speedups(results: Sequence[E2EResult], title: str | None = None) -> Any
     fig.legend(handles=handles, loc="outside lower center",
                ncol=min(len(handles), 6), fontsize=8, frameon=False)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(textwrap.fill(title, 40 * columns + 5), fontsize=10)
     return fig
 
 
