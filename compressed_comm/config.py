@@ -12,8 +12,8 @@ from typing import Any
 
 from .auto import check_budget, is_auto, parse_auto
 from .codecs import get_codec
-from .keyframes import KEYFRAME_CODECS, Keyframes
 from .kernels import resolve_impl
+from .keyframes import KEYFRAME_CODECS, Keyframes
 
 __all__ = ["CompressionConfig", "Keyframes", "KEYFRAME_CODECS", "SHARED_FIELDS",
            "differing_fields"]
@@ -57,9 +57,10 @@ class CompressionConfig:
        (default). If False, NaN (and Inf sent without a prediction) propagates into both
        references identically and persists until the next keyframe; an Inf against a
        prediction saturates like any overflow. Finite inputs never give non-finite
-       references: residuals and predictions saturate at the float32 maximum. The check rides on the pass that computes the codec's scales
-       (binary, int2/4/8 with order 0 or 1; a separate pass otherwise) and raises from
-       ``encode`` before the stream changes. On CUDA it synchronises with the host.
+       references: residuals and predictions saturate at the float32 maximum. The check
+       rides on the pass that computes the codec's scales (binary, int2/4/8 with order 0
+       or 1; a separate pass otherwise) and raises from ``encode`` before the stream
+       changes. On CUDA it synchronises with the host.
     10. ``kernels`` -- pin the kernel implementation (``"torch"``, ...); None follows
         ``$COMPRESSED_COMM_KERNELS``, else the best available.
     11. ``track_error`` -- senders record the relative L2 error of each reconstruction
@@ -135,7 +136,8 @@ class CompressionConfig:
                 raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
         check_budget(self.max_rel_error)
         if isinstance(self.skip, str):
-            raise ValueError(f"skip must be a sequence of name patterns, not the string {self.skip!r}")
+            raise ValueError(f"skip must be a sequence of name patterns, not the string "
+                             f"{self.skip!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
         if self.kernels is not None:
             resolve_impl(self.kernels)

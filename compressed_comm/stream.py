@@ -33,9 +33,19 @@ from .config import SHARED_FIELDS, CompressionConfig
 from .errors import StreamMismatchError, WireFormatError
 from .kernels.torch_ref import FP32_MAX
 from .messages import MessageLayout
-from .wire import (FLAG_CONFIG, Header, check_dtype, contiguous_payload, expect, expect_position,
-                   pack_fingerprint, read_header, stream_tag, unpack_fingerprint,
-                   verify_checksum)
+from .wire import (
+    FLAG_CONFIG,
+    Header,
+    check_dtype,
+    contiguous_payload,
+    expect,
+    expect_position,
+    pack_fingerprint,
+    read_header,
+    stream_tag,
+    unpack_fingerprint,
+    verify_checksum,
+)
 
 if TYPE_CHECKING:
     from .autopolicy import CodecMeter

@@ -58,7 +58,8 @@ def test_readme_block_runs_as_written(index, tmp_path):
 
 
 CODEC_ROW = re.compile(r"^\| `(\w+)(?::[RF])?` \|.*\| (?:[RF]=([\d.]+): )?([\d,]+) B \(", re.M)
-DEMO_ROW = re.compile(r"^(\w+(?::[\d.]+)?) +([\d,]+) +[\d.]+x +[\d.]+x +[\d.e+-]+ +[\d.e+-]+$", re.M)
+DEMO_ROW = re.compile(
+    r"^(\w+(?::[\d.]+)?) +([\d,]+) +[\d.]+x +[\d.]+x +[\d.e+-]+ +[\d.e+-]+$", re.M)
 
 
 def test_the_quoted_payload_sizes_are_the_codes():

@@ -339,7 +339,8 @@ class _GroupBase(Posting, Reductions):
         copied exactly.
         """
         x = forward_only(x)
-        in_sizes, out_sizes = split_sizes(self.world_size, x, stream, input_split_sizes, output_split_sizes)
+        in_sizes, out_sizes = split_sizes(self.world_size, x, stream, input_split_sizes,
+                                          output_split_sizes)
         if self.world_size == 1:
             return Handle.completed(x)
         return self._guarded(lambda: self._all_to_all(x, stream, in_sizes, out_sizes))

@@ -84,7 +84,8 @@ class Posting:
                 self._timed(work, op.tensor.numel())
         return works
 
-    def _all_gather_op(self: _GroupBase, what: str, block: torch.Tensor, outs: list[torch.Tensor]) -> Work:
+    def _all_gather_op(self: _GroupBase, what: str, block: torch.Tensor,
+                       outs: list[torch.Tensor]) -> Work:
         work = self._start(what, self.transport.all_gather, outs, block)
         self._ledger.collective("all_gather", [block.numel()] * self.world_size,
                                 [block.numel()] * self.world_size)
@@ -133,7 +134,8 @@ class Posting:
             if collective is not None:
                 self._link_meter.hidden(*collective, entered - posted[0])
 
-    def _send_bytes(self: _GroupBase, data: torch.Tensor, dst: int, name: StreamKey) -> Handle[None]:
+    def _send_bytes(self: _GroupBase, data: torch.Tensor, dst: int,
+                    name: StreamKey) -> Handle[None]:
         """Start sending the uint8 buffer ``data`` to ``dst``; it stays alive until done."""
         what = f"send of stream {name.name!r} to rank {dst}"
         work = self._isend(data, dst, what)
