@@ -243,6 +243,7 @@ DIFFERENT = {
     "skip": dict(skip=("x*",)),
     "closed_loop": dict(closed_loop=False),
     "checksum": dict(checksum=True),
+    "max_rel_error": dict(codec="auto", max_rel_error=0.05),
 }
 
 
@@ -254,7 +255,8 @@ def test_every_shared_field_has_a_p2p_case():
 @pytest.mark.parametrize("field", list(DIFFERENT))
 def test_config_disagreement_on_p2p_names_every_shared_field(field):
     base = dict(codec="int8") | {"decay": dict(residual_order=2),
-                                 "keyframes.spread": dict(keyframes=Keyframes(period=4))
+                                 "keyframes.spread": dict(keyframes=Keyframes(period=4)),
+                                 "max_rel_error": dict(codec="auto"),
                                  }.get(field, {})
     p2p_disagreement(base | DIFFERENT[field], base,
                      f"CompressionConfig differs from this rank's in {field}")
