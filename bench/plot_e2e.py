@@ -188,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         a = results[0].args
         title = (f"bench/e2e.py: {a.get('world', '?')} ranks, model {a.get('model', '?')}, "
                  f"{a.get('steps', '?')} steps")
-    runs = sorted(set(repeats(results).values()))
-    if runs != [1]:
-        title += f"; median of {'-'.join(map(str, (runs[0], runs[-1])[:len(runs)]))} runs per rate"
+    low, high = min(repeats(results).values()), max(repeats(results).values())
+    if high > 1:
+        title += f"; median of {low if low == high else f'{low}-{high}'} runs per rate"
     try:
         table = markdown_table(results)
         fig = plot_speedups(results, title)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import sys
 from collections.abc import Sequence
@@ -32,8 +33,8 @@ from compressed_comm.testing import run_ranks
 
 from .digits import flow_sample
 from .metrics import Quality, quality
-from .photos import CHANNELS, NULL_LABEL, NUM_CLASSES, TOKENS, load_photos_model, unpack
-from .run import ParallelMethod, make_methods
+from .photos import CHANNELS, NULL_LABEL, NUM_CLASSES, TOKENS, load_photos_model, to_images
+from .run import ParallelMethod, add_run_arguments, make_methods
 
 __all__ = ["MODES", "SCALE", "GuidedWorkload", "GuidedRun", "photos_guided", "guided_run",
            "guidance_table", "main"]
@@ -83,10 +84,6 @@ class GuidedRun:
     bytes_per_step: float
 
 
-def _images(latents: torch.Tensor) -> torch.Tensor:
-    return ((unpack(latents.float()) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
-
-
 def guided_run(work: GuidedWorkload, mode: str, method: ParallelMethod, world: int = 4,
                steps: int = 20, timeout: float = 600.0) -> GuidedRun:
     """Guided sampling with ``method`` on ``world`` virtual ranks, guidance run as ``mode``
@@ -127,7 +124,7 @@ def guided_run(work: GuidedWorkload, mode: str, method: ParallelMethod, world: i
         if not torch.equal(other, latents):
             raise AssertionError(f"{method.name}, {mode}: rank {r} ended with other latents "
                                  f"than rank 0")
-    return GuidedRun(latents, _images(latents), sum(b for _, b in results) / steps)
+    return GuidedRun(latents, to_images(latents), sum(b for _, b in results) / steps)
 
 
 @dataclass(frozen=True)
@@ -148,7 +145,7 @@ def guidance_table(work: GuidedWorkload, codecs: Sequence[str], world: int = 4,
     how much the unconditional branch changes the output."""
     methods = {m.name: m for m in make_methods("patch", codecs, distrifusion=False)}
     exact = guided_run(work, "batched", methods["raw"], world, steps)
-    unguided = guided_run(GuidedWorkload(**{**vars(work), "scale": 1.0}), "batched",
+    unguided = guided_run(dataclasses.replace(work, scale=1.0), "batched",
                           methods["raw"], world, steps)
     rows = []
     for name, method in methods.items():
@@ -178,18 +175,15 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--codecs", default="binary,int2",
                         help="comma-separated codecs to compare (%(default)s)")
-    parser.add_argument("--world", type=int, default=4, help="virtual ranks (%(default)s)")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps (%(default)s)")
-    parser.add_argument("--batch", type=int, default=4, help="images (%(default)s)")
+    add_run_arguments(parser, model=None, batch=4)  # the photos model: it has a null label
     parser.add_argument("--scale", type=float, default=SCALE,
                         help="guidance scale (%(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (%(default)s)")
     args = parser.parse_args(argv)
 
     work = photos_guided(args.batch, args.seed, args.scale)
     rows, unguided = guidance_table(work, [c for c in args.codecs.split(",") if c],
-                                    args.world, args.steps, progress=True)
-    print(f"photos model, {args.batch} images, {args.world} ranks, patch, {args.steps} steps, "
+                                    args.ranks, args.steps, progress=True)
+    print(f"photos model, {args.batch} images, {args.ranks} ranks, patch, {args.steps} steps, "
           f"guidance scale {args.scale:g}; PSNR against the exact parallel run (raw, batched)\n")
     print(markdown(rows))
     print(f"\nguidance off (conditional branch alone) against guided: "

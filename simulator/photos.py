@@ -35,7 +35,8 @@ from .digits import LabelConditioned, read_weights
 
 __all__ = ["IMAGE_SIZE", "PATCH", "CHANNELS", "TOKENS", "SOURCE_SIZE", "PHOTOS", "NUM_CLASSES",
            "NULL_LABEL", "TEXT_TOKENS", "WEIGHTS", "TRANSFORMER_CONFIG", "PhotosModel",
-           "load_photos_model", "load_photos", "random_crops", "pack", "unpack", "image_ids"]
+           "load_photos_model", "load_photos", "random_crops", "pack", "unpack", "to_images",
+           "image_ids"]
 
 IMAGE_SIZE = 64
 PATCH = 2
@@ -91,6 +92,11 @@ def unpack(tokens: torch.Tensor) -> torch.Tensor:
     b = tokens.shape[0]
     x = tokens.reshape(b, SIDE, SIDE, 3, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def to_images(tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens ``(B, 1024, 12)`` -> images ``(B, 64, 64, 3)`` in [0, 1] on the CPU."""
+    return ((unpack(tokens.float().cpu()) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
 
 
 class PhotosModel(LabelConditioned):

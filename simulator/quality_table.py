@@ -22,9 +22,9 @@ import torch
 from compressed_comm import Keyframes
 
 from .metrics import Quality, quality
-from .run import RunResult, make_methods, run_method
+from .run import RunResult, add_run_arguments, make_methods, run_method
 from .testbed import OwnPatchOnly, StaleBy
-from .workloads import WORKLOADS, Workload, make_workload
+from .workloads import Workload, make_workload
 
 __all__ = ["RowSpec", "TableRow", "default_rows", "run_table", "markdown", "targets",
            "write_grid", "main"]
@@ -193,14 +193,7 @@ GRID_COLUMNS = ("distrifusion", "binary", "int2", "lowrank:8", "binary+async", "
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulator.quality_table",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="photos", help=f"{', '.join(WORKLOADS)} "
-                        "(default: %(default)s)")
-    parser.add_argument("--ranks", type=int, default=4, help="virtual ranks (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=20,
-                        help="denoising steps (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=2,
-                        help="samples per run (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    add_run_arguments(parser)
     parser.add_argument("--rows", default=None,
                         help="comma-separated patch methods instead of the default rows")
     parser.add_argument("--grid", type=Path, default=Path("photos_grid.png"),

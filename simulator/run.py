@@ -9,6 +9,7 @@ in-process transport; every rank counts the bytes and messages it sends in every
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import os
@@ -31,11 +32,11 @@ from compressed_comm.testing import run_ranks
 
 from .methods import DISTRIFUSION, Method, method_list, parse_methods
 from .network import Link, estimate_step
-from .workloads import Workload, sample
+from .workloads import WORKLOADS, Workload, sample
 
 __all__ = ["ParallelMethod", "make_methods", "Reference", "RunResult", "run_reference",
            "run_method", "estimate_memory", "check_memory", "available_memory", "step_seconds",
-           "codec_seconds"]
+           "codec_seconds", "add_run_arguments"]
 
 
 @dataclass(frozen=True)
@@ -269,3 +270,20 @@ def check_memory(needed: int, available: int | None = None) -> None:
                           f"{available / 2**30:.1f} GiB are available; use fewer ranks, a "
                           "smaller batch or the what-if mode")
 
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, model: str | None = "photos",
+                      batch: int = 2) -> None:
+    """The options of a run on virtual ranks that the simulator's side commands share:
+    ``--model`` (left out where ``model`` is None), ``--ranks``, ``--steps``, ``--batch``
+    and ``--seed``."""
+    if model is not None:
+        parser.add_argument("--model", default=model, help=f"{', '.join(WORKLOADS)} "
+                            "(default: %(default)s)")
+    parser.add_argument("--ranks", type=int, default=4,
+                        help="virtual ranks (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="denoising steps (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=batch,
+                        help="samples per run (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")

@@ -28,8 +28,8 @@ import torch
 from compressed_comm import Collectives
 
 from .metrics import quality
-from .run import make_methods, run_method
-from .workloads import WORKLOADS, Workload, make_workload
+from .run import add_run_arguments, make_methods, run_method
+from .workloads import Workload, make_workload
 
 __all__ = ["THRESHOLD_DB", "VISIBLE_DB", "TestbedCheck", "OwnPatchOnly", "StaleBy",
            "check_testbed", "main"]
@@ -124,15 +124,8 @@ def check_testbed(workload: Workload, world: int = 4, steps: int = 20,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulator.testbed",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="photos", help=f"{', '.join(WORKLOADS)} "
-                        "(default: %(default)s)")
-    parser.add_argument("--ranks", type=int, default=4, help="virtual ranks (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=20,
-                        help="denoising steps (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=2,
-                        help="samples per run (default: %(default)s)")
+    add_run_arguments(parser)
     parser.add_argument("--stale", type=int, default=5, help="staleness in steps (5)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = parser.parse_args(argv)
     check = check_testbed(make_workload(args.model, args.batch, args.seed), args.ranks,
                           args.steps, args.stale)

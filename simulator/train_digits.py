@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .digits import WEIGHTS, DigitsModel, load_dataset
-from .training import FlowTrainer, save_weights
+from .training import FlowTrainer, TrainResult, save_weights
 
 __all__ = ["TrainResult", "train", "main"]
 
@@ -44,15 +43,6 @@ LR = 2e-3
 WARMUP = 50
 EMA_DECAY = 0.998
 WEIGHT_DECAY = 0.0
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` returns."""
-
-    model: DigitsModel      # the EMA weights, eval mode
-    losses: list[float]     # training loss per step (raw weights)
-    seconds: float
 
 
 def train(steps: int = STEPS, seed: int = SEED, *, batch_size: int = BATCH_SIZE, lr: float = LR,

@@ -31,14 +31,13 @@ import contextlib
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .photos import NULL_LABEL, WEIGHTS, PhotosModel, load_photos, pack, random_crops
-from .training import FlowTrainer, save_weights
+from .training import FlowTrainer, TrainResult, save_weights
 
 __all__ = ["TrainResult", "train", "plot_losses", "main"]
 
@@ -50,15 +49,6 @@ LR = 1e-3
 WARMUP = 50
 EMA_DECAY = 0.995
 LABEL_DROPOUT = 0.1
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` returns."""
-
-    model: PhotosModel      # the EMA weights, eval mode
-    losses: list[float]     # training loss per step (raw weights)
-    seconds: float
 
 
 def train(steps: int = STEPS, seed: int = SEED, *, batch_size: int = BATCH_SIZE, lr: float = LR,

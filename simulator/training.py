@@ -6,12 +6,22 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["lr_at", "FlowTrainer", "save_weights"]
+__all__ = ["TrainResult", "lr_at", "FlowTrainer", "save_weights"]
+
+
+@dataclass
+class TrainResult:
+    """What a trainer's ``train`` returns."""
+
+    model: nn.Module        # the EMA weights, eval mode
+    losses: list[float]     # training loss per step (raw weights)
+    seconds: float
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:

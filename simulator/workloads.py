@@ -98,7 +98,7 @@ def photos_workload(batch: int, seed: int, *, device: torch.device | str = "cpu"
                     dtype: torch.dtype = torch.float32) -> Workload:
     """The trained Flux of :mod:`simulator.photos` (the ``photos`` workload) on ``device`` in
     ``dtype``: ``batch`` samples, labels ``0, 1, ...`` (one photo each), seeded noise."""
-    from .photos import CHANNELS, TOKENS, load_photos_model, unpack
+    from .photos import CHANNELS, TOKENS, load_photos_model, to_images
 
     model = load_photos_model().to(device, dtype)
     cond = {k: v.to(device, dtype) for k, v in
@@ -107,9 +107,6 @@ def photos_workload(batch: int, seed: int, *, device: torch.device | str = "cpu"
 
     def forward(m: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return m(hidden_states=x, timestep=t.to(x), **cond, return_dict=False)[0]
-
-    def to_images(x: torch.Tensor) -> torch.Tensor:
-        return ((unpack(x.float().cpu()) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
     return Workload("photos", "embedded Flux photos model (trained, 64x64 RGB, 1024 tokens)",
                     model.transformer, noise, forward, to_images)
 

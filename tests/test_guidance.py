@@ -1,5 +1,7 @@
 """Guidance as two calls per step against batched, on the trained photos model."""
 
+import dataclasses
+
 import pytest
 
 from simulator.guidance import MODES, guided_run, photos_guided
@@ -24,8 +26,7 @@ def test_exact_two_calls_match_batched_guidance(work):
 def test_guidance_changes_the_output(work):
     raw = make_methods("patch", [], distrifusion=False)[0]
     guided = guided_run(work, "batched", raw, world=2, steps=3)
-    plain = guided_run(type(work)(**{**vars(work), "scale": 1.0}), "batched", raw, world=2,
-                       steps=3)
+    plain = guided_run(dataclasses.replace(work, scale=1.0), "batched", raw, world=2, steps=3)
     assert quality(plain.images, guided.images, plain.latents, guided.latents).rel_l2 > 0.01
 
 
